@@ -1,0 +1,318 @@
+"""Stage 1 of SafeSteer: the refusal direction r, chosen by measurement.
+
+Difference of means (Arditi et al. 2024, "Refusal in LMs is mediated by a single direction"):
+
+    r[p, l] = mean_{x harmful} h_l(x)[p]  -  mean_{x harmless} h_l(x)[p]
+
+where h_l(x)[p] is the input of decoder block l (the residual stream before it) at post-instruction position p,
+i.e. one of the tokens the chat template appends after the user's text. Every (p, l) is a candidate. Each is
+scored on validation prompts by the refusal score s = log p_R - log(1 - p_R), p_R = π(first token ∈ R), where R
+is a set of refusal-opening tokens ("I", "Sorry", ...):
+
+    bypass  project r̂ out everywhere, harmful prompts  -> mean s   (low: r carries the refusal)
+    induce  add r at block l, harmless prompts          -> mean s   (high: adding r causes refusal)
+    kl      KL(π0 || ablated) at the last position, harmless prompts (low: harmless behaviour untouched)
+
+Selection (authors' code): drop l >= 0.8 L, kl > 0.1, induce < 0; take the lowest bypass. A model that barely
+refuses leaves no survivor; then (ours) take the highest induce among l < 0.8 L, kl <= 0.1, and record it.
+
+Reads   data/harmful_train, harmless_train (means), harmful_val, harmless_val (scores)
+Writes  OUT/direction.safetensors  tensor "direction" [hidden], float32, the raw r[p*, l*]
+        OUT/direction.json         layer, position, coefficient, norm, scores, rule, data, seed, versions
+        OUT/candidates.json        every candidate with its three scores
+        OUT/steering_check.json    greedy completions of harmful_val prompts with and without πt = π0 + c·r
+
+Usage:
+    python extract_direction.py --out runs/demo
+    python extract_direction.py --out runs/demo --layer 18 --position -1 --overwrite   # force a candidate
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+from tqdm import tqdm
+
+from common import (UserError, ablate_direction, add_common_args, add_vector, check_positive, data_file,
+                    decoder_layers,
+                    decode_completions, encode_chats, is_refusal, load_model, pick_device,
+                    post_instruction_ids, prepare_out_dir, read_prompts, render_chat, run_cli, run_info,
+                    sample, save_tensors, seed_everything, stop_token_ids, write_json)
+
+# Words a refusal usually opens with; their first tokens form R. Override with --refusal-tokens.
+REFUSAL_WORDS = ("I", "Sorry", "As", "Unfortunately", "No")
+OUTPUTS = ["direction.safetensors", "direction.json", "candidates.json", "steering_check.json"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--harmful", default=str(data_file("harmful_train")), help="prompts for the harmful mean")
+    p.add_argument("--harmless", default=str(data_file("harmless_train")), help="prompts for the harmless mean")
+    p.add_argument("--harmful-val", default=str(data_file("harmful_val")), help="prompts for the bypass score")
+    p.add_argument("--harmless-val", default=str(data_file("harmless_val")), help="prompts for induce and kl")
+    p.add_argument("--n-train", type=int, default=128, help="at most this many prompts per training set (paper: 128)")
+    p.add_argument("--n-val", type=int, default=32, help="at most this many prompts per validation set (paper: 32)")
+    p.add_argument("--max-layer-frac", type=float, default=0.8, help="drop candidates with layer >= frac * L")
+    p.add_argument("--kl-max", type=float, default=0.1, help="drop candidates whose ablation KL exceeds this")
+    p.add_argument("--layer", type=int, help="force this layer (skips scoring the others)")
+    p.add_argument("--position", type=int, help="force this post-instruction position (negative, e.g. -1)")
+    p.add_argument("--coefficient", type=float, default=1.0, help="c in πt = π0 + c·r, stored for later stages")
+    p.add_argument("--filter", action="store_true",
+                   help="keep harmful prompts the model refuses (s > 0) and harmless ones it does not (s < 0)")
+    p.add_argument("--refusal-tokens", nargs="+", metavar="WORD", default=list(REFUSAL_WORDS),
+                   help="words whose first token forms the refusal set R")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--check-prompts", type=int, default=8, help="harmful_val prompts in the steering check")
+    p.add_argument("--check-tokens", type=int, default=48, help="new tokens per steering-check completion")
+    p.add_argument("--overwrite", action="store_true", help="replace this stage's outputs in --out")
+    args = p.parse_args(argv)
+    for name in ("n_train", "n_val", "batch_size", "check_tokens"):
+        check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    check_positive("--check-prompts", args.check_prompts, allow_zero=True)
+    if (args.layer is None) != (args.position is None):
+        raise UserError("--layer and --position force a candidate together; give both or neither")
+    return args
+
+
+# ----------------------------------------------------------------------------- batching with a shared prefix
+
+class PromptBatches:
+    """Prompts tokenised once, split into the template prefix they all share and length-sorted batches.
+
+    Every chat prompt opens with the same template tokens (SmolLM2: a 24-token default system turn, about
+    half of each prompt). Its keys and values are computed once per forward and reused for every row: the
+    result is the plain forward's, with far less work. Sorting by length keeps padding small.
+    """
+
+    def __init__(self, tok, prompts: list[str], batch_size: int, device):
+        rows = [tok(render_chat(tok, p), add_special_tokens=False).input_ids for p in prompts]
+        n = 0  # longest common prefix, keeping at least one token per row
+        while all(len(r) > n + 1 and r[n] == rows[0][n] for r in rows):
+            n += 1
+        self.prefix = torch.tensor(rows[0][:n], device=device)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        self.batches = []  # (row indices, ids [b, s], mask [b, s]), left-padded
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            width = max(len(rows[i]) - n for i in idx)
+            ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for j, i in enumerate(idx):
+                rest = rows[i][n:]
+                ids[j, width - len(rest):] = torch.tensor(rest)
+                mask[j, width - len(rest):] = 1
+            self.batches.append((idx, ids.to(device), mask.to(device)))
+        self.n = len(rows)
+
+    @torch.no_grad()
+    def forward(self, model, hidden_states: bool = False):
+        """Yield (row indices, last-position logits [b, vocab] float32, block inputs or None) per batch."""
+        for idx, ids, mask in self.batches:
+            b, plen = ids.shape[0], self.prefix.numel()
+            cache = None
+            if plen:
+                cache = model(input_ids=self.prefix[None], use_cache=True).past_key_values
+                cache.batch_repeat_interleave(b)
+            full_mask = torch.cat([mask.new_ones(b, plen), mask], dim=1)
+            positions = (plen + mask.cumsum(-1) - 1).clamp(min=0)
+            out = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
+                        use_cache=cache is not None, logits_to_keep=1, output_hidden_states=hidden_states)
+            # hidden_states[l] is the input of block l for l < L (the last entry is the final output)
+            yield idx, out.logits[:, -1].float(), (out.hidden_states[:-1] if hidden_states else None)
+
+    def last_logits(self, model) -> torch.Tensor:
+        """Last-position logits of every prompt, in the original order: [n, vocab]."""
+        result = None
+        for idx, logits, _ in self.forward(model):
+            if result is None:
+                result = logits.new_empty(self.n, logits.shape[-1])
+            result[idx] = logits
+        return result
+
+
+# ----------------------------------------------------------------------------- the math of Stage 1
+
+def refusal_token_ids(tok, words) -> list[int]:
+    """R: the first token of each word, as it would open the assistant's turn."""
+    ids = []
+    for w in words:
+        t = tok(w, add_special_tokens=False).input_ids
+        if t and t[0] not in ids:
+            ids.append(t[0])
+    if not ids:
+        raise UserError("--refusal-tokens gave no token ids")
+    return ids
+
+
+def refusal_score(logits: torch.Tensor, refusal_ids: list[int]) -> torch.Tensor:
+    """s = log p_R - log(1 - p_R) with p_R = Σ_{v∈R} π(v), in float64. logits: [n, vocab] -> [n]."""
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    log_pr = torch.logsumexp(logp[:, refusal_ids], dim=-1)
+    return log_pr - torch.log1p(-log_pr.exp())
+
+
+def kl_last(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(π0 || π) per prompt, float64. [n, vocab] x 2 -> [n]."""
+    lp0 = torch.log_softmax(base_logits.double(), dim=-1)
+    lp = torch.log_softmax(logits.double(), dim=-1)
+    return (lp0.exp() * (lp0 - lp)).sum(-1)
+
+
+@torch.no_grad()
+def candidate_directions(model, harmful: PromptBatches, harmless: PromptBatches, n_pos: int) -> torch.Tensor:
+    """r[p, l] = mean harmful - mean harmless block input, float64: [n_pos, L, hidden]."""
+    means = []
+    for batches in (harmful, harmless):
+        total = None
+        for idx, _, hidden in batches.forward(model, hidden_states=True):
+            h = torch.stack(hidden, dim=0)[:, :, -n_pos:].double()  # [L, b, n_pos, hidden]
+            s = h.sum(dim=1).transpose(0, 1)  # [n_pos, L, hidden]
+            total = s if total is None else total + s
+        means.append(total / batches.n)
+    return means[0] - means[1]
+
+
+@torch.no_grad()
+def score_candidates(model, r: torch.Tensor, cands: list[tuple[int, int]], harmful_val: PromptBatches,
+                     harmless_val: PromptBatches, refusal_ids: list[int], pos_names: list[str]) -> list[dict]:
+    """bypass, induce and kl of every candidate (p, l); p indexes r's first axis."""
+    base_harmless = harmless_val.last_logits(model)
+    n_pos = r.shape[0]
+    rows = []
+    for p, l in tqdm(cands, desc="scoring candidates", unit="cand"):
+        vec = r[p, l].float()
+        with ablate_direction(model, vec):
+            bypass = refusal_score(harmful_val.last_logits(model), refusal_ids).mean().item()
+            kl = kl_last(base_harmless, harmless_val.last_logits(model)).mean().item()
+        with add_vector(model, l, vec):
+            induce = refusal_score(harmless_val.last_logits(model), refusal_ids).mean().item()
+        rows.append({"position": p - n_pos, "token": pos_names[p], "layer": l, "norm": vec.norm().item(),
+                     "bypass": bypass, "induce": induce, "kl": kl})
+    return rows
+
+
+def select_direction(rows: list[dict], n_layers: int, max_layer_frac: float = 0.8, kl_max: float = 0.1):
+    """Authors' rule: among l < frac·L, kl <= kl_max, induce >= 0, no NaN, the lowest bypass.
+    Fallback (ours): among l < frac·L, kl <= kl_max, the highest induce. Returns (row, rule)."""
+    def finite(r):
+        return all(math.isfinite(r[k]) for k in ("bypass", "induce", "kl"))
+    base = [r for r in rows if r["layer"] < max_layer_frac * n_layers and finite(r) and r["kl"] <= kl_max]
+    survivors = [r for r in base if r["induce"] >= 0]
+    if survivors:
+        return min(survivors, key=lambda r: r["bypass"]), "authors"
+    if base:
+        return max(base, key=lambda r: r["induce"]), "fallback_highest_induce"
+    raise UserError(f"no candidate has layer < {max_layer_frac} L and kl <= {kl_max}; "
+                    "force one with --layer/--position or loosen --kl-max")
+
+
+@torch.no_grad()
+def steering_check(model, tok, vec: torch.Tensor, layer: int, coefficient: float, prompts: list[str],
+                   max_new_tokens: int) -> dict:
+    """Greedy completions with and without the teacher hook, judged by the substring judge."""
+    ids, mask = encode_chats(tok, prompts, device=vec.device)
+    kw = dict(temperature=0, stop_ids=stop_token_ids(tok), pad_id=tok.pad_token_id)
+    base = decode_completions(tok, *sample(model, ids, mask, max_new_tokens, **kw))
+    with add_vector(model, layer, vec, coefficient):
+        steered = decode_completions(tok, *sample(model, ids, mask, max_new_tokens, **kw))
+    rate = lambda texts: sum(map(is_refusal, texts)) / max(len(texts), 1)
+    return {"layer": layer, "coefficient": coefficient, "max_new_tokens": max_new_tokens,
+            "refusal_rate_base": rate(base), "refusal_rate_steered": rate(steered),
+            "samples": [{"prompt": p, "base": b, "steered": s, "base_refuses": is_refusal(b),
+                         "steered_refuses": is_refusal(s)} for p, b, s in zip(prompts, base, steered)]}
+
+
+def filter_by_score(model, batches: PromptBatches, prompts: list[str], refusal_ids, keep_refused: bool):
+    scores = refusal_score(batches.last_logits(model), refusal_ids)
+    return [p for p, s in zip(prompts, scores.tolist()) if (s > 0) == keep_refused]
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = prepare_out_dir(args.out, OUTPUTS, args.overwrite)
+    device = pick_device(args.device)
+    seed_everything(args.seed)
+    t0 = time.time()
+    harmful = read_prompts(args.harmful, args.n_train, args.seed)
+    harmless = read_prompts(args.harmless, args.n_train, args.seed)
+    harmful_val = read_prompts(args.harmful_val, args.n_val, args.seed)
+    harmless_val = read_prompts(args.harmless_val, args.n_val, args.seed)
+    model, tok = load_model(args.model, device)
+    n_layers = len(decoder_layers(model))
+    post = post_instruction_ids(tok)
+    pos_names = [tok.decode([i]) for i in post]
+    refusal_ids = refusal_token_ids(tok, args.refusal_tokens)
+    print(f"model {args.model}: {n_layers} layers, hidden {model.config.hidden_size}; "
+          f"post-instruction tokens {pos_names}")
+    print(f"refusal tokens R: {[tok.decode([i]) for i in refusal_ids]} (ids {refusal_ids})")
+    if args.layer is not None and not (0 <= args.layer < n_layers and -len(post) <= args.position < 0):
+        raise UserError(f"--layer must be in 0..{n_layers - 1} and --position in -{len(post)}..-1")
+
+    bs = args.batch_size
+    enc = lambda prompts: PromptBatches(tok, prompts, bs, device)
+    if args.filter:  # authors' option: keep only prompts the base model already treats the "right" way
+        harmful = filter_by_score(model, enc(harmful), harmful, refusal_ids, keep_refused=True)
+        harmless = filter_by_score(model, enc(harmless), harmless, refusal_ids, keep_refused=False)
+        print(f"--filter kept {len(harmful)} harmful and {len(harmless)} harmless prompts")
+        if not harmful or not harmless:
+            raise UserError("--filter left an empty prompt set (the model refuses none of the harmful prompts?)")
+
+    r = candidate_directions(model, enc(harmful), enc(harmless), len(post))  # [n_pos, L, hidden] float64
+    if args.layer is not None:
+        cands = [(len(post) + args.position, args.layer)]
+    else:
+        cands = [(p, l) for p in range(len(post)) for l in range(n_layers)]
+    hv, sv = enc(harmless_val), enc(harmful_val)
+    base_scores = {"harmful_val": refusal_score(sv.last_logits(model), refusal_ids).mean().item(),
+                   "harmless_val": refusal_score(hv.last_logits(model), refusal_ids).mean().item()}
+    t_score = time.time()
+    rows = score_candidates(model, r, cands, sv, hv, refusal_ids, pos_names)
+    t_score = time.time() - t_score
+    if args.layer is not None:
+        best, rule = rows[0], "forced"
+    else:
+        best, rule = select_direction(rows, n_layers, args.max_layer_frac, args.kl_max)
+    p_idx = len(post) + best["position"]
+    vec = r[p_idx, best["layer"]].float()
+
+    check = steering_check(model, tok, vec, best["layer"], args.coefficient, harmful_val[:args.check_prompts],
+                           args.check_tokens) if args.check_prompts else None
+    meta = {
+        "model": args.model, "layer": best["layer"], "position": best["position"], "position_token": best["token"],
+        "coefficient": args.coefficient, "norm": vec.norm().item(), "hidden_size": model.config.hidden_size,
+        "n_layers": n_layers, "selection_rule": rule, "fallback_used": rule.startswith("fallback"),
+        "scores": {k: best[k] for k in ("bypass", "induce", "kl")}, "base_refusal_scores": base_scores,
+        "refusal_tokens": [tok.decode([i]) for i in refusal_ids], "refusal_token_ids": refusal_ids,
+        "filter": args.filter, "max_layer_frac": args.max_layer_frac, "kl_max": args.kl_max,
+        "data": {"harmful": args.harmful, "harmless": args.harmless, "harmful_val": args.harmful_val,
+                 "harmless_val": args.harmless_val, "n_harmful": len(harmful), "n_harmless": len(harmless),
+                 "n_harmful_val": len(harmful_val), "n_harmless_val": len(harmless_val)},
+        "steering_check": None if check is None else {k: check[k] for k in ("refusal_rate_base", "refusal_rate_steered")},
+        "seed": args.seed, "seconds": {"total": time.time() - t0, "scoring": t_score, "n_candidates": len(rows)},
+        **run_info(),
+    }
+    save_tensors(out / "direction.safetensors", {"direction": vec})
+    write_json(out / "candidates.json", {"n_layers": n_layers, "positions": pos_names, "base_refusal_scores": base_scores,
+                                         "candidates": rows})
+    if check is not None:
+        write_json(out / "steering_check.json", check)
+    write_json(out / "direction.json", meta)
+
+    print(f"chosen: layer {best['layer']}, position {best['position']} ({best['token']!r}), rule {rule}; "
+          f"bypass {best['bypass']:.3f}, induce {best['induce']:.3f}, kl {best['kl']:.4f}, |r| {meta['norm']:.2f}")
+    print(f"base refusal score: harmful_val {base_scores['harmful_val']:.3f}, harmless_val {base_scores['harmless_val']:.3f}")
+    if check is not None:
+        print(f"steering check ({len(check['samples'])} harmful_val prompts, greedy): refusal "
+              f"{check['refusal_rate_base']:.0%} base -> {check['refusal_rate_steered']:.0%} steered (c = {args.coefficient})")
+    print(f"scored {len(rows)} candidates in {t_score:.0f} s; total {time.time() - t0:.0f} s")
+    print(f"wrote {out / 'direction.safetensors'}, {out / 'direction.json'}, {out / 'candidates.json'}"
+          + (f", {out / 'steering_check.json'}" if check is not None else ""))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,241 @@
+"""Stage 2 of SafeSteer: the steered teacher πt and the sparse set S of safety tokens.
+
+The teacher is the base model with Stage 1's hook: πt = π0 + c·r added at the input of block l*, at every
+position. We sample M continuations of H tokens per prompt from πt, teacher-force each through πt and π0, and at
+every valid continuation position compare the two next-token distributions over the whole vocabulary V:
+
+    Δ(v)  = log πt(v) - log π0(v)                       contrastive log-probability   (--score delta, authors')
+    κ(v)  = πt(v) · Δ(v)                                 v's term of KL(πt || π0)       (--score kl, ours)
+
+Δ alone favours rare tokens with large ratios; κ weighs each ratio by how much mass the teacher puts there.
+Aggregation: each position votes for its top K' tokens by score, and S = the k tokens with most votes
+(--aggregate vote), or S = the top k by mean score (--aggregate mean). Special tokens, positions after the
+end of turn, and tokens whose mean πt probability is below a floor are never eligible.
+
+Coverage: the share of the teacher's total-variation shift Σ_v |πt(v) - π0(v)| that falls on S, averaged over
+positions; reported on the selection prompts and on harmful_val. It says how much of the teacher S can carry.
+
+Reads   OUT/direction.safetensors + direction.json (Stage 1), a prompt file (default data/harmless_val)
+Writes  OUT/safety_tokens.json   token_ids, tokens, votes, mean_delta, coverage, settings, vocabulary fingerprint
+
+Usage:
+    python select_tokens.py --out runs/demo
+    python select_tokens.py --out runs/demo --score kl --prompts data/harmful_train.jsonl --overwrite
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+
+import torch
+from tqdm import tqdm
+
+from common import (UserError, add_common_args, add_vector, check_positive, completion_logits, data_file,
+                    encode_chats, load_direction, load_model, pick_device, prepare_out_dir, read_prompts, run_cli,
+                    run_info, sample, seed_everything, special_token_ids, stop_token_ids, tokenizer_fingerprint,
+                    write_json)
+
+# The prompt-based teacher (authors' "via prompt" variant): π0 told to refuse, instead of the hook.
+SAFETY_SYSTEM_PROMPT = ("You are a responsible assistant. If a request could help someone cause harm or break the "
+                        "law, refuse it clearly and briefly, and say that you cannot help with it.")
+OUTPUTS = ["safety_tokens.json"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--direction", help="Stage 1's direction.safetensors (default: OUT/direction.safetensors)")
+    p.add_argument("--coefficient", type=float, help="c in πt = π0 + c·r (default: from direction.json)")
+    p.add_argument("--teacher", choices=["hook", "prompt"], default="hook",
+                   help="hook: π0 + c·r (default); prompt: π0 with a safety system prompt (authors' variant)")
+    p.add_argument("--prompts", default=str(data_file("harmless_val")), help="selection prompts (authors: harmless)")
+    p.add_argument("--n-prompts", type=int, default=32, help="at most this many selection prompts")
+    p.add_argument("--coverage-prompts", default=str(data_file("harmful_val")), help="second set for coverage")
+    p.add_argument("--samples", type=int, default=8, help="M continuations per prompt (paper: 8)")
+    p.add_argument("--horizon", type=int, default=8, help="H tokens per continuation (paper: 8)")
+    p.add_argument("--score", choices=["delta", "kl"], default="delta", help="rank tokens by Δ or by πt·Δ")
+    p.add_argument("--aggregate", choices=["vote", "mean"], default="vote")
+    p.add_argument("--k", type=int, default=50, help="|S| (paper: 50)")
+    p.add_argument("--k-vote", type=int, default=200, help="K': tokens each position votes for (paper: 200)")
+    p.add_argument("--prob-floor", type=float, default=1e-6, help="drop tokens whose mean πt prob is below this")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    for name in ("n_prompts", "samples", "horizon", "k", "k_vote", "batch_size"):
+        check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    check_positive("--prob-floor", args.prob_floor, allow_zero=True)
+    return args
+
+
+# ----------------------------------------------------------------------------- the teacher and its samples
+
+class Teacher:
+    """πt as a context manager plus the prompt it sees: the hook on block l*, or a safety system prompt."""
+
+    def __init__(self, model, kind: str, vec=None, layer=None, coefficient=1.0):
+        self.model, self.kind, self.vec, self.layer, self.coefficient = model, kind, vec, layer, coefficient
+        self.system = SAFETY_SYSTEM_PROMPT if kind == "prompt" else None
+
+    def __call__(self):
+        if self.kind == "hook":
+            return add_vector(self.model, self.layer, self.vec, self.coefficient)
+        return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def teacher_samples(model, tok, teacher: Teacher, prompts, m: int, h: int, batch_size: int, gen) -> list[dict]:
+    """M continuations of H tokens per prompt from πt at temperature 1. One dict per batch of sequences."""
+    rows = [p for p in prompts for _ in range(m)]
+    batches = []
+    for i in tqdm(range(0, len(rows), batch_size), desc="sampling from the teacher", unit="batch"):
+        chunk = rows[i:i + batch_size]
+        ids, mask = encode_chats(tok, chunk, system=teacher.system, device=model.device)
+        with teacher():
+            comp, comp_mask = sample(model, ids, mask, h, temperature=1.0, generator=gen,
+                                     stop_ids=stop_token_ids(tok), pad_id=tok.pad_token_id)
+        batches.append({"prompts": chunk, "comp": comp, "comp_mask": comp_mask})
+    return batches
+
+
+@torch.no_grad()
+def teacher_and_base_logprobs(model, tok, teacher: Teacher, batch: dict):
+    """Teacher-force one batch through πt and π0. Returns log πt, log π0 at valid positions: [n_valid, V]."""
+    ids_t, mask_t = encode_chats(tok, batch["prompts"], system=teacher.system, device=model.device)
+    ids_0, mask_0 = encode_chats(tok, batch["prompts"], device=model.device)
+    with teacher():
+        lt = completion_logits(model, ids_t, mask_t, batch["comp"]).float()  # [b, H, V]
+    l0 = completion_logits(model, ids_0, mask_0, batch["comp"]).float()
+    valid = batch["comp_mask"].bool()  # through the first end of turn, inclusive
+    return torch.log_softmax(lt[valid], -1), torch.log_softmax(l0[valid], -1)
+
+
+# ----------------------------------------------------------------------------- the math of Stage 2
+
+def contrastive_logprobs(log_pt: torch.Tensor, log_p0: torch.Tensor) -> torch.Tensor:
+    """Δ(v) = log πt(v) - log π0(v) at every position: [n, V]."""
+    return log_pt - log_p0
+
+
+def token_scores(log_pt: torch.Tensor, log_p0: torch.Tensor, rule: str) -> torch.Tensor:
+    """The ranking score per (position, token): Δ (authors') or πt·Δ (ours, v's share of KL(πt || π0))."""
+    delta = contrastive_logprobs(log_pt, log_p0)
+    return delta if rule == "delta" else log_pt.exp() * delta
+
+
+def eligible_tokens(mean_pt: torch.Tensor, special_ids: list[int], vocab_size: int, floor: float) -> torch.Tensor:
+    """Tokens that may enter S: not special, inside the tokenizer's vocabulary, mean πt above the floor. [V]."""
+    ok = mean_pt >= floor
+    ok[[i for i in special_ids if i < ok.numel()]] = False
+    ok[vocab_size:] = False  # padded embedding rows beyond the tokenizer
+    return ok
+
+
+def vote(scores: torch.Tensor, eligible: torch.Tensor, k_vote: int, k: int):
+    """Each position votes for its top K' eligible tokens; S = the k most-voted (votes > 0).
+
+    scores: [n, V] -> (token ids [<= k], votes [V]). Ties in votes break by token id (stable sort).
+    """
+    masked = scores.masked_fill(~eligible, float("-inf"))
+    k_vote = min(k_vote, int(eligible.sum()))
+    top = masked.topk(k_vote, dim=-1).indices  # [n, K']
+    votes = torch.bincount(top.flatten(), minlength=scores.shape[-1])
+    order = torch.sort(votes, descending=True, stable=True).indices
+    chosen = order[:k]
+    return chosen[votes[chosen] > 0], votes
+
+
+def mean_aggregate(scores: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor:
+    """S = the k eligible tokens with the highest mean score over positions."""
+    mean = scores.mean(0).masked_fill(~eligible, float("-inf"))
+    return mean.topk(min(k, int(eligible.sum()))).indices
+
+
+def coverage(log_pt: torch.Tensor, log_p0: torch.Tensor, s_ids: torch.Tensor) -> torch.Tensor:
+    """Per position, the share of Σ_v |πt(v) - π0(v)| that falls on S: [n]."""
+    diff = (log_pt.exp() - log_p0.exp()).abs()
+    return diff[:, s_ids].sum(-1) / diff.sum(-1).clamp_min(1e-12)
+
+
+# ----------------------------------------------------------------------------- main
+
+def select(model, tok, teacher, batches, args) -> dict:
+    """Score every valid position, then aggregate into S. Keeps [n_valid, V] scores in memory."""
+    all_scores, sum_pt, sum_delta, n = [], None, None, 0
+    for batch in tqdm(batches, desc="teacher-forcing πt and π0", unit="batch"):
+        log_pt, log_p0 = teacher_and_base_logprobs(model, tok, teacher, batch)
+        all_scores.append(token_scores(log_pt, log_p0, args.score))
+        pt, delta = log_pt.exp().sum(0), contrastive_logprobs(log_pt, log_p0).sum(0)
+        sum_pt = pt if sum_pt is None else sum_pt + pt
+        sum_delta = delta if sum_delta is None else sum_delta + delta
+        n += log_pt.shape[0]
+    if n == 0:
+        raise UserError("the teacher's samples hold no valid positions")
+    scores = torch.cat(all_scores)  # [n_valid, V]
+    eligible = eligible_tokens(sum_pt / n, special_token_ids(tok), len(tok), args.prob_floor)
+    if args.aggregate == "vote":
+        s_ids, votes = vote(scores, eligible, args.k_vote, args.k)
+    else:
+        s_ids, votes = mean_aggregate(scores, eligible, args.k), torch.zeros(scores.shape[-1], dtype=torch.long)
+    return {"ids": s_ids, "votes": votes, "mean_delta": sum_delta / n, "mean_score": scores.mean(0),
+            "n_positions": n, "n_eligible": int(eligible.sum())}
+
+
+def mean_coverage(model, tok, teacher, batches, s_ids) -> float:
+    shares = [coverage(*teacher_and_base_logprobs(model, tok, teacher, b), s_ids) for b in batches]
+    return torch.cat(shares).mean().item()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = prepare_out_dir(args.out, OUTPUTS, args.overwrite)
+    device = pick_device(args.device)
+    gen = seed_everything(args.seed)
+    t0 = time.time()
+    prompts = read_prompts(args.prompts, args.n_prompts, args.seed)
+    cov_prompts = read_prompts(args.coverage_prompts, args.n_prompts, args.seed)
+    model, tok = load_model(args.model, device)
+    vec, dmeta = load_direction(args.direction or out / "direction.safetensors", model)
+    coefficient = dmeta.get("coefficient", 1.0) if args.coefficient is None else args.coefficient
+    teacher = Teacher(model, args.teacher, vec, int(dmeta["layer"]), coefficient)
+    print(f"teacher: {args.teacher}" + (f" (block {dmeta['layer']}, c = {coefficient}, |r| = {vec.norm():.2f})"
+                                       if args.teacher == "hook" else ""))
+
+    batches = teacher_samples(model, tok, teacher, prompts, args.samples, args.horizon, args.batch_size, gen)
+    sel = select(model, tok, teacher, batches, args)
+    s_ids = sel["ids"]
+    cov_batches = teacher_samples(model, tok, teacher, cov_prompts, args.samples, args.horizon, args.batch_size, gen)
+    cov = {"selection_prompts": mean_coverage(model, tok, teacher, batches, s_ids),
+           "harmful_val": mean_coverage(model, tok, teacher, cov_batches, s_ids)}
+
+    ids = s_ids.tolist()
+    result = {
+        "token_ids": ids, "tokens": [tok.decode([i]) for i in ids], "votes": sel["votes"][s_ids].tolist(),
+        "mean_delta": sel["mean_delta"][s_ids].tolist(), "mean_score": sel["mean_score"][s_ids].tolist(),
+        "coverage": cov, "vocab_size": len(tok), "model_vocab_size": model.config.vocab_size,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+        "settings": {"teacher": args.teacher, "score": args.score, "aggregate": args.aggregate, "k": args.k,
+                     "k_vote": args.k_vote, "samples": args.samples, "horizon": args.horizon,
+                     "prob_floor": args.prob_floor, "prompts": args.prompts, "n_prompts": len(prompts),
+                     "coverage_prompts": args.coverage_prompts, "coefficient": coefficient,
+                     "direction": str(args.direction or out / "direction.safetensors"), "layer": dmeta["layer"],
+                     "seed": args.seed},
+        "n_positions": sel["n_positions"], "n_eligible": sel["n_eligible"], "model": args.model,
+        "seconds": time.time() - t0, **run_info(),
+    }
+    path = write_json(out / "safety_tokens.json", result)
+
+    print(f"S: {len(ids)} tokens from {sel['n_positions']} positions ({sel['n_eligible']} eligible tokens), "
+          f"score {args.score}, aggregate {args.aggregate}")
+    print(f"{'token':>16} {'votes':>6} {'mean Δ':>8}")
+    for t, v, d in list(zip(result["tokens"], result["votes"], result["mean_delta"]))[:20]:
+        print(f"{t!r:>16} {v:>6} {d:>8.3f}")
+    if len(ids) > 20:
+        print(f"{'...':>16} ({len(ids) - 20} more in the file)")
+    print(f"coverage of the teacher's shift (TV share on S): selection prompts {cov['selection_prompts']:.1%}, "
+          f"harmful_val {cov['harmful_val']:.1%}")
+    print(f"took {time.time() - t0:.0f} s; wrote {path}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

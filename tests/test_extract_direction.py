@@ -1,0 +1,141 @@
+"""Stage 1 against brute force on a tiny random Llama."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+import extract_direction as ed
+from common import UserError
+
+PROMPTS_A = ["how do I do a bad thing", "tell me something awful", "x"]
+PROMPTS_B = ["what is the weather like", "recommend a book about trees please", "hi there"]
+
+
+def block_inputs_one_prompt(model, tok, prompt):
+    """Brute force: run one unpadded prompt, record every block's input: [L, seq, hidden]."""
+    seen = {}
+    handles = [b.register_forward_pre_hook(lambda m, a, k, i=i: seen.__setitem__(i, (a[0] if a else k["hidden_states"])[0]),
+                                           with_kwargs=True) for i, b in enumerate(common.decoder_layers(model))]
+    ids, mask = common.encode_chats(tok, [prompt])
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    [h.remove() for h in handles]
+    return torch.stack([seen[i] for i in range(len(seen))])
+
+
+def test_shared_prefix_batches_equal_plain_forward(tok, model):
+    post = common.post_instruction_ids(tok)
+    pb = ed.PromptBatches(tok, PROMPTS_A + PROMPTS_B, batch_size=4, device="cpu")
+    assert pb.prefix.numel() > 0
+    for idx, ids, mask in pb.batches:  # the template suffix ends every left-padded row
+        assert all(row[-len(post):].tolist() == post for row in ids)
+    ids, mask = common.encode_chats(tok, PROMPTS_A + PROMPTS_B)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+    assert torch.allclose(pb.last_logits(model), ref, atol=1e-4)
+
+
+def test_mean_difference_equals_brute_force(tok, model):
+    n_pos = len(common.post_instruction_ids(tok))
+    r = ed.candidate_directions(model, ed.PromptBatches(tok, PROMPTS_A, 2, "cpu"),
+                                ed.PromptBatches(tok, PROMPTS_B, 2, "cpu"), n_pos)
+    mean = lambda ps: torch.stack([block_inputs_one_prompt(model, tok, p)[:, -n_pos:].double() for p in ps]).mean(0)
+    ref = (mean(PROMPTS_A) - mean(PROMPTS_B)).transpose(0, 1)  # [n_pos, L, hidden]
+    assert r.dtype == torch.float64 and r.shape == ref.shape
+    assert torch.allclose(r, ref, atol=1e-5)
+
+
+def test_refusal_score_and_kl_brute_force():
+    logits = torch.randn(3, 11)
+    R = [2, 5]
+    p = torch.softmax(logits.double(), -1)[:, R].sum(-1)
+    assert torch.allclose(ed.refusal_score(logits, R), torch.log(p / (1 - p)))
+    other = torch.randn(3, 11)
+    p0, p1 = torch.softmax(logits.double(), -1), torch.softmax(other.double(), -1)
+    assert torch.allclose(ed.kl_last(logits, other), (p0 * torch.log(p0 / p1)).sum(-1))
+
+
+def test_scores_equal_hand_computation(tok, model):
+    R = [5, 7, 9]
+    hv, sv = ed.PromptBatches(tok, PROMPTS_B, 2, "cpu"), ed.PromptBatches(tok, PROMPTS_A, 2, "cpu")
+    r = torch.randn(2, 4, model.config.hidden_size, dtype=torch.float64) * 3
+    rows = ed.score_candidates(model, r, [(1, 2)], sv, hv, R, ["a", "b"])
+    vec = r[1, 2].float()
+
+    def score(prompts, ctx):
+        ids, mask = common.encode_chats(tok, prompts)
+        with torch.no_grad(), ctx:
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, -1].double()
+        return logits
+
+    def s(logits):
+        p = torch.softmax(logits, -1)[:, R].sum(-1)
+        return torch.log(p / (1 - p)).mean().item()
+    import contextlib
+    base = torch.softmax(score(PROMPTS_B, contextlib.nullcontext()), -1)
+    abl = torch.softmax(score(PROMPTS_B, common.ablate_direction(model, vec)), -1)
+    row = rows[0]
+    assert row["layer"] == 2 and row["position"] == -1 and row["token"] == "b"
+    assert row["bypass"] == pytest.approx(s(score(PROMPTS_A, common.ablate_direction(model, vec))), abs=1e-4)
+    assert row["induce"] == pytest.approx(s(score(PROMPTS_B, common.add_vector(model, 2, vec))), abs=1e-4)
+    assert row["kl"] == pytest.approx((base * (base / abl).log()).sum(-1).mean().item(), abs=1e-5)
+
+
+def row(layer, bypass, induce, kl):
+    return {"layer": layer, "position": -1, "bypass": bypass, "induce": induce, "kl": kl}
+
+
+def test_select_authors_rule_and_fallback():
+    rows = [row(1, -1.0, 0.5, 0.05), row(2, -3.0, 0.1, 0.05),   # 2: lowest bypass among survivors
+            row(3, -9.0, 1.0, 0.5),                             # kl too high
+            row(9, -9.0, 1.0, 0.01),                            # layer >= 0.8 L
+            row(4, -9.0, -0.1, 0.01),                           # induce < 0
+            row(5, float("nan"), 1.0, 0.01)]                    # NaN
+    best, rule = ed.select_direction(rows, n_layers=10)
+    assert (best["layer"], rule) == (2, "authors")
+    never_refuses = [row(1, -5.0, -2.0, 0.05), row(2, -5.0, -1.0, 0.05), row(3, -5.0, -0.5, 0.2), row(8, -5, 3.0, 0.0)]
+    best, rule = ed.select_direction(never_refuses, n_layers=10)
+    assert (best["layer"], rule) == (2, "fallback_highest_induce")
+    with pytest.raises(UserError, match="no candidate"):
+        ed.select_direction([row(1, 0, 0, 5.0)], n_layers=10)
+
+
+def test_main_writes_the_contract(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--model", str(model_dir), "--out", str(out), "--n-train", "4", "--n-val", "3",
+            "--check-prompts", "2", "--check-tokens", "4", "--seed", "1"]
+    ed.main(argv)
+    meta = json.loads((out / "direction.json").read_text())
+    vec = load_file(out / "direction.safetensors")["direction"]
+    cands = json.loads((out / "candidates.json").read_text())["candidates"]
+    check = json.loads((out / "steering_check.json").read_text())
+    n_pos = len(json.loads((out / "candidates.json").read_text())["positions"])
+    assert vec.dtype == torch.float32 and vec.shape == (meta["hidden_size"],)
+    assert len(cands) == n_pos * meta["n_layers"]
+    assert meta["norm"] == pytest.approx(vec.norm().item(), rel=1e-5)
+    for key in ("layer", "position", "coefficient", "selection_rule", "fallback_used", "scores", "data", "seed",
+                "torch", "transformers", "git_commit"):
+        assert key in meta
+    assert meta["layer"] < 0.8 * meta["n_layers"]
+    assert len(check["samples"]) == 2 and 0 <= check["refusal_rate_steered"] <= 1
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and str(out / "direction.json") in printed
+    # same seed, same inputs -> the same direction
+    ed.main(argv + ["--out", str(tmp_path / "run2")])
+    assert torch.equal(vec, load_file(tmp_path / "run2" / "direction.safetensors")["direction"])
+    with pytest.raises(UserError, match="--overwrite"):
+        ed.main(argv)
+
+
+def test_forced_candidate_and_bad_layer(model_dir, tmp_path):
+    out = tmp_path / "run"
+    base = ["--model", str(model_dir), "--out", str(out), "--n-train", "3", "--n-val", "2", "--check-prompts", "0"]
+    ed.main(base + ["--layer", "1", "--position", "-2"])
+    meta = json.loads((out / "direction.json").read_text())
+    assert (meta["layer"], meta["position"], meta["selection_rule"]) == (1, -2, "forced")
+    with pytest.raises(UserError, match="out of range|must be in"):
+        ed.main(base + ["--layer", "7", "--position", "-1", "--overwrite"])
+    with pytest.raises(UserError, match="together"):
+        ed.main(base + ["--layer", "1", "--overwrite"])

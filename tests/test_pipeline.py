@@ -1,0 +1,49 @@
+"""All four stages end to end: on a tiny random model (fast), and on the bundled model (slow)."""
+import json
+
+import pytest
+
+import distill
+import evaluate
+import extract_direction
+import select_tokens
+
+
+def run_pipeline(model, out, tiny=True):
+    m = ["--model", str(model), "--out", str(out)]
+    extract_direction.main(m + ["--n-train", "4", "--n-val", "3", "--check-prompts", "2", "--check-tokens", "4"]
+                           + (["--kl-max", "1e9"] if tiny else ["--layer", "18", "--position", "-1"]))
+    select_tokens.main(m + ["--n-prompts", "3", "--samples", "2", "--horizon", "3", "--k", "8", "--k-vote", "16",
+                            "--score", "kl"])
+    distill.main(m + ["--max-steps", "2", "--prompts-per-step", "2", "--samples", "2", "--max-new-tokens", "6"])
+    evaluate.main(m + ["--n", "3", "--max-new-tokens", "6", "--qa-tokens", "4"])
+    return json.loads((out / "eval.json").read_text())
+
+
+def check_eval(res):
+    assert set(res["models"]) == {"base", "teacher", "student"}
+    for name, r in res["models"].items():
+        for key in ("refusal_harmful", "asr", "over_refusal", "over_refusal_risky", "kl_to_base", "nll", "qa_accuracy"):
+            assert key in r, (name, key)
+        assert r["asr"] == pytest.approx(1 - r["refusal_harmful"])
+        assert 0 <= r["qa_accuracy"] <= 1
+    assert res["models"]["base"]["kl_to_base"] == pytest.approx(0, abs=1e-9)
+    assert res["counts"]["harmful"] == 3 and res["judge_phrases"]
+
+
+def test_pipeline_tiny(model_dir, tmp_path):
+    out = tmp_path / "run"
+    res = run_pipeline(model_dir, out)
+    check_eval(res)
+    md = (out / "eval.md").read_text()
+    assert "| student |" in md and "| teacher |" in md
+    samples = [json.loads(l) for l in (out / "eval_samples.jsonl").read_text().splitlines()]
+    assert {s["set"] for s in samples} == {"harmful_test", "harmless_test", "general_qa"}
+
+
+@pytest.mark.slow
+def test_pipeline_bundled_model(tmp_path):
+    """The real SmolLM2-135M-Instruct, smallest settings that still run every stage."""
+    res = run_pipeline("smollm2-135m", tmp_path / "run", tiny=False)
+    check_eval(res)
+    assert res["models"]["teacher"]["kl_to_base"] > 0
