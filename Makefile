@@ -1,10 +1,18 @@
-# Two commands on a fresh machine:  `make demo` (whole pipeline on the bundled model)  and  `make test`.
+# Two commands on a fresh machine:  `make demo`  (the whole pipeline on the bundled model)  and  `make test`.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 RUN    ?= runs/demo
+ABL    ?= runs/ablate
 
-.PHONY: setup test test-fast demo clean
+# The demo's recipe, sized for 2 CPU cores (see README, Results). Stage 1 forces the candidate that the full
+# scoring of all 180 candidates ranks first by induce score (`make direction-full` reproduces that scoring).
+DIRECTION_ARGS ?= --layer 18 --position -1 --coefficient 1.0
+TOKENS_ARGS    ?= --score kl --prompts data/harmful_train.jsonl
+DISTILL_ARGS   ?= --prompts-per-step 4 --samples 4 --max-new-tokens 48 --lr 1e-5
+EVAL_ARGS      ?= --max-new-tokens 64
+
+.PHONY: setup test test-fast demo ablate direction-full bench clean
 
 setup: $(VENV)/.installed
 
@@ -17,11 +25,35 @@ $(VENV)/.installed: requirements.txt
 test: setup
 	$(PY) -m pytest -q tests
 
-test-fast: setup  ## unit tests only, without the end-to-end run on the bundled model
+test-fast: setup  ## without the end-to-end run on the bundled model
 	$(PY) -m pytest -q -m "not slow" tests
 
 demo: setup
-	$(PY) extract_direction.py --out $(RUN) --overwrite
+	$(PY) extract_direction.py --out $(RUN) --overwrite $(DIRECTION_ARGS)
+	$(PY) select_tokens.py     --out $(RUN) --overwrite $(TOKENS_ARGS)
+	$(PY) distill.py           --out $(RUN) --overwrite $(DISTILL_ARGS)
+	$(PY) evaluate.py          --out $(RUN) --overwrite $(EVAL_ARGS)
+
+# The paper's claim tested: four students from the same direction and S, evaluated beside base and teacher.
+ablate: setup
+	$(PY) extract_direction.py --out $(ABL) --overwrite $(DIRECTION_ARGS)
+	$(PY) select_tokens.py     --out $(ABL) --overwrite $(TOKENS_ARGS)
+	$(PY) distill.py --out $(ABL) --overwrite $(DISTILL_ARGS) --loss collapsed --student collapsed
+	$(PY) distill.py --out $(ABL) --overwrite $(DISTILL_ARGS) --loss partial   --student partial
+	$(PY) distill.py --out $(ABL) --overwrite $(DISTILL_ARGS) --loss full      --student full
+	$(PY) distill.py --out $(ABL) --overwrite $(DISTILL_ARGS) --loss collapsed --student random_s --random-tokens
+	$(PY) evaluate.py          --out $(ABL) --overwrite $(EVAL_ARGS)
+
+# Stage 1 with every candidate scored (all positions x all layers, 32 + 32 validation prompts): ~11 min here.
+direction-full: setup
+	$(PY) extract_direction.py --out runs/direction_full --overwrite
+
+bench: setup
+	$(PY) bench/sampler_vs_generate.py
+	$(PY) bench/loss_memory.py
+	$(PY) bench/distill_step.py phases
+	$(PY) bench/distill_step.py scaling
+	$(PY) bench/startup.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -147,10 +147,11 @@ def save_model_dir(model, tokenizer, path: Path, extra_files: dict[str, object] 
 def load_model(name: str = BUNDLED_MODEL, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
     """Load (model, tokenizer) in eval mode. float32 on CPU, bf16 on CUDA unless dtype is given."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if name == BUNDLED_MODEL:
-        path = bundled_model_dir()
+        path = bundled_model_dir()  # the first use converts the GGUF file, with its own progress bar
     elif Path(name).exists():
         path = Path(name)
         if not (path / "config.json").exists():
@@ -159,6 +160,7 @@ def load_model(name: str = BUNDLED_MODEL, device: torch.device | str = "cpu", dt
         raise UserError(f"model {name!r} not found")
     else:
         path = name  # a hub id: works where a hub is reachable
+    hf_logging.disable_progress_bar()  # a 0.1 s "Loading weights" bar per load is noise in every stage's output
     try:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

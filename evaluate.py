@@ -155,6 +155,19 @@ def resolve_models(args, out: Path) -> list[tuple[str, str]]:
     return pairs
 
 
+def check_spec(spec: str) -> None:
+    """Fail before any work on a spec that cannot load: a folder without a model or a steer: without r."""
+    if spec.startswith("steer:"):
+        folder = Path(spec[len("steer:"):])
+        for name in ("direction.safetensors", "direction.json"):
+            if not (folder / name).is_file():
+                raise UserError(f"{folder / name}: file not found (steer:DIR needs Stage 1's outputs)")
+        return
+    path = Path(spec)
+    if path.is_dir() and not (path / "config.json").exists():
+        raise UserError(f"{path} is not a model directory (no config.json); is it a student that did not finish?")
+
+
 def load_spec(spec: str, default_model: str, device):
     """(model, tokenizer, hook factory) for a spec: a model, or steer:DIR (π0 of direction.json + c·r)."""
     if spec.startswith("steer:"):
@@ -164,9 +177,7 @@ def load_spec(spec: str, default_model: str, device):
         vec, meta = load_direction(folder / "direction.safetensors", model)
         c = meta.get("coefficient", 1.0)
         return model, tok, lambda: add_vector(model, int(meta["layer"]), vec, c)
-    path = Path(spec)
-    if path.is_dir() and not (path / "config.json").exists():
-        raise UserError(f"{path} is not a model directory (no config.json); is it a student that did not finish?")
+    check_spec(spec)
     model, tok = load_model(spec, device)
     return model, tok, contextlib.nullcontext
 
@@ -195,7 +206,8 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
     pairs = resolve_models(args, out)
-    prepare_out_dir(out, OUTPUTS, args.overwrite)
+    for _, spec in pairs:
+        check_spec(spec)
     device = pick_device(args.device)
     seed_everything(args.seed)
     t0 = time.time()
@@ -204,6 +216,7 @@ def main(argv=None):
     qa = read_set(args.qa, n=args.n, seed=args.seed)
     if any(not r["answers"] for r in qa):
         raise UserError(f"{args.qa}: every question needs an 'answers' list")
+    prepare_out_dir(out, OUTPUTS, args.overwrite)
 
     base, base_tok = load_model(args.model, device)
     # π0's own greedy answers to the harmless prompts: the text every model is scored on for retention

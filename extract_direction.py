@@ -234,14 +234,14 @@ def filter_by_score(model, batches: PromptBatches, prompts: list[str], refusal_i
 
 def main(argv=None):
     args = parse_args(argv)
-    out = prepare_out_dir(args.out, OUTPUTS, args.overwrite)
     device = pick_device(args.device)
     seed_everything(args.seed)
     t0 = time.time()
-    harmful = read_prompts(args.harmful, args.n_train, args.seed)
+    harmful = read_prompts(args.harmful, args.n_train, args.seed)  # inputs first: a bad file leaves no output
     harmless = read_prompts(args.harmless, args.n_train, args.seed)
     harmful_val = read_prompts(args.harmful_val, args.n_val, args.seed)
     harmless_val = read_prompts(args.harmless_val, args.n_val, args.seed)
+    out = prepare_out_dir(args.out, OUTPUTS, args.overwrite)
     model, tok = load_model(args.model, device)
     n_layers = len(decoder_layers(model))
     post = post_instruction_ids(tok)

@@ -15,12 +15,12 @@ end of turn, and tokens whose mean πt probability is below a floor are never el
 Coverage: the share of the teacher's total-variation shift Σ_v |πt(v) - π0(v)| that falls on S, averaged over
 positions; reported on the selection prompts and on harmful_val. It says how much of the teacher S can carry.
 
-Reads   OUT/direction.safetensors + direction.json (Stage 1), a prompt file (default data/harmless_val)
+Reads   OUT/direction.safetensors + direction.json (Stage 1), a prompt file (default data/harmful_train)
 Writes  OUT/safety_tokens.json   token_ids, tokens, votes, mean_delta, coverage, settings, vocabulary fingerprint
 
 Usage:
     python select_tokens.py --out runs/demo
-    python select_tokens.py --out runs/demo --score kl --prompts data/harmful_train.jsonl --overwrite
+    python select_tokens.py --out runs/demo --score delta --prompts data/harmless_val.jsonl --overwrite  # authors' rule
 """
 from __future__ import annotations
 
@@ -49,13 +49,18 @@ def parse_args(argv=None):
     p.add_argument("--coefficient", type=float, help="c in πt = π0 + c·r (default: from direction.json)")
     p.add_argument("--teacher", choices=["hook", "prompt"], default="hook",
                    help="hook: π0 + c·r (default); prompt: π0 with a safety system prompt (authors' variant)")
-    p.add_argument("--prompts", default=str(data_file("harmless_val")), help="selection prompts (authors: harmless)")
+    # Default prompts and score differ from the authors' (harmless_val, delta): on the bundled model their S held
+    # rare topical tokens with 0.0-0.3% of the teacher's shift; πt·Δ on harmful prompts holds 19-24% (README).
+    p.add_argument("--prompts", default=str(data_file("harmful_train")),
+                   help="selection prompts (authors: harmless_val; ours: the distillation prompts)")
     p.add_argument("--n-prompts", type=int, default=32, help="at most this many selection prompts")
     p.add_argument("--coverage-prompts", default=str(data_file("harmful_val")), help="second set for coverage")
     p.add_argument("--samples", type=int, default=8, help="M continuations per prompt (paper: 8)")
     p.add_argument("--horizon", type=int, default=8, help="H tokens per continuation (paper: 8)")
-    p.add_argument("--score", choices=["delta", "kl"], default="delta", help="rank tokens by Δ or by πt·Δ")
+    p.add_argument("--score", choices=["delta", "kl"], default="kl", help="rank tokens by Δ (authors') or πt·Δ (ours)")
     p.add_argument("--aggregate", choices=["vote", "mean"], default="vote")
+    p.add_argument("--contrast", help="a second prompt set (e.g. harmless): rank tokens by their vote share (or mean "
+                                      "score) on --prompts minus on this set, so S keeps what is specific to --prompts")
     p.add_argument("--k", type=int, default=50, help="|S| (paper: 50)")
     p.add_argument("--k-vote", type=int, default=200, help="K': tokens each position votes for (paper: 200)")
     p.add_argument("--prob-floor", type=float, default=1e-6, help="drop tokens whose mean πt prob is below this")
@@ -159,26 +164,42 @@ def coverage(log_pt: torch.Tensor, log_p0: torch.Tensor, s_ids: torch.Tensor) ->
 
 # ----------------------------------------------------------------------------- main
 
-def select(model, tok, teacher, batches, args) -> dict:
-    """Score every valid position, then aggregate into S. Keeps [n_valid, V] scores in memory."""
-    all_scores, sum_pt, sum_delta, n = [], None, None, 0
+def position_scores(model, tok, teacher, batches, rule: str):
+    """Scores of every valid position, plus mean πt and mean Δ per token. Keeps [n_valid, V] in memory."""
+    all_scores, sum_pt, sum_delta, n = [], 0, 0, 0
     for batch in tqdm(batches, desc="teacher-forcing πt and π0", unit="batch"):
         log_pt, log_p0 = teacher_and_base_logprobs(model, tok, teacher, batch)
-        all_scores.append(token_scores(log_pt, log_p0, args.score))
-        pt, delta = log_pt.exp().sum(0), contrastive_logprobs(log_pt, log_p0).sum(0)
-        sum_pt = pt if sum_pt is None else sum_pt + pt
-        sum_delta = delta if sum_delta is None else sum_delta + delta
+        all_scores.append(token_scores(log_pt, log_p0, rule))
+        sum_pt = sum_pt + log_pt.exp().sum(0)
+        sum_delta = sum_delta + contrastive_logprobs(log_pt, log_p0).sum(0)
         n += log_pt.shape[0]
     if n == 0:
         raise UserError("the teacher's samples hold no valid positions")
-    scores = torch.cat(all_scores)  # [n_valid, V]
-    eligible = eligible_tokens(sum_pt / n, special_token_ids(tok), len(tok), args.prob_floor)
-    if args.aggregate == "vote":
-        s_ids, votes = vote(scores, eligible, args.k_vote, args.k)
+    return torch.cat(all_scores), sum_pt / n, sum_delta / n  # [n, V], [V], [V]
+
+
+def select(model, tok, teacher, batches, args, contrast_batches=None) -> dict:
+    """S from the teacher's samples; with contrast_batches, from the difference to a second prompt set."""
+    scores, mean_pt, mean_delta = position_scores(model, tok, teacher, batches, args.score)
+    eligible = eligible_tokens(mean_pt, special_token_ids(tok), len(tok), args.prob_floor)
+    if contrast_batches is None:
+        if args.aggregate == "vote":
+            s_ids, votes = vote(scores, eligible, args.k_vote, args.k)
+        else:
+            s_ids, votes = mean_aggregate(scores, eligible, args.k), torch.zeros(scores.shape[-1], dtype=torch.long)
     else:
-        s_ids, votes = mean_aggregate(scores, eligible, args.k), torch.zeros(scores.shape[-1], dtype=torch.long)
-    return {"ids": s_ids, "votes": votes, "mean_delta": sum_delta / n, "mean_score": scores.mean(0),
-            "n_positions": n, "n_eligible": int(eligible.sum())}
+        c_scores, _, _ = position_scores(model, tok, teacher, contrast_batches, args.score)
+        if args.aggregate == "vote":  # vote shares, so that sets of different sizes compare
+            votes = vote(scores, eligible, args.k_vote, args.k)[1]
+            rank = votes / len(scores) - vote(c_scores, eligible, args.k_vote, args.k)[1] / len(c_scores)
+        else:
+            votes = torch.zeros(scores.shape[-1], dtype=torch.long)
+            rank = scores.mean(0) - c_scores.mean(0)
+        rank = rank.masked_fill(~eligible, float("-inf"))
+        s_ids = rank.topk(min(args.k, int(eligible.sum()))).indices
+        s_ids = s_ids[rank[s_ids] > 0]
+    return {"ids": s_ids, "votes": votes, "mean_delta": mean_delta, "mean_score": scores.mean(0),
+            "n_positions": scores.shape[0], "n_eligible": int(eligible.sum())}
 
 
 def mean_coverage(model, tok, teacher, batches, s_ids) -> float:
@@ -188,12 +209,12 @@ def mean_coverage(model, tok, teacher, batches, s_ids) -> float:
 
 def main(argv=None):
     args = parse_args(argv)
-    out = prepare_out_dir(args.out, OUTPUTS, args.overwrite)
     device = pick_device(args.device)
     gen = seed_everything(args.seed)
     t0 = time.time()
     prompts = read_prompts(args.prompts, args.n_prompts, args.seed)
     cov_prompts = read_prompts(args.coverage_prompts, args.n_prompts, args.seed)
+    out = prepare_out_dir(args.out, OUTPUTS, args.overwrite)
     model, tok = load_model(args.model, device)
     vec, dmeta = load_direction(args.direction or out / "direction.safetensors", model)
     coefficient = dmeta.get("coefficient", 1.0) if args.coefficient is None else args.coefficient
@@ -202,7 +223,11 @@ def main(argv=None):
                                        if args.teacher == "hook" else ""))
 
     batches = teacher_samples(model, tok, teacher, prompts, args.samples, args.horizon, args.batch_size, gen)
-    sel = select(model, tok, teacher, batches, args)
+    contrast = None
+    if args.contrast:
+        contrast = teacher_samples(model, tok, teacher, read_prompts(args.contrast, args.n_prompts, args.seed),
+                                   args.samples, args.horizon, args.batch_size, gen)
+    sel = select(model, tok, teacher, batches, args, contrast)
     s_ids = sel["ids"]
     cov_batches = teacher_samples(model, tok, teacher, cov_prompts, args.samples, args.horizon, args.batch_size, gen)
     cov = {"selection_prompts": mean_coverage(model, tok, teacher, batches, s_ids),
@@ -217,6 +242,7 @@ def main(argv=None):
         "settings": {"teacher": args.teacher, "score": args.score, "aggregate": args.aggregate, "k": args.k,
                      "k_vote": args.k_vote, "samples": args.samples, "horizon": args.horizon,
                      "prob_floor": args.prob_floor, "prompts": args.prompts, "n_prompts": len(prompts),
+                     "contrast": args.contrast,
                      "coverage_prompts": args.coverage_prompts, "coefficient": coefficient,
                      "direction": str(args.direction or out / "direction.safetensors"), "layer": dmeta["layer"],
                      "seed": args.seed},

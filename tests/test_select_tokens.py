@@ -125,3 +125,19 @@ def test_main_writes_the_contract(model_dir, tmp_path, capsys):
     assert json.loads((tmp_path / "run2" / "safety_tokens.json").read_text())["token_ids"] == res["token_ids"]
     with pytest.raises(UserError, match="direction file not found"):
         st.main(argv + ["--out", str(tmp_path / "empty")])
+
+
+@pytest.mark.parametrize("aggregate", ["vote", "mean"])
+def test_contrast_keeps_what_is_specific_to_the_selection_prompts(tok, monkeypatch, aggregate):
+    """Token 5 is raised on both prompt sets (generic), token 9 only on the selection set: only 9 survives."""
+    v = len(tok)
+    sel, con = torch.zeros(6, v), torch.zeros(4, v)
+    sel[:, 5] = sel[:, 9] = 3.0
+    con[:, 5] = 3.0
+    con[:, 11] = 3.0  # raised only on the contrast set: a negative rank, never in S
+    mean_pt = torch.full((v,), 1.0 / v)
+    calls = iter([(sel, mean_pt, sel.mean(0)), (con, mean_pt, con.mean(0))])
+    monkeypatch.setattr(st, "position_scores", lambda *a, **k: next(calls))
+    args = type("A", (), dict(score="kl", aggregate=aggregate, k=3, k_vote=2, prob_floor=0.0))
+    out = st.select(None, tok, None, ["sel"], args, contrast_batches=["con"])
+    assert out["ids"].tolist() == [9]

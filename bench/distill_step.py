@@ -1,0 +1,100 @@
+"""Benchmark: one distillation step on the bundled model, by phase, and how it scales.
+
+  phases   sampling, teacher forward, student forward, loss, backward, optimiser: seconds and share, with
+           gradient checkpointing on and off (peak RSS both ways)
+  scaling  step time and peak RSS against completion length and completions per step
+
+Each configuration runs in a fresh subprocess (peak RSS = resource.getrusage of that process, whole process,
+model and optimiser included) for --steps steps after one warm-up step; the median step is reported. Sampling
+never stops early (no stop token) so that every configuration generates exactly its length.
+
+Usage:
+    python bench/distill_step.py phases
+    python bench/distill_step.py scaling --lengths 64 128 256 --completions 8 16 32
+"""
+import argparse
+import copy
+import json
+import resource
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+import distill  # noqa: E402
+
+
+def child(cfg):
+    student, tok = common.load_model("smollm2-135m", "cpu", dtype=torch.float32)
+    teacher = copy.deepcopy(student).requires_grad_(False).eval()
+    vec = torch.randn(student.config.hidden_size, generator=torch.Generator().manual_seed(0)) * 20
+    hook = lambda: common.add_vector(teacher, 18, vec)
+    if cfg["checkpointing"]:
+        student.activation_checkpointing_enable()
+    s_ids = torch.arange(1000, 1050)
+    prompts = common.read_prompts(common.data_file("harmful_train"))
+    args = SimpleNamespace(samples=cfg["samples"], max_new_tokens=cfg["length"], temperature=1.0, top_p=1.0,
+                           micro_batch=cfg["micro_batch"], loss="collapsed", clip=1.0)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-6)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    gen = torch.Generator().manual_seed(0)
+    distill.stop_token_ids = lambda tok: [-1]  # never stop: every row generates exactly `length` tokens
+    recs = []
+    for step in range(cfg["steps"] + 1):
+        ps = prompts[step * cfg["prompts"]:(step + 1) * cfg["prompts"]]
+        recs.append(distill.train_step(student, teacher, tok, ps, s_ids, args, gen, opt, sched, hook))
+    recs = recs[1:]  # the first step warms up allocators and caches
+    phases = {k: statistics.median(r["seconds"][k] for r in recs) for k in recs[0]["seconds"]}
+    print(json.dumps({"phases": phases, "step": statistics.median(r["step_seconds"] for r in recs),
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def run(cfg):
+    out = subprocess.run([sys.executable, __file__, "child", "--cfg", json.dumps(cfg)], capture_output=True, text=True)
+    if out.returncode:
+        return {"error": (out.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["phases", "scaling", "child"])
+    p.add_argument("--cfg", help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256])
+    p.add_argument("--completions", type=int, nargs="+", default=[8, 16, 32])
+    p.add_argument("--micro-batch", type=int, default=8)
+    a = p.parse_args()
+    if a.what == "child":
+        return child(json.loads(a.cfg))
+    base = {"steps": a.steps, "micro_batch": a.micro_batch, "prompts": 4, "samples": 4, "length": 48}
+    if a.what == "phases":
+        print("4 prompts x 4 samples x 48 new tokens, micro-batch", a.micro_batch, "\n")
+        for ck in (True, False):
+            r = run({**base, "checkpointing": ck})
+            if "error" in r:
+                print(f"checkpointing {ck}: failed: {r['error']}")
+                continue
+            total = r["step"]
+            print(f"gradient checkpointing {'on' if ck else 'off'}: {total:.1f} s/step, peak RSS {r['peak_rss_mb']:.0f} MB")
+            for k, v in r["phases"].items():
+                print(f"  {k:<16} {v:>6.2f} s  {v / total:>6.1%}")
+        return
+    print(f"{'length':>6} {'completions':>11} {'s/step':>7} {'s per 1k tokens':>16} {'peak RSS MB':>12}")
+    for length in a.lengths:
+        for n in a.completions:
+            r = run({**base, "length": length, "samples": n // 4, "checkpointing": True})
+            if "error" in r:
+                print(f"{length:>6} {n:>11} failed: {r['error']}")
+                continue
+            print(f"{length:>6} {n:>11} {r['step']:>7.1f} {1000 * r['step'] / (length * n):>16.2f} "
+                  f"{r['peak_rss_mb']:>12.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Benchmark: the hand-written KV-cached sampler against transformers' model.generate (greedy).
+
+Same prompts, same lengths, neither stops early (generate: min_new_tokens; ours: no stop id), runs interleaved and repeated so that both
+see the same machine load; the ratio (ours / generate tokens per second) is what to read.
+
+Usage:
+    python bench/sampler_vs_generate.py                      # batch 8, 32 x new tokens 64, 256
+    python bench/sampler_vs_generate.py --batches 8 --lengths 64 --repeats 2
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import data_file, encode_chats, load_model, read_prompts, sample  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--batches", type=int, nargs="+", default=[8, 32])
+    p.add_argument("--lengths", type=int, nargs="+", default=[64, 256])
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    model, tok = load_model(args.model, "cpu")
+    prompts = read_prompts(data_file("harmless_train"))
+    print(f"torch threads {torch.get_num_threads()}; greedy; tokens/s = batch x new tokens / wall time\n")
+    print(f"{'batch':>5} {'new':>5} {'ours tok/s':>11} {'generate tok/s':>15} {'ratio':>6}")
+    for b in args.batches:
+        ids, mask = encode_chats(tok, prompts[:b])
+        for n in args.lengths:
+            ours_t, gen_t = [], []
+            for _ in range(args.repeats):
+                t = time.perf_counter()
+                sample(model, ids, mask, n, temperature=0, stop_ids=[-1], pad_id=tok.pad_token_id)
+                ours_t.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                with torch.no_grad():
+                    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                       do_sample=False, pad_token_id=tok.pad_token_id)
+                gen_t.append(time.perf_counter() - t)
+            ours, gen = b * n / statistics.median(ours_t), b * n / statistics.median(gen_t)
+            print(f"{b:>5} {n:>5} {ours:>11.1f} {gen:>15.1f} {ours / gen:>6.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Bad input: every case gives one line `error: ...` naming the problem, exit code 2, no traceback."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+import distill
+import evaluate
+import extract_direction
+import select_tokens
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = {"extract": extract_direction, "select": select_tokens, "distill": distill, "evaluate": evaluate}
+
+
+def run(stage, argv, capsys):
+    """Run a stage the way its command line does; return (exit code, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        common.run_cli(lambda: STAGES[stage].main(argv))
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.fixture
+def run_dir(tmp_path, model_dir, tok):
+    """A run directory holding valid Stage 1 and 2 outputs for the tiny model."""
+    out = tmp_path / "run"
+    hidden = json.loads((model_dir / "config.json").read_text())["hidden_size"]
+    common.save_tensors(out / "direction.safetensors", {"direction": torch.ones(hidden)})
+    common.write_json(out / "direction.json", {"layer": 1, "coefficient": 1.0})
+    common.write_json(out / "safety_tokens.json", {"token_ids": [10, 20], "vocab_size": len(tok),
+                                                   "tokenizer_fingerprint": common.tokenizer_fingerprint(tok)})
+    return out
+
+
+def files(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "nofield.jsonl").write_text('{"text": "hello"}\n')
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b"\n')
+    return tmp_path
+
+
+CASES = [
+    # (id, stage, argv builder, expected fragment)
+    ("missing prompt file", "extract", lambda t, m, r: ["--harmful", str(t / "nope.jsonl")], "file not found"),
+    ("empty prompt file", "extract", lambda t, m, r: ["--harmful", str(t / "empty.jsonl")], "holds no prompts"),
+    ("no recognised field", "extract", lambda t, m, r: ["--harmless", str(t / "nofield.jsonl")], "nofield.jsonl:1: no prompt field"),
+    ("malformed JSON line", "select", lambda t, m, r: ["--prompts", str(t / "bad.jsonl")], "bad.jsonl:2: malformed JSON"),
+    ("layer out of range", "extract", lambda t, m, r: ["--layer", "99", "--position", "-1"], "--layer must be in 0..3"),
+    ("position out of range", "extract", lambda t, m, r: ["--layer", "1", "--position", "-99"], "--position in"),
+    ("direction of another size", "select", lambda t, m, r: ["--direction", str(t / "small.safetensors")], "hidden size is 32"),
+    ("direction layer out of range", "select", lambda t, m, r: ["--direction", str(t / "deep.safetensors")], "out of range"),
+    ("missing direction", "distill", lambda t, m, r: ["--direction", str(t / "none.safetensors")], "direction file not found"),
+    ("token file for another tokenizer", "distill", lambda t, m, r: ["--tokens", str(t / "other_tok.json")], "another tokenizer"),
+    ("token ids beyond the vocabulary", "distill", lambda t, m, r: ["--tokens", str(t / "big_ids.json")], "outside the model's vocabulary"),
+    ("student that is not a model", "evaluate", lambda t, m, r: ["--models", f"s={t / 'not_a_model'}"], "not a model directory"),
+    ("bad --models item", "evaluate", lambda t, m, r: ["--models", "nonsense"], "NAME=SPEC"),
+    ("results already there", "select", lambda t, m, r: [], "--overwrite"),
+    ("model directory missing", "extract", lambda t, m, r: ["--model", str(t / "nomodel")], "not found"),
+    ("model without chat template", "extract", lambda t, m, r: ["--model", str(t / "notemplate")], "no chat template"),
+    ("cuda without cuda", "extract", lambda t, m, r: ["--device", "cuda"], "CUDA"),
+    ("k <= 0", "select", lambda t, m, r: ["--k", "0"], "--k must be > 0"),
+    ("temperature < 0", "distill", lambda t, m, r: ["--temperature", "-1"], "--temperature must be >= 0"),
+    ("lr <= 0", "distill", lambda t, m, r: ["--lr", "0"], "--lr must be > 0"),
+    ("top-p out of range", "distill", lambda t, m, r: ["--top-p", "1.5"], "--top-p"),
+    ("layer without position", "extract", lambda t, m, r: ["--layer", "1"], "together"),
+]
+
+
+@pytest.mark.parametrize("name,stage,argv,fragment", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(name, stage, argv, fragment, tmp_path, model_dir, run_dir, tok, capsys):
+    if name == "cuda without cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    t = files(tmp_path)
+    common.save_tensors(t / "small.safetensors", {"direction": torch.ones(7)})
+    common.write_json(t / "small.json", {"layer": 1})
+    common.save_tensors(t / "deep.safetensors", {"direction": torch.ones(32)})
+    common.write_json(t / "deep.json", {"layer": 40})
+    meta = json.loads((run_dir / "safety_tokens.json").read_text())
+    common.write_json(t / "other_tok.json", {**meta, "tokenizer_fingerprint": "f" * 16})
+    common.write_json(t / "big_ids.json", {**meta, "token_ids": [1, 99_999]})
+    (t / "not_a_model").mkdir()
+    nt = t / "notemplate"
+    from conftest import make_model, make_tokenizer
+    plain = make_tokenizer()
+    plain.chat_template = None
+    plain.save_pretrained(nt)
+    make_model(plain).save_pretrained(nt)
+    capsys.readouterr()  # drop what the fixtures printed
+    extra = [] if name == "results already there" else ["--overwrite"]
+    code, err = run(stage, ["--model", str(model_dir), "--out", str(run_dir)] + argv(t, model_dir, run_dir) + extra,
+                    capsys)
+    lines = err.strip().splitlines()
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert fragment in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+def test_a_real_process_prints_one_line_and_exits_2(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "extract_direction.py"), "--harmful", str(tmp_path / "x.jsonl"),
+                           "--out", str(tmp_path / "run")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'x.jsonl'}: file not found"]
+    assert not (tmp_path / "run").exists()  # inputs are read before the output folder is made
+
+
+def test_help_shows_defaults_and_usage(capsys):
+    for mod in STAGES.values():
+        with pytest.raises(SystemExit) as e:
+            mod.parse_args(["--help"])
+        assert e.value.code == 0
+        text = capsys.readouterr().out
+        assert "Usage:" in text and "--seed" in text and "--device" in text
