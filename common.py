@@ -59,6 +59,8 @@ def add_common_args(p: argparse.ArgumentParser, out_default: str = "runs/demo") 
     p.add_argument("--out", default=out_default, help="run directory shared by all stages")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-prompt-tokens", type=int, default=512,
+                   help="truncate longer user prompts to this many tokens (with a warning that counts them)")
 
 
 def check_positive(name: str, value, allow_zero: bool = False) -> None:
@@ -475,6 +477,22 @@ def read_prompts(path: str | Path, limit: int | None = None, seed: int = 0) -> l
     if limit is not None and limit < len(prompts):
         prompts = random.Random(seed).sample(prompts, limit)
     return prompts
+
+
+def truncate_prompts(tok, prompts: list[str], max_tokens: int, source: str = "prompts") -> list[str]:
+    """Cut each user prompt to max_tokens tokens (the chat template is added later, intact); never silently."""
+    if max_tokens <= 0:
+        raise UserError(f"--max-prompt-tokens must be > 0, got {max_tokens}")
+    out, cut = [], 0
+    for p in prompts:
+        ids = tok(p, add_special_tokens=False).input_ids
+        if len(ids) > max_tokens:
+            p, cut = tok.decode(ids[:max_tokens]), cut + 1
+        out.append(p)
+    if cut:
+        print(f"warning: {cut} of {len(prompts)} prompts in {source} were longer than {max_tokens} tokens "
+              f"and were truncated (--max-prompt-tokens)", file=sys.stderr)
+    return out
 
 
 def data_file(name: str) -> Path:

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from common import (UserError, add_common_args, add_vector, check_positive, completion_logits, data_file,
                     decode_completions, encode_chats, is_refusal, load_direction, load_json, load_model,
                     pick_device, read_prompts, run_cli, run_info, sample, save_model_dir, seed_everything,
-                    special_token_ids, stop_token_ids, tokenizer_fingerprint, write_jsonl)
+                    special_token_ids, stop_token_ids, tokenizer_fingerprint, truncate_prompts, write_jsonl)
 
 
 def parse_args(argv=None):
@@ -274,6 +274,7 @@ def main(argv=None):
     t0 = time.time()
     prompts = read_prompts(args.prompts)
     student, tok = load_model(args.model, device, dtype=torch.float32)  # float32 master weights
+    prompts = truncate_prompts(tok, prompts, args.max_prompt_tokens, args.prompts)
     teacher = copy.deepcopy(student).requires_grad_(False).eval()
     if device.type == "cuda":
         teacher.to(torch.bfloat16)

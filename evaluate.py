@@ -37,7 +37,7 @@ from tqdm import tqdm
 from common import (REFUSAL_PHRASES, UserError, add_common_args, add_vector, check_positive, completion_logits,
                     data_file, decode_completions, encode_chats, is_refusal, load_direction, load_json, load_model,
                     pick_device, prepare_out_dir, read_records, run_cli, run_info, sample, seed_everything,
-                    stop_token_ids, write_json, write_jsonl, write_text)
+                    stop_token_ids, truncate_prompts, write_json, write_jsonl, write_text)
 
 OUTPUTS = ["eval.json", "eval.md", "eval_samples.jsonl"]
 
@@ -219,6 +219,9 @@ def main(argv=None):
     prepare_out_dir(out, OUTPUTS, args.overwrite)
 
     base, base_tok = load_model(args.model, device)
+    for rows, src in ((harmful, args.harmful), (harmless, args.harmless), (qa, args.qa)):
+        for r, p in zip(rows, truncate_prompts(base_tok, [r["prompt"] for r in rows], args.max_prompt_tokens, src)):
+            r["prompt"] = p
     # π0's own greedy answers to the harmless prompts: the text every model is scored on for retention
     _, base_answers = greedy(base, base_tok, [r["prompt"] for r in harmless], args.max_new_tokens,
                              args.batch_size, contextlib.nullcontext, "base answers (retention text)")

@@ -39,7 +39,7 @@ from common import (UserError, ablate_direction, add_common_args, add_vector, ch
                     decoder_layers,
                     decode_completions, encode_chats, is_refusal, load_model, pick_device,
                     post_instruction_ids, prepare_out_dir, read_prompts, render_chat, run_cli, run_info,
-                    sample, save_tensors, seed_everything, stop_token_ids, write_json)
+                    sample, save_tensors, seed_everything, stop_token_ids, truncate_prompts, write_json)
 
 # Words a refusal usually opens with; their first tokens form R. Override with --refusal-tokens.
 REFUSAL_WORDS = ("I", "Sorry", "As", "Unfortunately", "No")
@@ -243,6 +243,10 @@ def main(argv=None):
     harmless_val = read_prompts(args.harmless_val, args.n_val, args.seed)
     out = prepare_out_dir(args.out, OUTPUTS, args.overwrite)
     model, tok = load_model(args.model, device)
+    harmful, harmless, harmful_val, harmless_val = (
+        truncate_prompts(tok, ps, args.max_prompt_tokens, src) for ps, src in
+        ((harmful, args.harmful), (harmless, args.harmless), (harmful_val, args.harmful_val),
+         (harmless_val, args.harmless_val)))
     n_layers = len(decoder_layers(model))
     post = post_instruction_ids(tok)
     pos_names = [tok.decode([i]) for i in post]

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from common import (UserError, add_common_args, add_vector, check_positive, completion_logits, data_file,
                     encode_chats, load_direction, load_model, pick_device, prepare_out_dir, read_prompts, run_cli,
                     run_info, sample, seed_everything, special_token_ids, stop_token_ids, tokenizer_fingerprint,
-                    write_json)
+                    truncate_prompts, write_json)
 
 # The prompt-based teacher (authors' "via prompt" variant): π0 told to refuse, instead of the hook.
 SAFETY_SYSTEM_PROMPT = ("You are a responsible assistant. If a request could help someone cause harm or break the "
@@ -216,6 +216,8 @@ def main(argv=None):
     cov_prompts = read_prompts(args.coverage_prompts, args.n_prompts, args.seed)
     out = prepare_out_dir(args.out, OUTPUTS, args.overwrite)
     model, tok = load_model(args.model, device)
+    prompts = truncate_prompts(tok, prompts, args.max_prompt_tokens, args.prompts)
+    cov_prompts = truncate_prompts(tok, cov_prompts, args.max_prompt_tokens, args.coverage_prompts)
     vec, dmeta = load_direction(args.direction or out / "direction.safetensors", model)
     coefficient = dmeta.get("coefficient", 1.0) if args.coefficient is None else args.coefficient
     teacher = Teacher(model, args.teacher, vec, int(dmeta["layer"]), coefficient)
@@ -225,8 +227,9 @@ def main(argv=None):
     batches = teacher_samples(model, tok, teacher, prompts, args.samples, args.horizon, args.batch_size, gen)
     contrast = None
     if args.contrast:
-        contrast = teacher_samples(model, tok, teacher, read_prompts(args.contrast, args.n_prompts, args.seed),
-                                   args.samples, args.horizon, args.batch_size, gen)
+        c_prompts = truncate_prompts(tok, read_prompts(args.contrast, args.n_prompts, args.seed),
+                                     args.max_prompt_tokens, args.contrast)
+        contrast = teacher_samples(model, tok, teacher, c_prompts, args.samples, args.horizon, args.batch_size, gen)
     sel = select(model, tok, teacher, batches, args, contrast)
     s_ids = sel["ids"]
     cov_batches = teacher_samples(model, tok, teacher, cov_prompts, args.samples, args.horizon, args.batch_size, gen)
