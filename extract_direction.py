@@ -16,6 +16,12 @@ is a set of refusal-opening tokens ("I", "Sorry", ...):
 Selection (authors' code): drop l >= 0.8 L, kl > 0.1, induce < 0; take the lowest bypass. A model that barely
 refuses leaves no survivor; then (ours) take the highest induce among l < 0.8 L, kl <= 0.1, and record it.
 
+--kind response (ours, for models that never refuse): when harmful and harmless prompts differ in topic but the
+model answers both, their difference of means carries topic, not refusal. Instead, contrast the model's own
+residual stream over a prefilled refusal and over a prefilled compliance to the same harmful prompts
+(contrastive activation addition, Rimsky et al. 2023): r[l] = mean over response tokens, refusal - compliance.
+The teacher is still π0 steered by its own activations; candidates are one per layer, scored as above.
+
 Reads   data/harmful_train, harmless_train (means), harmful_val, harmless_val (scores)
 Writes  OUT/direction.safetensors  tensor "direction" [hidden], float32, the raw r[p*, l*]
         OUT/direction.json         layer, position, coefficient, norm, scores, rule, data, seed, versions
@@ -25,6 +31,7 @@ Writes  OUT/direction.safetensors  tensor "direction" [hidden], float32, the raw
 Usage:
     python extract_direction.py --out runs/demo
     python extract_direction.py --out runs/demo --layer 18 --position -1 --overwrite   # force a candidate
+    python extract_direction.py --out runs/demo --kind response --layer 16 --position -1 --coefficient 0.5
 """
 from __future__ import annotations
 
@@ -43,6 +50,9 @@ from common import (UserError, ablate_direction, add_common_args, add_vector, ch
 
 # Words a refusal usually opens with; their first tokens form R. Override with --refusal-tokens.
 REFUSAL_WORDS = ("I", "Sorry", "As", "Unfortunately", "No")
+# --kind response: the two prefilled answers whose activations are contrasted (override with --refusal-text etc.)
+REFUSAL_TEXT = "I'm sorry, but I can't help with that. It could cause harm, and I won't assist with it."
+COMPLY_TEXT = "Sure, here is a detailed step-by-step guide on how to do that. First, you need to"
 OUTPUTS = ["direction.safetensors", "direction.json", "candidates.json", "steering_check.json"]
 
 
@@ -53,6 +63,11 @@ def parse_args(argv=None):
     p.add_argument("--harmless", default=str(data_file("harmless_train")), help="prompts for the harmless mean")
     p.add_argument("--harmful-val", default=str(data_file("harmful_val")), help="prompts for the bypass score")
     p.add_argument("--harmless-val", default=str(data_file("harmless_val")), help="prompts for induce and kl")
+    p.add_argument("--kind", choices=["prompt", "response"], default="prompt",
+                   help="prompt: harmful - harmless prompts at post-instruction tokens (paper); "
+                        "response: prefilled refusal - compliance on harmful prompts (ours)")
+    p.add_argument("--refusal-text", default=REFUSAL_TEXT, help="--kind response: the prefilled refusal")
+    p.add_argument("--comply-text", default=COMPLY_TEXT, help="--kind response: the prefilled compliance")
     p.add_argument("--n-train", type=int, default=128, help="at most this many prompts per training set (paper: 128)")
     p.add_argument("--n-val", type=int, default=32, help="at most this many prompts per validation set (paper: 32)")
     p.add_argument("--max-layer-frac", type=float, default=0.8, help="drop candidates with layer >= frac * L")
@@ -176,6 +191,24 @@ def candidate_directions(model, harmful: PromptBatches, harmless: PromptBatches,
 
 
 @torch.no_grad()
+def response_directions(model, tok, prompts: list[str], refusal: str, comply: str, batch_size: int) -> torch.Tensor:
+    """r[l] = mean block-l input over the tokens of a prefilled refusal minus a prefilled compliance, on the
+    same prompts, float64: [1, L, hidden] (one "position": the mean over the response)."""
+    device = next(model.parameters()).device
+    means = []
+    for answer in (refusal, comply):
+        n_ans = len(tok(answer, add_special_tokens=False).input_ids)
+        total = 0
+        for i in range(0, len(prompts), batch_size):
+            texts = [render_chat(tok, p) + answer for p in prompts[i:i + batch_size]]
+            enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt", padding_side="left").to(device)
+            hidden = model(**enc, output_hidden_states=True, logits_to_keep=1).hidden_states[:-1]
+            total = total + torch.stack(hidden)[:, :, -n_ans:].double().mean(2).sum(1)  # [L, hidden]
+        means.append(total / len(prompts))
+    return (means[0] - means[1])[None]
+
+
+@torch.no_grad()
 def score_candidates(model, r: torch.Tensor, cands: list[tuple[int, int]], harmful_val: PromptBatches,
                      harmless_val: PromptBatches, refusal_ids: list[int], pos_names: list[str]) -> list[dict]:
     """bypass, induce and kl of every candidate (p, l); p indexes r's first axis."""
@@ -254,8 +287,9 @@ def main(argv=None):
     print(f"model {args.model}: {n_layers} layers, hidden {model.config.hidden_size}; "
           f"post-instruction tokens {pos_names}")
     print(f"refusal tokens R: {[tok.decode([i]) for i in refusal_ids]} (ids {refusal_ids})")
-    if args.layer is not None and not (0 <= args.layer < n_layers and -len(post) <= args.position < 0):
-        raise UserError(f"--layer must be in 0..{n_layers - 1} and --position in -{len(post)}..-1")
+    n_pos = 1 if args.kind == "response" else len(post)
+    if args.layer is not None and not (0 <= args.layer < n_layers and -n_pos <= args.position < 0):
+        raise UserError(f"--layer must be in 0..{n_layers - 1} and --position in -{n_pos}..-1")
 
     bs = args.batch_size
     enc = lambda prompts: PromptBatches(tok, prompts, bs, device)
@@ -266,11 +300,15 @@ def main(argv=None):
         if not harmful or not harmless:
             raise UserError("--filter left an empty prompt set (the model refuses none of the harmful prompts?)")
 
-    r = candidate_directions(model, enc(harmful), enc(harmless), len(post))  # [n_pos, L, hidden] float64
-    if args.layer is not None:
-        cands = [(len(post) + args.position, args.layer)]
+    if args.kind == "response":
+        r = response_directions(model, tok, harmful, args.refusal_text, args.comply_text, bs)  # [1, L, hidden]
+        pos_names = ["<response mean>"]
     else:
-        cands = [(p, l) for p in range(len(post)) for l in range(n_layers)]
+        r = candidate_directions(model, enc(harmful), enc(harmless), n_pos)  # [n_pos, L, hidden] float64
+    if args.layer is not None:
+        cands = [(n_pos + args.position, args.layer)]
+    else:
+        cands = [(p, l) for p in range(n_pos) for l in range(n_layers)]
     hv, sv = enc(harmless_val), enc(harmful_val)
     base_scores = {"harmful_val": refusal_score(sv.last_logits(model), refusal_ids).mean().item(),
                    "harmless_val": refusal_score(hv.last_logits(model), refusal_ids).mean().item()}
@@ -281,7 +319,7 @@ def main(argv=None):
         best, rule = rows[0], "forced"
     else:
         best, rule = select_direction(rows, n_layers, args.max_layer_frac, args.kl_max)
-    p_idx = len(post) + best["position"]
+    p_idx = n_pos + best["position"]
     vec = r[p_idx, best["layer"]].float()
 
     check = steering_check(model, tok, vec, best["layer"], args.coefficient, harmful_val[:args.check_prompts],
@@ -289,10 +327,11 @@ def main(argv=None):
     meta = {
         "model": args.model, "layer": best["layer"], "position": best["position"], "position_token": best["token"],
         "coefficient": args.coefficient, "norm": vec.norm().item(), "hidden_size": model.config.hidden_size,
-        "n_layers": n_layers, "selection_rule": rule, "fallback_used": rule.startswith("fallback"),
+        "n_layers": n_layers, "kind": args.kind, "selection_rule": rule, "fallback_used": rule.startswith("fallback"),
         "scores": {k: best[k] for k in ("bypass", "induce", "kl")}, "base_refusal_scores": base_scores,
         "refusal_tokens": [tok.decode([i]) for i in refusal_ids], "refusal_token_ids": refusal_ids,
         "filter": args.filter, "max_layer_frac": args.max_layer_frac, "kl_max": args.kl_max,
+        "response_texts": {"refusal": args.refusal_text, "comply": args.comply_text} if args.kind == "response" else None,
         "data": {"harmful": args.harmful, "harmless": args.harmless, "harmful_val": args.harmful_val,
                  "harmless_val": args.harmless_val, "n_harmful": len(harmful), "n_harmless": len(harmless),
                  "n_harmful_val": len(harmful_val), "n_harmless_val": len(harmless_val)},

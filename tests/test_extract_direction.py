@@ -139,3 +139,38 @@ def test_forced_candidate_and_bad_layer(model_dir, tmp_path):
         ed.main(base + ["--layer", "7", "--position", "-1", "--overwrite"])
     with pytest.raises(UserError, match="together"):
         ed.main(base + ["--layer", "1", "--overwrite"])
+
+
+def test_response_direction_equals_brute_force(tok, model):
+    ref_text, comp_text = "no way", "sure thing, here"
+    r = ed.response_directions(model, tok, PROMPTS_A, ref_text, comp_text, batch_size=2)
+
+    def mean_over_answer(answer):
+        rows = []
+        n = len(tok(answer, add_special_tokens=False).input_ids)
+        for p in PROMPTS_A:  # one unpadded sequence at a time, block inputs recorded by hand
+            seen = {}
+            hs = [b.register_forward_pre_hook(lambda m, a, k, i=i: seen.__setitem__(i, (a[0] if a else k["hidden_states"])[0]),
+                                              with_kwargs=True) for i, b in enumerate(common.decoder_layers(model))]
+            ids = tok(common.render_chat(tok, p) + answer, add_special_tokens=False, return_tensors="pt").input_ids
+            with torch.no_grad():
+                model(input_ids=ids)
+            [h.remove() for h in hs]
+            rows.append(torch.stack([seen[i][-n:].double().mean(0) for i in range(len(seen))]))
+        return torch.stack(rows).mean(0)
+    ref = mean_over_answer(ref_text) - mean_over_answer(comp_text)
+    assert r.shape == (1, 4, model.config.hidden_size)
+    assert torch.allclose(r[0], ref, atol=1e-5)
+
+
+def test_main_kind_response(model_dir, tmp_path):
+    out = tmp_path / "run"
+    ed.main(["--model", str(model_dir), "--out", str(out), "--kind", "response", "--n-train", "3", "--n-val", "2",
+             "--check-prompts", "0", "--kl-max", "1e9"])
+    meta = json.loads((out / "direction.json").read_text())
+    cands = json.loads((out / "candidates.json").read_text())["candidates"]
+    assert meta["kind"] == "response" and meta["position"] == -1 and len(cands) == 4
+    assert meta["response_texts"]["refusal"] == ed.REFUSAL_TEXT
+    with pytest.raises(UserError, match="position in -1..-1"):
+        ed.main(["--model", str(model_dir), "--out", str(out), "--kind", "response", "--layer", "1",
+                 "--position", "-2", "--overwrite"])
