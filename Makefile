@@ -3,11 +3,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 RUN    ?= runs/demo
-ABL    ?= runs/ablate
 
-# The demo's recipe, sized for 2 CPU cores (see README, Results). Stage 1 forces the candidate that the full
-# scoring of all 180 candidates ranks first by induce score (`make direction-full` reproduces that scoring).
-DIRECTION_ARGS ?= --layer 18 --position -1 --coefficient 1.0
+# The demo's recipe, sized for 2 CPU cores (see README, Results). On SmolLM2-135M the paper's direction (harmful -
+# harmless prompts) makes no teacher that refuses at any layer or coefficient (results/teacher_sweep.txt); the
+# response direction (--kind response: prefilled refusal - compliance) at block 16, c = 0.5 does.
+DIRECTION_ARGS ?= --kind response --layer 16 --position -1 --coefficient 0.5
 TOKENS_ARGS    ?= --score kl --prompts data/harmful_train.jsonl
 DISTILL_ARGS   ?= --prompts-per-step 4 --samples 4 --max-new-tokens 48 --lr 1e-5
 EVAL_ARGS      ?= --max-new-tokens 64
@@ -34,15 +34,13 @@ demo: setup
 	$(PY) distill.py           --out $(RUN) --overwrite $(DISTILL_ARGS)
 	$(PY) evaluate.py          --out $(RUN) --overwrite $(EVAL_ARGS)
 
-# The paper's claim tested: four students from the same direction and S, evaluated beside base and teacher.
-ablate: setup
-	$(PY) extract_direction.py --out $(ABL) --overwrite $(DIRECTION_ARGS)
-	$(PY) select_tokens.py     --out $(ABL) --overwrite $(TOKENS_ARGS)
-	$(PY) distill.py --out $(ABL) --overwrite $(DISTILL_ARGS) --loss collapsed --student collapsed
-	$(PY) distill.py --out $(ABL) --overwrite $(DISTILL_ARGS) --loss partial   --student partial
-	$(PY) distill.py --out $(ABL) --overwrite $(DISTILL_ARGS) --loss full      --student full
-	$(PY) distill.py --out $(ABL) --overwrite $(DISTILL_ARGS) --loss collapsed --student random_s --random-tokens
-	$(PY) evaluate.py          --out $(ABL) --overwrite $(EVAL_ARGS)
+# The paper's claim tested: three more students from the demo's direction and S (same budget), then all six
+# models side by side. Runs the demo first.
+ablate: demo
+	$(PY) distill.py --out $(RUN) --overwrite $(DISTILL_ARGS) --loss partial   --student partial
+	$(PY) distill.py --out $(RUN) --overwrite $(DISTILL_ARGS) --loss full      --student full
+	$(PY) distill.py --out $(RUN) --overwrite $(DISTILL_ARGS) --loss collapsed --student random_s --random-tokens
+	$(PY) evaluate.py --out $(RUN) --overwrite $(EVAL_ARGS)
 
 # Stage 1 with every candidate scored (all positions x all layers, 32 + 32 validation prompts): ~11 min here.
 direction-full: setup

@@ -184,7 +184,7 @@ def train_step(student, teacher, tok, prompts, s_ids, args, gen, opt, sched, hoo
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     n = len(rows)
     stats = {"loss": 0.0, "collapsed": 0.0, "partial": 0.0, "full": 0.0}
-    timer.update(teacher=0.0, student_forward=0.0, loss=0.0, backward=0.0)
+    timer.update(teacher=0.0, student_forward=0.0, loss=0.0, backward=0.0, diagnostics=0.0)
     for i in range(0, n, args.micro_batch):  # gradient accumulation over micro-batches of sequences
         sl = slice(i, i + args.micro_batch)
         t = time.time()
@@ -202,10 +202,12 @@ def train_step(student, teacher, tok, prompts, s_ids, args, gen, opt, sched, hoo
         t = time.time()
         loss.backward()
         timer["backward"] += time.time() - t
+        t = time.time()
         with torch.no_grad():  # diagnostics: every loss on the same batch
             stats["loss"] += loss.item()
             for kind in ("collapsed", "partial", "full"):
                 stats[kind] += localized_reverse_kl(ls, lt, comp_mask[sl], s_ids, kind).item() * frac
+        timer["diagnostics"] += time.time() - t
     if not math.isfinite(stats["loss"]):
         raise UserError(f"the loss became {stats['loss']}; stopping (the last checkpoint is kept)")
     t = time.time()
