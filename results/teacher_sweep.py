@@ -64,7 +64,7 @@ def main():
         for c in a.coefficients:
             h, texts = refusal_rate(model, tok, hv, layer, vec, c, a.tokens)
             s, _ = refusal_rate(model, tok, sv, layer, vec, c, a.tokens)
-            print(f"{layer:>5} {c:>4.1f} {h:>8.2f} {s:>9.2f}  {texts[0][:60]!r}", flush=True)
+            print(f"{layer:>5} {c:>4.2f} {h:>8.2f} {s:>9.2f}  {texts[0][:60]!r}", flush=True)
 
 
 if __name__ == "__main__":
