@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import random
 import re
 import time
 from pathlib import Path
@@ -34,10 +35,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import (REFUSAL_PHRASES, UserError, add_common_args, add_vector, check_positive, completion_logits,
-                    data_file, decode_completions, encode_chats, is_refusal, load_direction, load_json, load_model,
-                    pick_device, prepare_out_dir, read_records, run_cli, run_info, sample, seed_everything,
-                    stop_token_ids, truncate_prompts, write_json, write_jsonl, write_text)
+from common import (PROMPT_FIELDS, REFUSAL_PHRASES, UserError, add_common_args, add_vector, check_positive,
+                    completion_logits, data_file, decode_completions, encode_chats, is_refusal, load_direction,
+                    load_json, load_model, pick_device, prepare_out_dir, read_records, run_cli, run_info, sample,
+                    seed_everything, stop_token_ids, truncate_prompts, write_json, write_jsonl, write_text)
 
 OUTPUTS = ["eval.json", "eval.md", "eval_samples.jsonl"]
 
@@ -62,18 +63,18 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- data
 
-def read_set(path, field_names=("prompt", "question", "goal", "instruction", "behavior"), n=None, seed=0):
-    """Records with their prompt, category and (for QA) accepted answers; a seeded subset if n is given."""
-    import random
+def read_set(path, n=None, seed=0):
+    """Records with their prompt (the first of common.PROMPT_FIELDS, as read_prompts takes it), category and
+    (for QA) accepted answers; a seeded subset if n is given."""
     rows = []
     for line, rec in read_records(path):
         if isinstance(rec, str):
             rec = {"prompt": rec}
         if not isinstance(rec, dict):
             raise UserError(f"{path}:{line}: expected an object or a string")
-        text = next((rec[f] for f in field_names if isinstance(rec.get(f), str) and rec[f].strip()), None)
+        text = next((rec[f] for f in PROMPT_FIELDS if isinstance(rec.get(f), str) and rec[f].strip()), None)
         if text is None:
-            raise UserError(f"{path}:{line}: no prompt field")
+            raise UserError(f"{path}:{line}: no prompt field (expected one of {', '.join(PROMPT_FIELDS)})")
         rows.append({"prompt": text.strip(), "category": rec.get("category", ""), "answers": rec.get("answers", [])})
     if n is not None and n < len(rows):
         keep = sorted(random.Random(seed).sample(range(len(rows)), n))
