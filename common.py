@@ -53,13 +53,20 @@ def run_cli(main) -> None:
         sys.exit(130)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
 def add_common_args(p: argparse.ArgumentParser, out_default: str = "runs/demo") -> None:
     p.add_argument("--model", default=BUNDLED_MODEL,
                    help="'smollm2-135m' (bundled), a local transformers directory, or a hub id")
     p.add_argument("--out", default=out_default, help="run directory shared by all stages")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-prompt-tokens", type=int, default=512,
+    p.add_argument("--max-prompt-tokens", type=_positive_int, default=512,
                    help="truncate longer user prompts to this many tokens (with a warning that counts them)")
 
 

@@ -115,3 +115,10 @@ def test_help_shows_defaults_and_usage(capsys):
         assert e.value.code == 0
         text = capsys.readouterr().out
         assert "Usage:" in text and "--seed" in text and "--device" in text
+
+
+def test_nonsense_max_prompt_tokens_is_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        extract_direction.parse_args(["--max-prompt-tokens", "0", "--out", str(tmp_path / "run")])
+    assert e.value.code == 2 and "--max-prompt-tokens: must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
