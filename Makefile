@@ -47,9 +47,9 @@ direction-full: setup
 	$(PY) extract_direction.py --out runs/direction_full --overwrite
 
 bench: setup
-	$(PY) bench/sampler_vs_generate.py
-	$(PY) bench/loss_memory.py
-	$(PY) bench/distill_step.py phases
+	$(PY) bench/sampler_vs_generate.py --check
+	$(PY) bench/loss_memory.py --check
+	$(PY) bench/distill_step.py phases --check
 	$(PY) bench/distill_step.py scaling
 	$(PY) bench/startup.py
 

@@ -12,8 +12,9 @@ p = πs(·|x, y<t), q = πt(·|x, y<t), S the safety tokens of Stage 2 and R = V
     full (baseline)            Σ_{v∈V} p(v) log p(v)/q(v)             (global on-policy distillation)
 
 The loss covers completion positions through the first end-of-turn token, averaged per sequence, then over
-sequences. Everything is computed from logsumexp and the |S| gathered columns: no log-softmax copy of the
-[positions, V] logits is made for `collapsed` and `partial`; `full` works in checkpointed chunks.
+sequences. Each loss is a torch.autograd.Function with its closed-form gradient p_u (a_u - ā) written by hand:
+`collapsed` and `partial` need only a logsumexp and the |S| gathered columns, `full` works in chunks of positions,
+so no [positions, V] temporary exists besides the logits' gradient itself (bench/loss_memory.py measures it).
 
 Reads   OUT/direction.safetensors + .json (Stage 1), OUT/safety_tokens.json (Stage 2), data/harmful_train
 Writes  OUT/student/   a transformers model directory (AutoModelForCausalLM.from_pretrained loads it), with
@@ -27,6 +28,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -37,8 +39,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from common import (UserError, add_common_args, add_vector, check_positive, completion_logits, data_file,
@@ -56,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--prompts", default=str(data_file("harmful_train")), help="distillation prompts (paper: 100)")
     p.add_argument("--loss", choices=["collapsed", "partial", "full"], default="collapsed")
     p.add_argument("--random-tokens", action="store_true", help="replace S by a seeded random set of the same size")
+    p.add_argument("--anchor", help="harmless prompts whose samples are pulled toward the unsteered π0 on S (ours)")
+    p.add_argument("--anchor-per-step", type=int, default=2, help="anchor prompts per step (with --anchor)")
+    p.add_argument("--anchor-weight", type=float, default=0.5, help="λ: loss = L(harmful, πt) + λ·L(anchor, π0)")
     p.add_argument("--student", default="student", help="name of the student directory inside --out")
     p.add_argument("--epochs", type=int, default=1, help="passes over the prompts (paper: 1)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
@@ -75,9 +78,10 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     for name in ("epochs", "prompts_per_step", "samples", "max_new_tokens", "lr", "micro_batch", "checkpoint_every",
-                 "max_steps", "clip"):
+                 "max_steps", "clip", "anchor_per_step"):
         check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
     check_positive("--temperature", args.temperature, allow_zero=True)
+    check_positive("--anchor-weight", args.anchor_weight, allow_zero=True)
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
     return args
@@ -85,48 +89,110 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- the losses
 
-def log_probs_on_s(logits: torch.Tensor, s_ids: torch.Tensor):
-    """log π(v) for v ∈ S and log π(R), from one logsumexp and a gather. [n, V] -> [n, |S|], [n].
+def log_probs_on_s(logits: torch.Tensor, s_ids: torch.Tensor, chunk: int = 256):
+    """log π(v) for v ∈ S and log π(R), from a logsumexp and a gather. [n, V] -> [n, |S|], [n].
 
+    The logsumexp runs over chunks of positions, so its exp() temporary is [chunk, V], not [n, V].
     π(R) = 1 - Σ_S π(v) is formed in float64; it is resolved to about 1e-6 (float32 logits), below which
     its terms are negligible and are clamped."""
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [n, 1]
-    log_s = (logits.gather(-1, s_ids.expand(logits.shape[0], -1)) - lse).double()  # [n, |S|]
+    lse = torch.cat([torch.logsumexp(logits[i:i + chunk], dim=-1) for i in range(0, logits.shape[0], chunk)])
+    log_s = (logits.gather(-1, s_ids.expand(logits.shape[0], -1)) - lse[:, None]).double()  # [n, |S|]
     log_rest = torch.log((1 - log_s.exp().sum(-1)).clamp_min(1e-12))  # [n]
-    return log_s, log_rest
+    return log_s, log_rest, lse
 
 
-def collapsed_kl(student_logits, teacher_logits, s_ids) -> torch.Tensor:
+class LocalizedKL(torch.autograd.Function):
+    """Per-position loss on S (and R) with a hand-written backward, so no [n, V] temporaries besides the gradient.
+
+    Forward (p = softmax(z) of the student, q of the teacher, both known only through lse and |S| columns):
+        L = Σ_{v∈S} p_v log(p_v/q_v)  [+ p_R log(p_R/q_R) if with_rest]
+    Backward: with a_v = ∂L/∂p_v = log(p_v/q_v) + 1 on S, a_R = log(p_R/q_R) + 1 (0 without R) for every
+    token of R, and ā = Σ_S p_v a_v + p_R a_R, the softmax Jacobian gives
+        ∂L/∂z_u = p_u (a_u - ā)
+    written into one [n, V] buffer chunk by chunk: p = exp(z - lse), scaled by (a_R - ā), S columns overwritten.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, s_ids, with_rest: bool, chunk: int):
+        lp, lp_r, lse = log_probs_on_s(student_logits, s_ids, chunk)
+        lq, lq_r, _ = log_probs_on_s(teacher_logits, s_ids, chunk)
+        p = lp.exp()
+        loss = (p * (lp - lq)).sum(-1)
+        a = lp - lq + 1
+        if with_rest:
+            p_r = lp_r.exp()
+            loss = loss + p_r * (lp_r - lq_r)
+            a_r = lp_r - lq_r + 1
+        else:
+            p_r, a_r = torch.zeros_like(lp_r), torch.zeros_like(lp_r)
+        a_bar = (p * a).sum(-1) + p_r * a_r
+        ctx.save_for_backward(student_logits, lse, s_ids, p, a, a_r, a_bar)
+        ctx.chunk = chunk
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, lse, s_ids, p, a, a_r, a_bar = ctx.saved_tensors
+        g = grad_out.to(a.dtype)
+        grad = torch.empty_like(z)
+        scale_r = ((a_r - a_bar) * g).to(z.dtype)[:, None]  # every token of R: p_u (a_R - ā) g
+        grad_s = (p * (a - a_bar[:, None]) * g[:, None]).to(z.dtype)  # tokens of S: p_v (a_v - ā) g
+        for i in range(0, z.shape[0], ctx.chunk):
+            j = min(i + ctx.chunk, z.shape[0])
+            buf = grad[i:j]
+            torch.sub(z[i:j], lse[i:j, None], out=buf).exp_().mul_(scale_r[i:j])
+            buf.scatter_(-1, s_ids.expand(j - i, -1), grad_s[i:j])
+        return grad, None, None, None, None
+
+
+def collapsed_kl(student_logits, teacher_logits, s_ids, chunk: int = 256) -> torch.Tensor:
     """Reverse KL over the coarse distribution S ∪ {R}, per position: [n, V] x 2 -> [n]."""
-    lp, lp_r = log_probs_on_s(student_logits, s_ids)
-    lq, lq_r = log_probs_on_s(teacher_logits, s_ids)
-    return (lp.exp() * (lp - lq)).sum(-1) + lp_r.exp() * (lp_r - lq_r)
+    return LocalizedKL.apply(student_logits, teacher_logits.detach(), s_ids, True, chunk)
 
 
-def partial_kl(student_logits, teacher_logits, s_ids) -> torch.Tensor:
+def partial_kl(student_logits, teacher_logits, s_ids, chunk: int = 256) -> torch.Tensor:
     """Authors' loss: Σ_{v∈S} p(v) [log p(v) - log q(v)] per position, p and q normalised over V. [n]."""
-    lp, _ = log_probs_on_s(student_logits, s_ids)
-    lq, _ = log_probs_on_s(teacher_logits, s_ids)
-    return (lp.exp() * (lp - lq)).sum(-1)
+    return LocalizedKL.apply(student_logits, teacher_logits.detach(), s_ids, False, chunk)
 
 
-def _full_kl_chunk(student_logits, teacher_logits):
-    lp = F.log_softmax(student_logits.float(), dim=-1)
-    lq = F.log_softmax(teacher_logits.float(), dim=-1)
-    return (lp.exp() * (lp - lq)).sum(-1)
+class FullKL(torch.autograd.Function):
+    """Ordinary reverse KL over all of V per position, in chunks of positions, with a hand-written backward.
+
+    With a_u = log(p_u/q_u) + 1 and ā = Σ_u p_u a_u = KL + 1, the softmax Jacobian gives
+        ∂KL/∂z_u = p_u (log(p_u/q_u) - KL)
+    recomputed chunk by chunk from the saved logsumexps, so only [chunk, V] temporaries exist besides the gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, chunk: int):
+        losses, lse_p, lse_q = [], [], []
+        for i in range(0, student_logits.shape[0], chunk):
+            z, t = student_logits[i:i + chunk], teacher_logits[i:i + chunk]
+            lse_p.append(torch.logsumexp(z, -1, keepdim=True))
+            lse_q.append(torch.logsumexp(t, -1, keepdim=True))
+            lp, lq = z - lse_p[-1], t - lse_q[-1]
+            losses.append((lp.exp() * (lp - lq)).sum(-1))
+        loss = torch.cat(losses)
+        ctx.save_for_backward(student_logits, teacher_logits, torch.cat(lse_p), torch.cat(lse_q), loss)
+        ctx.chunk = chunk
+        return loss.double()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, t, lse_p, lse_q, loss = ctx.saved_tensors
+        g = grad_out.to(z.dtype)
+        grad = torch.empty_like(z)
+        for i in range(0, z.shape[0], ctx.chunk):
+            sl = slice(i, i + ctx.chunk)
+            lp = z[sl] - lse_p[sl]
+            lr = lp - (t[sl] - lse_q[sl])  # log p/q
+            torch.sub(lr, loss[sl, None], out=grad[sl]).mul_(lp.exp_()).mul_(g[sl, None])
+        return grad, None, None
 
 
 def full_kl(student_logits, teacher_logits, s_ids=None, chunk: int = 128) -> torch.Tensor:
-    """Ordinary reverse KL over all of V per position, in chunks of positions. Under autograd each chunk is
-    checkpointed, so only one chunk's log-softmax exists at a time, in backward too. [n]."""
-    parts = []
-    for i in range(0, student_logits.shape[0], chunk):
-        s, t = student_logits[i:i + chunk], teacher_logits[i:i + chunk]
-        if torch.is_grad_enabled() and s.requires_grad:
-            parts.append(checkpoint(_full_kl_chunk, s, t, use_reentrant=False))
-        else:
-            parts.append(_full_kl_chunk(s, t))
-    return torch.cat(parts).double()
+    """Ordinary reverse KL over all of V per position (S is ignored). [n, V] x 2 -> [n]."""
+    return FullKL.apply(student_logits, teacher_logits.detach(), chunk)
 
 
 LOSSES = {"collapsed": collapsed_kl, "partial": partial_kl, "full": full_kl}
@@ -167,13 +233,17 @@ def load_safety_tokens(path: Path, tok, model, random_tokens: bool, seed: int) -
 
 # ----------------------------------------------------------------------------- one optimiser step
 
-def train_step(student, teacher, tok, prompts, s_ids, args, gen, opt, sched, hook) -> dict:
-    """Sample (student, no grad) -> score (teacher, no grad) -> loss and backward (student) -> update."""
+def train_step(student, teacher, tok, prompts, s_ids, args, gen, opt, sched, hook, anchor_prompts=()) -> dict:
+    """Sample (student, no grad) -> score (teacher, no grad) -> loss and backward (student) -> update.
+
+    With anchor prompts (harmless, ours) the student also samples answers to them, and those are pulled toward
+    the *unsteered* π0 on S with weight λ: loss = L(harmful samples, πt) + λ·L(anchor samples, π0)."""
     device = next(student.parameters()).device
     timer = {}
     t = time.time()
     rows = [p for p in prompts for _ in range(args.samples)]
-    ids, mask = encode_chats(tok, rows, device=device)
+    anchor_rows = [p for p in anchor_prompts for _ in range(args.samples)]
+    ids, mask = encode_chats(tok, rows + anchor_rows, device=device)
     student.eval()  # eval mode: gradient checkpointing is inactive and the KV cache is used while sampling
     comp, comp_mask = sample(student, ids, mask, args.max_new_tokens, temperature=args.temperature,
                              top_p=args.top_p, generator=gen, stop_ids=stop_token_ids(tok), pad_id=tok.pad_token_id)
@@ -182,32 +252,39 @@ def train_step(student, teacher, tok, prompts, s_ids, args, gen, opt, sched, hoo
 
     student.train()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    n = len(rows)
-    stats = {"loss": 0.0, "collapsed": 0.0, "partial": 0.0, "full": 0.0}
+    stats = {"loss": 0.0, "collapsed": 0.0, "partial": 0.0, "full": 0.0, "anchor_loss": 0.0}
     timer.update(teacher=0.0, student_forward=0.0, loss=0.0, backward=0.0, diagnostics=0.0)
-    for i in range(0, n, args.micro_batch):  # gradient accumulation over micro-batches of sequences
-        sl = slice(i, i + args.micro_batch)
-        t = time.time()
-        with torch.no_grad(), autocast, hook():
-            lt = completion_logits(teacher, ids[sl], mask[sl], comp[sl]).float()  # [b, T, V]
-        timer["teacher"] += time.time() - t
-        t = time.time()
-        with autocast:
-            ls = completion_logits(student, ids[sl], mask[sl], comp[sl]).float()
-        timer["student_forward"] += time.time() - t
-        t = time.time()
-        frac = ls.shape[0] / n  # each micro-batch holds this share of the sequences in the mean
-        loss = localized_reverse_kl(ls, lt, comp_mask[sl], s_ids, args.loss) * frac
-        timer["loss"] += time.time() - t
-        t = time.time()
-        loss.backward()
-        timer["backward"] += time.time() - t
-        t = time.time()
-        with torch.no_grad():  # diagnostics: every loss on the same batch
-            stats["loss"] += loss.item()
-            for kind in ("collapsed", "partial", "full"):
-                stats[kind] += localized_reverse_kl(ls, lt, comp_mask[sl], s_ids, kind).item() * frac
-        timer["diagnostics"] += time.time() - t
+    n, n_a = len(rows), len(anchor_rows)
+    groups = [(0, n, hook, 1.0)]  # (first row, rows, teacher context, weight): harmful rows -> πt = π0 + c·r
+    if n_a:
+        groups.append((n, n_a, contextlib.nullcontext, args.anchor_weight))  # anchor rows -> π0 itself
+    for first, count, teacher_ctx, weight in groups:
+        for i in range(first, first + count, args.micro_batch):  # gradient accumulation over micro-batches
+            sl = slice(i, min(i + args.micro_batch, first + count))
+            t = time.time()
+            with torch.no_grad(), autocast, teacher_ctx():
+                lt = completion_logits(teacher, ids[sl], mask[sl], comp[sl]).float()  # [b, T, V]
+            timer["teacher"] += time.time() - t
+            t = time.time()
+            with autocast:
+                ls = completion_logits(student, ids[sl], mask[sl], comp[sl]).float()
+            timer["student_forward"] += time.time() - t
+            t = time.time()
+            frac = ls.shape[0] / count  # each micro-batch holds this share of its group's sequences
+            loss = localized_reverse_kl(ls, lt, comp_mask[sl], s_ids, args.loss) * frac
+            timer["loss"] += time.time() - t
+            t = time.time()
+            (loss * weight).backward()
+            timer["backward"] += time.time() - t
+            t = time.time()
+            with torch.no_grad():  # diagnostics: every loss on the same batch (harmful rows only)
+                stats["loss"] += loss.item() * weight
+                if first:
+                    stats["anchor_loss"] += loss.item()
+                    continue
+                for kind in ("collapsed", "partial", "full"):
+                    stats[kind] += localized_reverse_kl(ls, lt, comp_mask[sl], s_ids, kind).item() * frac
+            timer["diagnostics"] += time.time() - t
     if not math.isfinite(stats["loss"]):
         raise UserError(f"the loss became {stats['loss']}; stopping (the last checkpoint is kept)")
     t = time.time()
@@ -217,12 +294,17 @@ def train_step(student, teacher, tok, prompts, s_ids, args, gen, opt, sched, hoo
     opt.zero_grad(set_to_none=True)
     timer["optimizer"] = time.time() - t
     new_tokens = int(comp_mask.sum())
-    return {**stats, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0],
-            "sampled_refusal": sum(map(is_refusal, texts)) / len(texts),
-            "mean_completion_tokens": new_tokens / len(texts), "sample_tokens_per_s": new_tokens / timer["sample"],
-            "seconds": {k: round(v, 3) for k, v in timer.items()}, "step_seconds": round(sum(timer.values()), 3),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "example": texts[0][:200]}
+    rec = {**stats, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0],
+           "sampled_refusal": sum(map(is_refusal, texts[:n])) / n,
+           "mean_completion_tokens": new_tokens / len(texts), "sample_tokens_per_s": new_tokens / timer["sample"],
+           "seconds": {k: round(v, 3) for k, v in timer.items()}, "step_seconds": round(sum(timer.values()), 3),
+           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+           "example": texts[0][:200]}
+    if n_a:  # how often the student refuses the harmless anchor prompts it samples: over-refusal as it trains
+        rec["anchor_refusal"] = sum(map(is_refusal, texts[n:])) / n_a
+    else:
+        del rec["anchor_loss"]
+    return rec
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -277,6 +359,7 @@ def main(argv=None):
     prompts = read_prompts(args.prompts)
     student, tok = load_model(args.model, device, dtype=torch.float32)  # float32 master weights
     prompts = truncate_prompts(tok, prompts, args.max_prompt_tokens, args.prompts)
+    anchors = truncate_prompts(tok, read_prompts(args.anchor), args.max_prompt_tokens, args.anchor) if args.anchor else []
     teacher = copy.deepcopy(student).requires_grad_(False).eval()
     if device.type == "cuda":
         teacher.to(torch.bfloat16)
@@ -293,17 +376,25 @@ def main(argv=None):
     plan = step_prompts(prompts, args.prompts_per_step, args.epochs, args.seed)
     if args.max_steps:
         plan = plan[:args.max_steps]
+    anchor_plan = [[]] * len(plan)
+    if anchors:  # as many seeded passes over the anchor prompts as the steps need
+        passes = math.ceil(len(plan) * args.anchor_per_step / len(anchors))
+        flat = [p for group in step_prompts(anchors, args.anchor_per_step, passes, args.seed + 1) for p in group]
+        anchor_plan = [flat[i * args.anchor_per_step:(i + 1) * args.anchor_per_step] for i in range(len(plan))]
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, math.ceil(args.warmup * len(plan)), len(plan))
     work.mkdir(parents=True, exist_ok=True)
     start, log = (load_checkpoint(work / "checkpoint.pt", student, opt, sched, gen) if args.resume else (0, []))
     print(f"distilling {len(plan)} steps x {args.prompts_per_step} prompts x {args.samples} samples, "
           f"loss {args.loss}, |S| = {len(s_ids)}{' (random)' if args.random_tokens else ''}, teacher block "
-          f"{dmeta['layer']} c = {coefficient}" + (f"; resuming at step {start}" if start else ""))
+          f"{dmeta['layer']} c = {coefficient}"
+          + (f"; anchor {args.anchor_per_step} x {args.samples} harmless samples, λ = {args.anchor_weight}" if anchors else "")
+          + (f"; resuming at step {start}" if start else ""))
 
     bar = tqdm(range(start, len(plan)), desc=f"distill ({args.loss})", unit="step", initial=start, total=len(plan))
     for step in bar:
-        rec = {"step": step + 1, **train_step(student, teacher, tok, plan[step], s_ids, args, gen, opt, sched, hook)}
+        rec = {"step": step + 1, **train_step(student, teacher, tok, plan[step], s_ids, args, gen, opt, sched, hook,
+                                                  anchor_plan[step])}
         log.append(rec)
         write_jsonl(work / "train_log.jsonl", log)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", refusal=f"{rec['sampled_refusal']:.2f}", s=f"{rec['step_seconds']:.0f}")

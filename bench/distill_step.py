@@ -11,6 +11,7 @@ never stops early (no stop token) so that every configuration generates exactly 
 Usage:
     python bench/distill_step.py phases
     python bench/distill_step.py scaling --lengths 64 128 256 --completions 8 16 32
+    python bench/distill_step.py phases --check   # exit 1 if the loss takes 5% of the step or more (issue 7)
 """
 import argparse
 import copy
@@ -69,6 +70,7 @@ def main():
     p.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256])
     p.add_argument("--completions", type=int, nargs="+", default=[8, 16, 32])
     p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--check", action="store_true", help="exit 1 if the loss is >= 5%% of a step")
     a = p.parse_args()
     if a.what == "child":
         return child(json.loads(a.cfg))
@@ -84,6 +86,8 @@ def main():
             print(f"gradient checkpointing {'on' if ck else 'off'}: {total:.1f} s/step, peak RSS {r['peak_rss_mb']:.0f} MB")
             for k, v in r["phases"].items():
                 print(f"  {k:<16} {v:>6.2f} s  {v / total:>6.1%}")
+            if a.check and r["phases"]["loss"] >= 0.05 * total:
+                sys.exit(f"the loss takes {r['phases']['loss'] / total:.1%} of a step (target < 5%)")
         return
     print(f"{'length':>6} {'completions':>11} {'s/step':>7} {'s per 1k tokens':>16} {'peak RSS MB':>12}")
     for length in a.lengths:

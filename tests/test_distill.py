@@ -1,4 +1,5 @@
 """Stage 3: each loss against its formula in float64, its defining properties, and the training loop."""
+import contextlib
 import json
 
 import pytest
@@ -59,6 +60,31 @@ def test_collapsed_is_nonnegative_and_zero_iff_match_on_s_and_rest():
     assert dl.collapsed_kl(p2.log(), q.log(), S).item() > 1e-6
 
 
+@pytest.mark.parametrize("kind", ["collapsed", "partial", "full"])
+@pytest.mark.parametrize("chunk", [2, 256])
+def test_hand_written_backward_matches_autograd_of_the_formula(kind, chunk):
+    """The closed-form gradients p (a - ā) against autograd through brute(), in float64, with an
+    uneven upstream gradient (as masking and per-sequence means give) and chunks that do not divide n."""
+    torch.manual_seed(8)
+    ls, lt = torch.randn(5, 9, dtype=torch.float64) * 2, torch.randn(5, 9, dtype=torch.float64) * 2
+    w = torch.tensor([0.0, 1.0, 0.5, 2.0, -1.0], dtype=torch.float64)
+    ours = ls.clone().requires_grad_(True)
+    (dl.LOSSES[kind](ours, lt, S, chunk=chunk) * w).sum().backward()
+    ref = ls.clone().requires_grad_(True)
+    (brute(ref, lt, S, kind) * w).sum().backward()
+    assert torch.allclose(ours.grad, ref.grad, atol=1e-12)
+    assert (ours.grad[0] == 0).all()  # a masked position gets no gradient at all
+
+
+@pytest.mark.parametrize("with_rest", [True, False])
+def test_localized_kl_passes_gradcheck(with_rest):
+    torch.manual_seed(9)
+    ls = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    lt = torch.randn(4, 9, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda z: dl.LocalizedKL.apply(z, lt, S, with_rest, 3), (ls,))
+    assert torch.autograd.gradcheck(lambda z: dl.FullKL.apply(z, lt, 3), (ls,))
+
+
 def test_collapsed_gradient_leaves_split_inside_r_unchanged():
     torch.manual_seed(3)
     logits = torch.randn(3, 9, requires_grad=True)
@@ -117,6 +143,44 @@ def test_one_step_lowers_the_loss(tok, model):
     assert loss().item() < before.item()
 
 
+def test_anchored_step_gradient_is_harmful_loss_plus_lambda_anchor_loss(tok, model, monkeypatch):
+    """train_step with anchor prompts: the gradient it applies equals that of
+    L(harmful samples, steered πt) + λ·L(anchor samples, unsteered π0), computed by hand on the same samples."""
+    import copy
+    from types import SimpleNamespace
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    vec = torch.randn(model.config.hidden_size) * 3
+    harmful, anchors = ["hello", "how are you"], ["what is 2+2"]
+    args = SimpleNamespace(samples=2, max_new_tokens=5, temperature=1.0, top_p=1.0, micro_batch=3, loss="partial",
+                           anchor_weight=0.5, clip=1e9)
+    ids, mask = common.encode_chats(tok, [p for p in harmful + anchors for _ in range(2)])
+    comp, cmask = common.sample(model, ids, mask, 5, temperature=1.0, generator=torch.Generator().manual_seed(0),
+                                stop_ids=[10_000], pad_id=tok.pad_token_id)
+    monkeypatch.setattr(dl, "sample", lambda *a, **k: (comp, cmask))
+    s = torch.arange(10, 40)
+
+    def part(rows, steer):
+        with torch.no_grad(), (common.add_vector(teacher, 1, vec) if steer else contextlib.nullcontext()):
+            lt = common.completion_logits(teacher, ids[rows], mask[rows], comp[rows])
+        ls = common.completion_logits(model, ids[rows], mask[rows], comp[rows])
+        return dl.localized_reverse_kl(ls, lt, cmask[rows], s, "partial")
+    model.zero_grad()
+    (part(slice(0, 4), True) + 0.5 * part(slice(4, 6), False)).backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    class Capture(torch.optim.SGD):  # lr 0: keeps the weights, lets the gradients be read after the step
+        def zero_grad(self, set_to_none=True):
+            self.grads = [p.grad.clone() for p in model.parameters()]
+    opt = Capture(model.parameters(), lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    rec = dl.train_step(model, teacher, tok, harmful, s, args, None, opt, sched,
+                        lambda: common.add_vector(teacher, 1, vec), anchors)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(opt.grads, expected))
+    assert {"anchor_loss", "anchor_refusal"} <= rec.keys()
+    assert rec["loss"] == pytest.approx(rec["partial"] + 0.5 * rec["anchor_loss"], abs=1e-6)
+
+
 # ----------------------------------------------------------------------------- the script
 
 def make_run(out, model_dir, tok, s_ids=(10, 20, 30, 40)):
@@ -154,6 +218,10 @@ def test_main_trains_saves_and_reloads(model_dir, tok, tmp_path, capsys):
     dl.main(args_for(model_dir, out, "--random-tokens", "--student", "rand", "--loss", "full"))
     rand = json.loads((out / "rand" / "safesteer.json").read_text())
     assert len(rand["s_token_ids"]) == 4 and rand["s_token_ids"] != [10, 20, 30, 40]
+    dl.main(args_for(model_dir, out, "--anchor", str(common.data_file("harmless_val")), "--student", "anchored",
+                     "--anchor-per-step", "3"))
+    log = [json.loads(l) for l in (out / "anchored" / "train_log.jsonl").read_text().splitlines()]
+    assert all("anchor_refusal" in r and r["anchor_loss"] >= 0 for r in log)
 
 
 def test_resume_equals_uninterrupted(model_dir, tok, tmp_path, monkeypatch):
