@@ -60,6 +60,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help prints the module docstring as written and every option's default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def add_common_args(p: argparse.ArgumentParser, out_default: str = "runs/demo") -> None:
     p.add_argument("--model", default=BUNDLED_MODEL,
                    help="'smollm2-135m' (bundled), a local transformers directory, or a hub id")

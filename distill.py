@@ -12,7 +12,9 @@ p = πs(·|x, y<t), q = πt(·|x, y<t), S the safety tokens of Stage 2 and R = V
     full (baseline)            Σ_{v∈V} p(v) log p(v)/q(v)             (global on-policy distillation)
 
 The loss covers completion positions through the first end-of-turn token, averaged per sequence, then over
-sequences. Each loss is a torch.autograd.Function with its closed-form gradient p_u (a_u - ā) written by hand:
+sequences. Anchoring (ours, --anchor FILE): each step the student also samples answers to a few harmless
+prompts, and those are pulled toward the *unsteered* π0 with the same loss on S and weight λ, so that S is taught
+"refuse here" and "stay as you were there" side by side; the teacher alone over-refuses harmless prompts. Each loss is a torch.autograd.Function with its closed-form gradient p_u (a_u - ā) written by hand:
 `collapsed` and `partial` need only a logsumexp and the |S| gathered columns, `full` works in chunks of positions,
 so no [positions, V] temporary exists besides the logits' gradient itself (bench/loss_memory.py measures it).
 
@@ -24,6 +26,7 @@ Writes  OUT/student/   a transformers model directory (AutoModelForCausalLM.from
 Usage:
     python distill.py --out runs/demo
     python distill.py --out runs/demo --loss full --student full --max-new-tokens 48 --samples 4
+    python distill.py --out runs/demo --student anchored --anchor data/harmless_train.jsonl --anchor-weight 0.5
 """
 from __future__ import annotations
 
@@ -41,14 +44,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import (UserError, add_common_args, add_vector, check_positive, completion_logits, data_file,
+from common import (HelpFormatter, UserError, add_common_args, add_vector, check_positive, completion_logits, data_file,
                     decode_completions, encode_chats, is_refusal, load_direction, load_json, load_model,
                     pick_device, read_prompts, run_cli, run_info, sample, save_model_dir, seed_everything,
                     special_token_ids, stop_token_ids, tokenizer_fingerprint, truncate_prompts, write_jsonl)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_common_args(p)
     p.add_argument("--direction", help="Stage 1's direction.safetensors (default: OUT/direction.safetensors)")
     p.add_argument("--tokens", help="Stage 2's safety_tokens.json (default: OUT/safety_tokens.json)")

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import (PROMPT_FIELDS, REFUSAL_PHRASES, UserError, add_common_args, add_vector, check_positive,
+from common import (HelpFormatter, PROMPT_FIELDS, REFUSAL_PHRASES, UserError, add_common_args, add_vector, check_positive,
                     completion_logits, data_file, decode_completions, encode_chats, is_refusal, load_direction,
                     load_json, load_model, pick_device, prepare_out_dir, read_records, run_cli, run_info, sample,
                     seed_everything, stop_token_ids, truncate_prompts, write_json, write_jsonl, write_text)
@@ -44,7 +44,7 @@ OUTPUTS = ["eval.json", "eval.md", "eval_samples.jsonl"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_common_args(p)
     p.add_argument("--models", nargs="+", metavar="NAME=SPEC", help="models to compare (default: see above)")
     p.add_argument("--harmful", default=str(data_file("harmful_test")))

@@ -42,7 +42,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import (UserError, ablate_direction, add_common_args, add_vector, check_positive, data_file,
+from common import (HelpFormatter, UserError, ablate_direction, add_common_args, add_vector, check_positive, data_file,
                     decoder_layers,
                     decode_completions, encode_chats, is_refusal, load_model, pick_device,
                     post_instruction_ids, prepare_out_dir, read_prompts, render_chat, run_cli, run_info,
@@ -57,7 +57,7 @@ OUTPUTS = ["direction.safetensors", "direction.json", "candidates.json", "steeri
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_common_args(p)
     p.add_argument("--harmful", default=str(data_file("harmful_train")), help="prompts for the harmful mean")
     p.add_argument("--harmless", default=str(data_file("harmless_train")), help="prompts for the harmless mean")

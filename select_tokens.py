@@ -31,7 +31,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import (UserError, add_common_args, add_vector, check_positive, completion_logits, data_file,
+from common import (HelpFormatter, UserError, add_common_args, add_vector, check_positive, completion_logits, data_file,
                     encode_chats, load_direction, load_model, pick_device, prepare_out_dir, read_prompts, run_cli,
                     run_info, sample, seed_everything, special_token_ids, stop_token_ids, tokenizer_fingerprint,
                     truncate_prompts, write_json)
@@ -43,7 +43,7 @@ OUTPUTS = ["safety_tokens.json"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_common_args(p)
     p.add_argument("--direction", help="Stage 1's direction.safetensors (default: OUT/direction.safetensors)")
     p.add_argument("--coefficient", type=float, help="c in πt = π0 + c·r (default: from direction.json)")

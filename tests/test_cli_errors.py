@@ -115,6 +115,7 @@ def test_help_shows_defaults_and_usage(capsys):
         assert e.value.code == 0
         text = capsys.readouterr().out
         assert "Usage:" in text and "--seed" in text and "--device" in text
+        assert "(default: 0)" in text and "(default: auto)" in text  # --seed, --device
 
 
 def test_nonsense_max_prompt_tokens_is_refused_before_any_work(tmp_path, capsys):
