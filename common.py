@@ -65,7 +65,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+        if not any(action.default is x for x in (None, False, argparse.SUPPRESS)) and "default" not in text:
             text += " (default: %(default)s)"
         return text
 
@@ -74,8 +74,8 @@ def add_common_args(p: argparse.ArgumentParser, out_default: str = "runs/demo") 
     p.add_argument("--model", default=BUNDLED_MODEL,
                    help="'smollm2-135m' (bundled), a local transformers directory, or a hub id")
     p.add_argument("--out", default=out_default, help="run directory shared by all stages")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if available")
+    p.add_argument("--seed", type=int, default=0, help="seeds torch, Python and the sampler")
     p.add_argument("--max-prompt-tokens", type=_positive_int, default=512,
                    help="truncate longer user prompts to this many tokens (with a warning that counts them)")
 
