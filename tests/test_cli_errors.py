@@ -116,7 +116,7 @@ def test_help_shows_defaults_and_usage(capsys):
         text = capsys.readouterr().out
         assert "Usage:" in text and "--seed" in text and "--device" in text
         flat = " ".join(text.split())  # argparse wraps help lines
-        assert "--seed SEED (default: 0)" in flat and "(default: auto)" in flat
+        assert "and the sampler (default: 0)" in flat and "if available (default: auto)" in flat
 
 
 def test_nonsense_max_prompt_tokens_is_refused_before_any_work(tmp_path, capsys):
