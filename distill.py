@@ -12,11 +12,13 @@ p = πs(·|x, y<t), q = πt(·|x, y<t), S the safety tokens of Stage 2 and R = V
     full (baseline)            Σ_{v∈V} p(v) log p(v)/q(v)             (global on-policy distillation)
 
 The loss covers completion positions through the first end-of-turn token, averaged per sequence, then over
-sequences. Anchoring (ours, --anchor FILE): each step the student also samples answers to a few harmless
-prompts, and those are pulled toward the *unsteered* π0 with the same loss on S and weight λ, so that S is taught
-"refuse here" and "stay as you were there" side by side; the teacher alone over-refuses harmless prompts. Each loss is a torch.autograd.Function with its closed-form gradient p_u (a_u - ā) written by hand:
+sequences. Each loss is a torch.autograd.Function with its closed-form gradient p_u (a_u - ā) written by hand:
 `collapsed` and `partial` need only a logsumexp and the |S| gathered columns, `full` works in chunks of positions,
 so no [positions, V] temporary exists besides the logits' gradient itself (bench/loss_memory.py measures it).
+
+Anchoring (ours, --anchor FILE): each step the student also samples answers to a few harmless prompts, and those
+are pulled toward the *unsteered* π0 with the same loss on S and weight λ. S is then taught "refuse here" and
+"stay as you were there" side by side; from harmful prompts alone it learns the teacher's over-refusal too.
 
 Reads   OUT/direction.safetensors + .json (Stage 1), OUT/safety_tokens.json (Stage 2), data/harmful_train
 Writes  OUT/student/   a transformers model directory (AutoModelForCausalLM.from_pretrained loads it), with
