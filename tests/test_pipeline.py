@@ -4,6 +4,7 @@ import json
 import pytest
 
 import distill
+from common import data_file
 import evaluate
 import extract_direction
 import select_tokens
@@ -15,8 +16,11 @@ def run_pipeline(model, out, tiny=True):
                            + (["--kl-max", "1e9"] if tiny else ["--layer", "18", "--position", "-1"]))
     select_tokens.main(m + ["--n-prompts", "3", "--samples", "2", "--horizon", "3", "--k", "8", "--k-vote", "16",
                             "--score", "kl"])
-    distill.main(m + ["--max-steps", "2", "--prompts-per-step", "2", "--samples", "2", "--max-new-tokens", "6"])
+    distill.main(m + ["--max-steps", "2", "--prompts-per-step", "2", "--samples", "2", "--max-new-tokens", "6",
+                      "--anchor", str(data_file("harmless_train")), "--anchor-per-step", "1"])  # as the demo does
     evaluate.main(m + ["--n", "3", "--max-new-tokens", "6", "--qa-tokens", "4"])
+    log = (out / "student" / "train_log.jsonl").read_text().splitlines()
+    assert all("anchor_refusal" in json.loads(line) for line in log)
     return json.loads((out / "eval.json").read_text())
 
 
