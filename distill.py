@@ -257,13 +257,15 @@ def train_step(student, teacher, tok, prompts, s_ids, args, gen, opt, sched, hoo
 
     student.train()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    stats = {"loss": 0.0, "collapsed": 0.0, "partial": 0.0, "full": 0.0, "anchor_loss": 0.0}
+    stats = {"loss": 0.0, "collapsed": 0.0, "partial": 0.0, "full": 0.0}
     timer.update(teacher=0.0, student_forward=0.0, loss=0.0, backward=0.0, diagnostics=0.0)
     n, n_a = len(rows), len(anchor_rows)
-    groups = [(0, n, hook, 1.0)]  # (first row, rows, teacher context, weight): harmful rows -> πt = π0 + c·r
+    # (is anchor, first row, rows, teacher context, weight): harmful rows -> πt = π0 + c·r, anchor rows -> π0 itself
+    groups = [(False, 0, n, hook, 1.0)]
     if n_a:
-        groups.append((n, n_a, contextlib.nullcontext, args.anchor_weight))  # anchor rows -> π0 itself
-    for first, count, teacher_ctx, weight in groups:
+        stats["anchor_loss"] = 0.0
+        groups.append((True, n, n_a, contextlib.nullcontext, args.anchor_weight))
+    for is_anchor, first, count, teacher_ctx, weight in groups:
         for i in range(first, first + count, args.micro_batch):  # gradient accumulation over micro-batches
             sl = slice(i, min(i + args.micro_batch, first + count))
             t = time.time()
@@ -284,11 +286,11 @@ def train_step(student, teacher, tok, prompts, s_ids, args, gen, opt, sched, hoo
             t = time.time()
             with torch.no_grad():  # diagnostics: every loss on the same batch (harmful rows only)
                 stats["loss"] += loss.item() * weight
-                if first:
+                if is_anchor:
                     stats["anchor_loss"] += loss.item()
-                    continue
-                for kind in ("collapsed", "partial", "full"):
-                    stats[kind] += localized_reverse_kl(ls, lt, comp_mask[sl], s_ids, kind).item() * frac
+                else:
+                    for kind in ("collapsed", "partial", "full"):
+                        stats[kind] += localized_reverse_kl(ls, lt, comp_mask[sl], s_ids, kind).item() * frac
             timer["diagnostics"] += time.time() - t
     if not math.isfinite(stats["loss"]):
         raise UserError(f"the loss became {stats['loss']}; stopping (the last checkpoint is kept)")
@@ -307,8 +309,6 @@ def train_step(student, teacher, tok, prompts, s_ids, args, gen, opt, sched, hoo
            "example": texts[0][:200]}
     if n_a:  # how often the student refuses the harmless anchor prompts it samples: over-refusal as it trains
         rec["anchor_refusal"] = sum(map(is_refusal, texts[n:])) / n_a
-    else:
-        del rec["anchor_loss"]
     return rec
 
 

@@ -4,10 +4,10 @@ import json
 import pytest
 
 import distill
-from common import data_file
 import evaluate
 import extract_direction
 import select_tokens
+from common import data_file
 
 
 def run_pipeline(model, out, tiny=True):
