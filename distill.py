@@ -1,8 +1,8 @@
 """Stage 3 of SafeSteer: localized on-policy distillation, written out by hand.
 
-The student πs starts as π0 and is trained; the teacher πt is a frozen copy of π0 with Stage 1's hook. Each
-optimiser step, the student *samples* G completions for each of P harmful prompts (on-policy: it learns on its
-own text), then teacher and student score prompt + completion, and at every completion position t, with
+The student πs starts as π0 and is trained toward the teacher πt = π0 + c·r (Stage 1's hook). Each optimiser
+step, the student *samples* G completions for each of P harmful prompts (on-policy: it learns on its own text),
+then teacher and student score prompt + completion, and at every completion position t, with
 p = πs(·|x, y<t), q = πt(·|x, y<t), S the safety tokens of Stage 2 and R = V \\ S:
 
     collapsed (ours, default)  Σ_{v∈S} p(v) log p(v)/q(v)  +  p(R) log p(R)/q(R)
@@ -11,212 +11,239 @@ p = πs(·|x, y<t), q = πt(·|x, y<t), S the safety tokens of Stage 2 and R = V
     partial (authors' code)    Σ_{v∈S} p(v) [log p(v) - log q(v)]     (not a divergence: min at p(v) = q(v)/e)
     full (baseline)            Σ_{v∈V} p(v) log p(v)/q(v)             (global on-policy distillation)
 
-The loss covers completion positions through the first end-of-turn token, averaged per sequence, then over
-sequences. Each loss is a torch.autograd.Function with its closed-form gradient p_u (a_u - ā) written by hand:
-`collapsed` and `partial` need only a logsumexp and the |S| gathered columns, `full` works in chunks of positions,
-so no [positions, V] temporary exists besides the logits' gradient itself (bench/loss_memory.py measures it).
+log p(R) is a logsumexp over V with S masked out, never log(1 - Σ_S p): a refusing teacher puts q(R) near 0,
+where that subtraction in float32 is noise. The loss covers completion positions through the first end-of-turn
+token (optionally only positions [K, K + M), --skip-tokens/--keep-tokens), mean per sequence, then over sequences.
+
+Two implementations of each loss, tested to agree: `*_formula`, a few lines on log_softmax outputs that
+autograd differentiates (read these), and `LocalizedKL`/`FullKL`, autograd Functions with the closed-form
+gradient p_u (a_u - ā) written by hand that never build a second [positions, V] tensor. The second is the
+default (--loss-impl lean): bench/loss_memory.py measures it 5x leaner in memory and ~3x faster at a 152k
+vocabulary; on the bundled model's 49k vocabulary it is ~1% of a step either way.
 
 Anchoring (ours, --anchor FILE): each step the student also samples answers to a few harmless prompts, and those
-are pulled toward the *unsteered* π0 with the same loss on S and weight λ. S is then taught "refuse here" and
-"stay as you were there" side by side; from harmful prompts alone it learns the teacher's over-refusal too.
+are pulled toward the *unsteered* π0 with the same loss on S and weight λ. From harmful prompts alone it learns
+the teacher's over-refusal too. --teacher prompt: πt is π0 behind a safety system prompt (authors' variant).
+--lora-rank R: the student is π0 + low-rank adapters (peft); with adapters off the same weights are π0 and,
+with the hook, πt, so one copy of the model serves all three (one GPU for 8B models; README, memory model).
 
 Reads   OUT/direction.safetensors + .json (Stage 1), OUT/safety_tokens.json (Stage 2), data/harmful_train
-Writes  OUT/student/   a transformers model directory (AutoModelForCausalLM.from_pretrained loads it), with
-                       safesteer.json (loss, S, direction, arguments) and train_log.jsonl (one line per step)
+Writes  OUT/student/   a transformers model directory (AutoModelForCausalLM.from_pretrained loads it; with LoRA
+                       merged, and the adapter in student/adapter/), safesteer.json, train_log.jsonl
         OUT/student.work/   checkpoints while training (removed when the run completes)
 
 Usage:
     python distill.py --out runs/demo
     python distill.py --out runs/demo --loss full --student full --max-new-tokens 48 --samples 4
-    python distill.py --out runs/demo --student anchored --anchor data/harmless_train.jsonl --anchor-weight 0.5
+    python distill.py --out runs/demo --student lora --lora-rank 16 --anchor data/harmless_train.jsonl
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
-import json
 import math
 import random
-import resource
 import shutil
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from common import (HelpFormatter, UserError, add_common_args, add_vector, check_positive, completion_logits, data_file,
-                    decode_completions, encode_chats, is_refusal, load_direction, load_json, load_model,
-                    pick_device, read_prompts, run_cli, run_info, sample, save_model_dir, seed_everything,
-                    special_token_ids, stop_token_ids, tokenizer_fingerprint, truncate_prompts, write_jsonl)
+from chat import encode_chats, special_token_ids, stop_token_ids, tokenizer_fingerprint
+from common import (Parser, UserError, add_common_args, data_file, fraction, load_json, load_model,
+                    non_negative_float, non_negative_int, peak_memory_mb, pick_device, positive_float, positive_int,
+                    read_prompts, run_cli, run_info, save_model_dir, seed_everything, truncate_prompts, write_jsonl)
+from metrics import refusal_rate
+from lean_losses import collapsed_kl, full_kl, partial_kl, rest_term
+from steering import Teacher, completion_logits, decode_completions, load_teacher, sample
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(__doc__)
     add_common_args(p)
     p.add_argument("--direction", help="Stage 1's direction.safetensors (default: OUT/direction.safetensors)")
     p.add_argument("--tokens", help="Stage 2's safety_tokens.json (default: OUT/safety_tokens.json)")
     p.add_argument("--coefficient", type=float, help="c of the teacher hook (default: from direction.json)")
+    p.add_argument("--teacher", choices=["hook", "prompt"], default="hook",
+                   help="hook: π0 + c·r; prompt: π0 behind a safety system prompt (authors' variant)")
+    p.add_argument("--system", metavar="FILE", help="--teacher prompt: the system prompt (default: steering's)")
     p.add_argument("--prompts", default=str(data_file("harmful_train")), help="distillation prompts (paper: 100)")
     p.add_argument("--loss", choices=["collapsed", "partial", "full"], default="collapsed")
+    p.add_argument("--loss-impl", choices=["lean", "formula"], default="lean",
+                   help="lean: hand-written backward, no [positions, V] temporaries; formula: plain autograd")
+    p.add_argument("--skip-tokens", type=non_negative_int, default=0, help="K: no loss on the first K positions")
+    p.add_argument("--keep-tokens", type=positive_int, help="M: loss on positions [K, K + M) only")
     p.add_argument("--random-tokens", action="store_true", help="replace S by a seeded random set of the same size")
     p.add_argument("--anchor", help="harmless prompts whose samples are pulled toward the unsteered π0 on S (ours)")
-    p.add_argument("--anchor-per-step", type=int, default=2, help="anchor prompts per step (with --anchor)")
-    p.add_argument("--anchor-weight", type=float, default=0.5, help="λ: loss = L(harmful, πt) + λ·L(anchor, π0)")
+    p.add_argument("--anchor-per-step", type=positive_int, default=2, help="anchor prompts per step (with --anchor)")
+    p.add_argument("--anchor-weight", type=non_negative_float, default=0.5,
+                   help="λ: loss = L(harmful, πt) + λ·L(anchor, π0)")
+    p.add_argument("--lora-rank", type=positive_int, help="train low-rank adapters of this rank (peft) instead "
+                                                          "of all weights")
+    p.add_argument("--lora-alpha", type=positive_float, help="LoRA scale α (default: 2 x rank)")
+    p.add_argument("--lora-targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                         "up_proj", "down_proj"], help="modules given adapters")
     p.add_argument("--student", default="student", help="name of the student directory inside --out")
-    p.add_argument("--epochs", type=int, default=1, help="passes over the prompts (paper: 1)")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
-    p.add_argument("--prompts-per-step", type=int, default=4, help="P (paper: 4)")
-    p.add_argument("--samples", type=int, default=8, help="G completions per prompt (paper: 8)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="completion length (paper: 512; CPU: small)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (paper: 1e-5 Qwen, 1e-6 Llama)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup", type=float, default=0.1, help="fraction of steps of linear warm-up")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
-    p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward (accumulated)")
+    p.add_argument("--epochs", type=positive_int, default=1, help="passes over the prompts (paper: 1)")
+    p.add_argument("--max-steps", type=positive_int, help="stop after this many optimiser steps")
+    p.add_argument("--prompts-per-step", type=positive_int, default=4, help="P (paper: 4)")
+    p.add_argument("--samples", type=positive_int, default=8, help="G completions per prompt (paper: 8)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="completion length (paper: 512)")
+    p.add_argument("--temperature", type=non_negative_float, default=1.0)
+    p.add_argument("--top-p", type=fraction, default=1.0)
+    p.add_argument("--lr", type=positive_float, default=1e-5, help="AdamW lr (paper: 1e-5 Qwen, 1e-6 Llama)")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.0)
+    p.add_argument("--warmup", type=non_negative_float, default=0.1, help="fraction of steps of linear warm-up")
+    p.add_argument("--clip", type=positive_float, default=1.0, help="gradient-norm clip")
+    p.add_argument("--micro-batch", type=positive_int, default=8, help="sequences per forward/backward")
     p.add_argument("--no-grad-checkpointing", action="store_true", help="keep activations (faster, more memory)")
-    p.add_argument("--checkpoint-every", type=int, default=5, help="save a resumable checkpoint every N steps")
+    p.add_argument("--checkpoint-every", type=positive_int, default=5, help="save a resumable checkpoint every N")
     p.add_argument("--resume", action="store_true", help="continue from OUT/STUDENT.work/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
-    for name in ("epochs", "prompts_per_step", "samples", "max_new_tokens", "lr", "micro_batch", "checkpoint_every",
-                 "max_steps", "clip", "anchor_per_step"):
-        check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
-    check_positive("--temperature", args.temperature, allow_zero=True)
-    check_positive("--anchor-weight", args.anchor_weight, allow_zero=True)
-    if not 0 < args.top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
-    return args
+    return p.parse_args(argv)
 
 
-# ----------------------------------------------------------------------------- the losses
+# ----------------------------------------------------------------------------- the losses, as formulas
+# In float64: exact, as a reference should be; the lean path (lean_losses.py) keeps float32 and no [n, V] copies.
 
-def log_probs_on_s(logits: torch.Tensor, s_ids: torch.Tensor, chunk: int = 256):
-    """log π(v) for v ∈ S and log π(R), from a logsumexp and a gather. [n, V] -> [n, |S|], [n].
-
-    The logsumexp runs over chunks of positions, so its exp() temporary is [chunk, V], not [n, V].
-    π(R) = 1 - Σ_S π(v) is formed in float64; it is resolved to about 1e-6 (float32 logits), below which
-    its terms are negligible and are clamped."""
-    lse = torch.cat([torch.logsumexp(logits[i:i + chunk], dim=-1) for i in range(0, logits.shape[0], chunk)])
-    log_s = (logits.gather(-1, s_ids.expand(logits.shape[0], -1)) - lse[:, None]).double()  # [n, |S|]
-    log_rest = torch.log((1 - log_s.exp().sum(-1)).clamp_min(1e-12))  # [n]
-    return log_s, log_rest, lse
+def _log_probs_s_and_rest(logits, s_ids):
+    """log π(v) for v ∈ S: [n, |S|], and log π(R) = logsumexp over V with S masked to -inf: [n]."""
+    logp = logits.double().log_softmax(-1)  # [n, V]
+    in_s = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    in_s[s_ids] = True
+    return logp[:, s_ids], logp.masked_fill(in_s, float("-inf")).logsumexp(-1)
 
 
-class LocalizedKL(torch.autograd.Function):
-    """Per-position loss on S (and R) with a hand-written backward, so no [n, V] temporaries besides the gradient.
-
-    Forward (p = softmax(z) of the student, q of the teacher, both known only through lse and |S| columns):
-        L = Σ_{v∈S} p_v log(p_v/q_v)  [+ p_R log(p_R/q_R) if with_rest]
-    Backward: with a_v = ∂L/∂p_v = log(p_v/q_v) + 1 on S, a_R = log(p_R/q_R) + 1 (0 without R) for every
-    token of R, and ā = Σ_S p_v a_v + p_R a_R, the softmax Jacobian gives
-        ∂L/∂z_u = p_u (a_u - ā)
-    written into one [n, V] buffer chunk by chunk: p = exp(z - lse), scaled by (a_R - ā), S columns overwritten.
-    """
-
-    @staticmethod
-    def forward(ctx, student_logits, teacher_logits, s_ids, with_rest: bool, chunk: int):
-        lp, lp_r, lse = log_probs_on_s(student_logits, s_ids, chunk)
-        lq, lq_r, _ = log_probs_on_s(teacher_logits, s_ids, chunk)
-        p = lp.exp()
-        loss = (p * (lp - lq)).sum(-1)
-        a = lp - lq + 1
-        if with_rest:
-            p_r = lp_r.exp()
-            loss = loss + p_r * (lp_r - lq_r)
-            a_r = lp_r - lq_r + 1
-        else:
-            p_r, a_r = torch.zeros_like(lp_r), torch.zeros_like(lp_r)
-        a_bar = (p * a).sum(-1) + p_r * a_r
-        ctx.save_for_backward(student_logits, lse, s_ids, p, a, a_r, a_bar)
-        ctx.chunk = chunk
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        z, lse, s_ids, p, a, a_r, a_bar = ctx.saved_tensors
-        g = grad_out.to(a.dtype)
-        grad = torch.empty_like(z)
-        scale_r = ((a_r - a_bar) * g).to(z.dtype)[:, None]  # every token of R: p_u (a_R - ā) g
-        grad_s = (p * (a - a_bar[:, None]) * g[:, None]).to(z.dtype)  # tokens of S: p_v (a_v - ā) g
-        for i in range(0, z.shape[0], ctx.chunk):
-            j = min(i + ctx.chunk, z.shape[0])
-            buf = grad[i:j]
-            torch.sub(z[i:j], lse[i:j, None], out=buf).exp_().mul_(scale_r[i:j])
-            buf.scatter_(-1, s_ids.expand(j - i, -1), grad_s[i:j])
-        return grad, None, None, None, None
+def collapsed_kl_formula(student_logits, teacher_logits, s_ids):
+    """Σ_{v∈S} p log p/q + p(R) log p(R)/q(R) per position: [n, V] x 2 -> [n]."""
+    lp_s, lp_r = _log_probs_s_and_rest(student_logits, s_ids)
+    lq_s, lq_r = _log_probs_s_and_rest(teacher_logits.detach(), s_ids)
+    return (lp_s.exp() * (lp_s - lq_s)).sum(-1) + rest_term(lp_r, lq_r)
 
 
-def collapsed_kl(student_logits, teacher_logits, s_ids, chunk: int = 256) -> torch.Tensor:
-    """Reverse KL over the coarse distribution S ∪ {R}, per position: [n, V] x 2 -> [n]."""
-    return LocalizedKL.apply(student_logits, teacher_logits.detach(), s_ids, True, chunk)
+def partial_kl_formula(student_logits, teacher_logits, s_ids):
+    """Σ_{v∈S} p log p/q per position, p and q normalised over all of V (authors' loss): [n]."""
+    lp_s, _ = _log_probs_s_and_rest(student_logits, s_ids)
+    lq_s, _ = _log_probs_s_and_rest(teacher_logits.detach(), s_ids)
+    return (lp_s.exp() * (lp_s - lq_s)).sum(-1)
 
 
-def partial_kl(student_logits, teacher_logits, s_ids, chunk: int = 256) -> torch.Tensor:
-    """Authors' loss: Σ_{v∈S} p(v) [log p(v) - log q(v)] per position, p and q normalised over V. [n]."""
-    return LocalizedKL.apply(student_logits, teacher_logits.detach(), s_ids, False, chunk)
+def full_kl_formula(student_logits, teacher_logits, s_ids=None):
+    """Σ_{v∈V} p log p/q per position (S is ignored): [n]."""
+    lp, lq = student_logits.double().log_softmax(-1), teacher_logits.detach().double().log_softmax(-1)
+    return (lp.exp() * (lp - lq)).sum(-1)
 
 
-class FullKL(torch.autograd.Function):
-    """Ordinary reverse KL over all of V per position, in chunks of positions, with a hand-written backward.
-
-    With a_u = log(p_u/q_u) + 1 and ā = Σ_u p_u a_u = KL + 1, the softmax Jacobian gives
-        ∂KL/∂z_u = p_u (log(p_u/q_u) - KL)
-    recomputed chunk by chunk from the saved logsumexps, so only [chunk, V] temporaries exist besides the gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, student_logits, teacher_logits, chunk: int):
-        losses, lse_p, lse_q = [], [], []
-        for i in range(0, student_logits.shape[0], chunk):
-            z, t = student_logits[i:i + chunk], teacher_logits[i:i + chunk]
-            lse_p.append(torch.logsumexp(z, -1, keepdim=True))
-            lse_q.append(torch.logsumexp(t, -1, keepdim=True))
-            lp, lq = z - lse_p[-1], t - lse_q[-1]
-            losses.append((lp.exp() * (lp - lq)).sum(-1))
-        loss = torch.cat(losses)
-        ctx.save_for_backward(student_logits, teacher_logits, torch.cat(lse_p), torch.cat(lse_q), loss)
-        ctx.chunk = chunk
-        return loss.double()
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        z, t, lse_p, lse_q, loss = ctx.saved_tensors
-        g = grad_out.to(z.dtype)
-        grad = torch.empty_like(z)
-        for i in range(0, z.shape[0], ctx.chunk):
-            sl = slice(i, i + ctx.chunk)
-            lp = z[sl] - lse_p[sl]
-            lr = lp - (t[sl] - lse_q[sl])  # log p/q
-            torch.sub(lr, loss[sl, None], out=grad[sl]).mul_(lp.exp_()).mul_(g[sl, None])
-        return grad, None, None
+LOSSES = {"lean": {"collapsed": collapsed_kl, "partial": partial_kl, "full": full_kl},
+          "formula": {"collapsed": collapsed_kl_formula, "partial": partial_kl_formula, "full": full_kl_formula}}
 
 
-def full_kl(student_logits, teacher_logits, s_ids=None, chunk: int = 128) -> torch.Tensor:
-    """Ordinary reverse KL over all of V per position (S is ignored). [n, V] x 2 -> [n]."""
-    return FullKL.apply(student_logits, teacher_logits.detach(), chunk)
-
-
-LOSSES = {"collapsed": collapsed_kl, "partial": partial_kl, "full": full_kl}
-
-
-def localized_reverse_kl(student_logits, teacher_logits, mask, s_ids, kind: str = "collapsed") -> torch.Tensor:
+def localized_reverse_kl(student_logits, teacher_logits, mask, s_ids, kind: str = "collapsed",
+                         impl: str = "lean") -> torch.Tensor:
     """The training loss: per-position loss on completion positions, mean per sequence, mean over sequences.
 
-    student_logits, teacher_logits: [b, T, V]; mask: [b, T] (1 through the first end token). Returns a scalar.
+    student_logits, teacher_logits: [b, T, V] (any float dtype); mask: [b, T] (1 where the loss applies).
     Positions outside the mask are computed (the [b*T, V] view needs no copy) and then weighted by zero.
     """
     b, t, v = student_logits.shape
-    per_pos = LOSSES[kind](student_logits.reshape(b * t, v), teacher_logits.reshape(b * t, v), s_ids).view(b, t)
-    m = mask.to(per_pos.dtype)
-    per_seq = (per_pos * m).sum(-1) / m.sum(-1).clamp_min(1)
+    per_pos = LOSSES[impl][kind](student_logits.reshape(b * t, v), teacher_logits.reshape(b * t, v), s_ids)
+    m = mask.to(per_pos.dtype).view(b, t)
+    per_seq = (per_pos.view(b, t) * m).sum(-1) / m.sum(-1).clamp_min(1)
     return per_seq.mean()
 
 
-# ----------------------------------------------------------------------------- S and the teacher
+def loss_window(comp_mask: torch.Tensor, skip: int = 0, keep: int | None = None) -> torch.Tensor:
+    """Completion positions [K, K + M) of each row, within its mask (authors' num_loss_tokens_to_skip/keep)."""
+    pos = torch.arange(comp_mask.shape[1], device=comp_mask.device)
+    inside = (pos >= skip) & (pos < skip + keep if keep is not None else True)
+    return comp_mask * inside.to(comp_mask.dtype)
+
+
+# ----------------------------------------------------------------------------- one optimiser step
+
+class Timer:
+    """Seconds per phase of a step: `with timer("sample"): ...`, read back with timer.seconds."""
+
+    def __init__(self):
+        self.seconds = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        t = time.perf_counter()
+        yield
+        self.seconds[phase] += time.perf_counter() - t
+
+
+def train_step(student, tok, harmful: list[str], anchors: list[str], *, teacher: Teacher, base: Teacher,
+               s_ids, opt, sched, gen, samples: int, max_new_tokens: int, temperature: float = 1.0,
+               top_p: float = 1.0, loss: str = "collapsed", impl: str = "lean", anchor_weight: float = 0.5,
+               micro_batch: int = 8, clip: float = 1.0, skip_tokens: int = 0, keep_tokens: int | None = None,
+               timer: Timer | None = None) -> dict:
+    """One step: sample (student) -> teacher logits -> student logits -> loss -> backward -> update.
+
+    Harmful rows are pulled toward `teacher` (πt), anchor rows (harmless, ours) toward `base` (π0) with
+    weight λ: loss = L(harmful samples, πt) + λ·L(anchor samples, π0)."""
+    timer = timer or Timer()
+    device = next(student.parameters()).device
+    rows = [p for p in harmful for _ in range(samples)] + [p for p in anchors for _ in range(samples)]
+    n = samples * len(harmful)
+    with timer("sample"):  # eval mode: no checkpointing, KV cache on
+        ids, mask = encode_chats(tok, rows, device=device)
+        comp, comp_mask = sample(student.eval(), ids, mask, max_new_tokens, temperature=temperature, top_p=top_p,
+                                 generator=gen, stop_ids=stop_token_ids(tok), pad_id=tok.pad_token_id)
+    loss_mask = loss_window(comp_mask, skip_tokens, keep_tokens)
+    student.train()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    stats = defaultdict(float)
+    for target, first, count, weight in ((teacher, 0, n, 1.0), (base, n, len(rows) - n, anchor_weight)):
+        ctx_ids, ctx_mask = (ids, mask) if target.system is None else target.encode(tok, rows, device)
+        for i in range(first, first + count, micro_batch):  # gradient accumulation over micro-batches
+            sl = slice(i, min(i + micro_batch, first + count))
+            share = (sl.stop - sl.start) / count  # this micro-batch's share of its group's sequences
+            with timer("teacher"), torch.no_grad(), autocast, target.steer():
+                lt = completion_logits(target.model, ctx_ids[sl], ctx_mask[sl], comp[sl])  # [b, T, V]
+            with timer("student_forward"), autocast:
+                ls = completion_logits(student, ids[sl], mask[sl], comp[sl])
+            with timer("loss"):
+                part = localized_reverse_kl(ls, lt, loss_mask[sl], s_ids, loss, impl) * share
+            with timer("backward"):
+                (weight * part).backward()
+            with timer("diagnostics"):
+                log_losses(stats, part, ls, lt, loss_mask[sl], s_ids, share, weight, anchor=target is base)
+    if not math.isfinite(stats["loss"]):
+        raise UserError(f"the loss became {stats['loss']}; stopping (the last checkpoint is kept)")
+    with timer("optimizer"):
+        grad_norm = torch.nn.utils.clip_grad_norm_([q for q in student.parameters() if q.requires_grad], clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    texts = decode_completions(tok, comp, comp_mask)
+    new_tokens = int(comp_mask.sum())
+    rec = {**stats, "grad_norm": grad_norm.item(), "lr": sched.get_last_lr()[0],
+           "sampled_refusal": refusal_rate(texts[:n]), "mean_completion_tokens": new_tokens / len(texts),
+           "sample_tokens_per_s": new_tokens / timer.seconds["sample"],
+           "seconds": {k: round(v, 3) for k, v in timer.seconds.items()},
+           "step_seconds": round(sum(timer.seconds.values()), 3), "peak_memory_mb": peak_memory_mb(device),
+           "example": texts[0][:200]}
+    if anchors:  # how often the student refuses the harmless anchor prompts it samples: over-refusal as it trains
+        rec["anchor_refusal"] = refusal_rate(texts[n:])
+    return rec
+
+
+@torch.no_grad()
+def log_losses(stats, part, ls, lt, mask, s_ids, share, weight, anchor: bool) -> None:
+    """Accumulate the step's loss, and on harmful rows all three losses on the same batch (for the log)."""
+    stats["loss"] += weight * part.item()
+    if anchor:
+        stats["anchor_loss"] += part.item()
+        return
+    for kind in ("collapsed", "partial", "full"):
+        stats[kind] += localized_reverse_kl(ls, lt, mask, s_ids, kind).item() * share
+
+
+# ----------------------------------------------------------------------------- setup and checkpoints
 
 def load_safety_tokens(path: Path, tok, model, random_tokens: bool, seed: int) -> tuple[torch.Tensor, dict]:
     """S from Stage 2, refused if it was made for another tokenizer; or a random set of the same size."""
@@ -227,98 +254,44 @@ def load_safety_tokens(path: Path, tok, model, random_tokens: bool, seed: int) -
     if meta.get("vocab_size") != len(tok) or meta.get("tokenizer_fingerprint") != tokenizer_fingerprint(tok):
         raise UserError(f"{path}: made for another tokenizer (vocabulary size {meta.get('vocab_size')} vs "
                         f"{len(tok)}, or fingerprint differs)")
-    if max(ids) >= model.config.vocab_size or min(ids) < 0:
-        raise UserError(f"{path}: token id {max(ids)} is outside the model's vocabulary of {model.config.vocab_size}")
+    vocab = model.config.get_text_config().vocab_size
+    if max(ids) >= vocab or min(ids) < 0:
+        raise UserError(f"{path}: token id {max(ids)} is outside the model's vocabulary of {vocab}")
     if random_tokens:  # the ablation: same |S|, tokens drawn at random from the non-special vocabulary
         special = set(special_token_ids(tok))
-        pool = [i for i in range(len(tok)) if i not in special]
-        ids = sorted(random.Random(seed).sample(pool, len(ids)))
+        ids = sorted(random.Random(seed).sample([i for i in range(len(tok)) if i not in special], len(ids)))
     return torch.tensor(ids, dtype=torch.long), meta
 
 
-# ----------------------------------------------------------------------------- one optimiser step
-
-def train_step(student, teacher, tok, prompts, s_ids, args, gen, opt, sched, hook, anchor_prompts=()) -> dict:
-    """Sample (student, no grad) -> score (teacher, no grad) -> loss and backward (student) -> update.
-
-    With anchor prompts (harmless, ours) the student also samples answers to them, and those are pulled toward
-    the *unsteered* π0 on S with weight λ: loss = L(harmful samples, πt) + λ·L(anchor samples, π0)."""
-    device = next(student.parameters()).device
-    timer = {}
-    t = time.time()
-    rows = [p for p in prompts for _ in range(args.samples)]
-    anchor_rows = [p for p in anchor_prompts for _ in range(args.samples)]
-    ids, mask = encode_chats(tok, rows + anchor_rows, device=device)
-    student.eval()  # eval mode: gradient checkpointing is inactive and the KV cache is used while sampling
-    comp, comp_mask = sample(student, ids, mask, args.max_new_tokens, temperature=args.temperature,
-                             top_p=args.top_p, generator=gen, stop_ids=stop_token_ids(tok), pad_id=tok.pad_token_id)
-    timer["sample"] = time.time() - t
-    texts = decode_completions(tok, comp, comp_mask)
-
-    student.train()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    stats = {"loss": 0.0, "collapsed": 0.0, "partial": 0.0, "full": 0.0}
-    timer.update(teacher=0.0, student_forward=0.0, loss=0.0, backward=0.0, diagnostics=0.0)
-    n, n_a = len(rows), len(anchor_rows)
-    # (is anchor, first row, rows, teacher context, weight): harmful rows -> πt = π0 + c·r, anchor rows -> π0 itself
-    groups = [(False, 0, n, hook, 1.0)]
-    if n_a:
-        stats["anchor_loss"] = 0.0
-        groups.append((True, n, n_a, contextlib.nullcontext, args.anchor_weight))
-    for is_anchor, first, count, teacher_ctx, weight in groups:
-        for i in range(first, first + count, args.micro_batch):  # gradient accumulation over micro-batches
-            sl = slice(i, min(i + args.micro_batch, first + count))
-            t = time.time()
-            with torch.no_grad(), autocast, teacher_ctx():
-                lt = completion_logits(teacher, ids[sl], mask[sl], comp[sl]).float()  # [b, T, V]
-            timer["teacher"] += time.time() - t
-            t = time.time()
-            with autocast:
-                ls = completion_logits(student, ids[sl], mask[sl], comp[sl]).float()
-            timer["student_forward"] += time.time() - t
-            t = time.time()
-            frac = ls.shape[0] / count  # each micro-batch holds this share of its group's sequences
-            loss = localized_reverse_kl(ls, lt, comp_mask[sl], s_ids, args.loss) * frac
-            timer["loss"] += time.time() - t
-            t = time.time()
-            (loss * weight).backward()
-            timer["backward"] += time.time() - t
-            t = time.time()
-            with torch.no_grad():  # diagnostics: every loss on the same batch (harmful rows only)
-                stats["loss"] += loss.item() * weight
-                if is_anchor:
-                    stats["anchor_loss"] += loss.item()
-                else:
-                    for kind in ("collapsed", "partial", "full"):
-                        stats[kind] += localized_reverse_kl(ls, lt, comp_mask[sl], s_ids, kind).item() * frac
-            timer["diagnostics"] += time.time() - t
-    if not math.isfinite(stats["loss"]):
-        raise UserError(f"the loss became {stats['loss']}; stopping (the last checkpoint is kept)")
-    t = time.time()
-    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.clip).item()
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    timer["optimizer"] = time.time() - t
-    new_tokens = int(comp_mask.sum())
-    rec = {**stats, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0],
-           "sampled_refusal": sum(map(is_refusal, texts[:n])) / n,
-           "mean_completion_tokens": new_tokens / len(texts), "sample_tokens_per_s": new_tokens / timer["sample"],
-           "seconds": {k: round(v, 3) for k, v in timer.items()}, "step_seconds": round(sum(timer.values()), 3),
-           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-           "example": texts[0][:200]}
-    if n_a:  # how often the student refuses the harmless anchor prompts it samples: over-refusal as it trains
-        rec["anchor_refusal"] = sum(map(is_refusal, texts[n:])) / n_a
-    return rec
+def build_models(args, out: Path, device):
+    """(student, tok, πt, π0). Full fine-tuning: a float32 student and a frozen copy of π0 (bf16 on CUDA) for
+    πt and π0. LoRA: one copy; adapters off is π0, adapters off + hook is πt."""
+    student, tok = load_model(args.model, device, dtype=torch.float32, chat_template=args.chat_template)
+    system = Path(args.system).read_text().strip() if args.system else None
+    if args.lora_rank:
+        from peft import LoraConfig, get_peft_model
+        cfg = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank, lora_dropout=0.0,
+                         target_modules=args.lora_targets, task_type="CAUSAL_LM")
+        student = get_peft_model(student, cfg)
+        frozen, base_ctx = student, student.disable_adapter
+    else:
+        frozen, base_ctx = copy.deepcopy(student).requires_grad_(False).eval(), contextlib.nullcontext
+        if device.type == "cuda":
+            frozen.to(torch.bfloat16)
+    teacher, dmeta = load_teacher(frozen, args.direction or out / "direction.safetensors", args.teacher,
+                                  args.coefficient, system, base_ctx)
+    return student, tok, teacher, Teacher(frozen, "base", base_context=base_ctx), dmeta
 
 
-# ----------------------------------------------------------------------------- checkpoints
+def trainable(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
 
 def save_checkpoint(path: Path, student, opt, sched, step: int, gen, log: list[dict]) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": student.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(), "step": step,
-                "gen": gen.get_state(), "torch_rng": torch.get_rng_state(), "py_rng": random.getstate(),
-                "log": log}, tmp)
+    torch.save({"model": {n: p.detach() for n, p in trainable(student).items()}, "opt": opt.state_dict(),
+                "sched": sched.state_dict(), "step": step, "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "py_rng": random.getstate(), "log": log}, tmp)
     tmp.replace(path)
 
 
@@ -326,7 +299,10 @@ def load_checkpoint(path: Path, student, opt, sched, gen):
     if not path.is_file():
         raise UserError(f"--resume: no checkpoint at {path}")
     ck = torch.load(path, weights_only=False)
-    student.load_state_dict(ck["model"])
+    params = trainable(student)
+    with torch.no_grad():
+        for name, value in ck["model"].items():
+            params[name].copy_(value)
     opt.load_state_dict(ck["opt"])
     sched.load_state_dict(ck["sched"])
     gen.set_state(ck["gen"])
@@ -345,6 +321,15 @@ def step_prompts(prompts: list[str], per_step: int, epochs: int, seed: int) -> l
     return steps
 
 
+def anchor_steps(anchors: list[str], n_steps: int, per_step: int, seed: int) -> list[list[str]]:
+    """As many seeded passes over the anchor prompts as the steps need, cut per step."""
+    if not anchors:
+        return [[] for _ in range(n_steps)]
+    passes = math.ceil(n_steps * per_step / len(anchors))
+    flat = [p for group in step_prompts(anchors, per_step, passes, seed + 1) for p in group]
+    return [flat[i * per_step:(i + 1) * per_step] for i in range(n_steps)]
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
@@ -358,69 +343,80 @@ def main(argv=None):
         if not args.overwrite:
             raise UserError(f"{work} holds an unfinished run; pass --resume to continue it or --overwrite to restart")
         shutil.rmtree(work)
+    if args.system and not Path(args.system).is_file():
+        raise UserError(f"{args.system}: system prompt file not found")
     device = pick_device(args.device)
     gen = seed_everything(args.seed)
     t0 = time.time()
     prompts = read_prompts(args.prompts)
-    student, tok = load_model(args.model, device, dtype=torch.float32)  # float32 master weights
+    anchors = read_prompts(args.anchor) if args.anchor else []
+    student, tok, teacher, base, dmeta = build_models(args, out, device)
     prompts = truncate_prompts(tok, prompts, args.max_prompt_tokens, args.prompts)
-    anchors = truncate_prompts(tok, read_prompts(args.anchor), args.max_prompt_tokens, args.anchor) if args.anchor else []
-    teacher = copy.deepcopy(student).requires_grad_(False).eval()
-    if device.type == "cuda":
-        teacher.to(torch.bfloat16)
-    vec, dmeta = load_direction(args.direction or out / "direction.safetensors", student)
-    coefficient = dmeta.get("coefficient", 1.0) if args.coefficient is None else args.coefficient
-    hook = lambda: add_vector(teacher, int(dmeta["layer"]), vec, coefficient)  # πt = π0 + c·r at block l*
-    s_ids, smeta = load_safety_tokens(Path(args.tokens or out / "safety_tokens.json"), tok, student,
-                                      args.random_tokens, args.seed)
+    anchors = truncate_prompts(tok, anchors, args.max_prompt_tokens, args.anchor) if anchors else []
+    tokens_file = Path(args.tokens or out / "safety_tokens.json")
+    s_ids, _ = load_safety_tokens(tokens_file, tok, student, args.random_tokens, args.seed)
     s_ids = s_ids.to(device)
     if not args.no_grad_checkpointing:
         student.activation_checkpointing_enable()
-    student.config.use_cache = True
+        if args.lora_rank:
+            student.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
 
-    plan = step_prompts(prompts, args.prompts_per_step, args.epochs, args.seed)
-    if args.max_steps:
-        plan = plan[:args.max_steps]
-    anchor_plan = [[]] * len(plan)
-    if anchors:  # as many seeded passes over the anchor prompts as the steps need
-        passes = math.ceil(len(plan) * args.anchor_per_step / len(anchors))
-        flat = [p for group in step_prompts(anchors, args.anchor_per_step, passes, args.seed + 1) for p in group]
-        anchor_plan = [flat[i * args.anchor_per_step:(i + 1) * args.anchor_per_step] for i in range(len(plan))]
-    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    plan = step_prompts(prompts, args.prompts_per_step, args.epochs, args.seed)[:args.max_steps]
+    anchor_plan = anchor_steps(anchors, len(plan), args.anchor_per_step, args.seed)
+    opt = torch.optim.AdamW(trainable(student).values(), lr=args.lr, weight_decay=args.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, math.ceil(args.warmup * len(plan)), len(plan))
     work.mkdir(parents=True, exist_ok=True)
     start, log = (load_checkpoint(work / "checkpoint.pt", student, opt, sched, gen) if args.resume else (0, []))
-    print(f"distilling {len(plan)} steps x {args.prompts_per_step} prompts x {args.samples} samples, "
-          f"loss {args.loss}, |S| = {len(s_ids)}{' (random)' if args.random_tokens else ''}, teacher block "
-          f"{dmeta['layer']} c = {coefficient}"
-          + (f"; anchor {args.anchor_per_step} x {args.samples} harmless samples, λ = {args.anchor_weight}" if anchors else "")
-          + (f"; resuming at step {start}" if start else ""))
-
+    n_train = sum(p.numel() for p in trainable(student).values())
+    print(f"distilling {len(plan)} steps x {args.prompts_per_step} prompts x {args.samples} samples, loss "
+          f"{args.loss} ({args.loss_impl}), |S| = {len(s_ids)}{' (random)' if args.random_tokens else ''}; teacher "
+          f"{teacher.describe()}; {n_train / 1e6:.1f}M trainable weights" + (" (LoRA)" if args.lora_rank else "")
+          + (f"; anchor {args.anchor_per_step} x {args.samples} harmless samples, λ = {args.anchor_weight}"
+             if anchors else "") + (f"; resuming at step {start}" if start else ""))
+    knobs = dict(teacher=teacher, base=base, s_ids=s_ids, opt=opt, sched=sched, gen=gen, samples=args.samples,
+                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, loss=args.loss,
+                 impl=args.loss_impl, anchor_weight=args.anchor_weight, micro_batch=args.micro_batch, clip=args.clip,
+                 skip_tokens=args.skip_tokens, keep_tokens=args.keep_tokens)
     bar = tqdm(range(start, len(plan)), desc=f"distill ({args.loss})", unit="step", initial=start, total=len(plan))
     for step in bar:
-        rec = {"step": step + 1, **train_step(student, teacher, tok, plan[step], s_ids, args, gen, opt, sched, hook,
-                                                  anchor_plan[step])}
+        rec = {"step": step + 1, **train_step(student, tok, plan[step], anchor_plan[step], **knobs)}
         log.append(rec)
         write_jsonl(work / "train_log.jsonl", log)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", refusal=f"{rec['sampled_refusal']:.2f}", s=f"{rec['step_seconds']:.0f}")
         if (step + 1) % args.checkpoint_every == 0 and step + 1 < len(plan):
             save_checkpoint(work / "checkpoint.pt", student, opt, sched, step + 1, gen, log)
 
-    student.activation_checkpointing_disable()
     info = {"loss": args.loss, "random_tokens": args.random_tokens, "s_token_ids": s_ids.tolist(),
-            "s_tokens": [tok.decode([i]) for i in s_ids.tolist()], "tokens_file": str(args.tokens or out / "safety_tokens.json"),
-            "direction": {"file": str(args.direction or out / "direction.safetensors"), "layer": dmeta["layer"],
-                          "coefficient": coefficient}, "base_model": args.model, "steps": len(plan),
-            "args": vars(args), "seconds": round(time.time() - t0, 1), **run_info()}
-    save_model_dir(student.eval(), tok, final_dir, extra_files={"safesteer.json": info})
+            "s_tokens": [tok.decode([i]) for i in s_ids.tolist()], "tokens_file": str(tokens_file),
+            "teacher": {"kind": args.teacher, "file": str(args.direction or out / "direction.safetensors"),
+                        "layer": dmeta["layer"], "coefficient": teacher.coefficient, "system": teacher.system},
+            "base_model": args.model, "steps": len(plan), "lora_rank": args.lora_rank, "args": vars(args),
+            "seconds": round(time.time() - t0, 1), **run_info()}
+    save_student(student, tok, final_dir, info, lora=bool(args.lora_rank))
     write_jsonl(final_dir / "train_log.jsonl", log)
     shutil.rmtree(work, ignore_errors=True)
     if log:
         first, last = log[0], log[-1]
         print(f"loss {first['loss']:.4f} -> {last['loss']:.4f}; sampled refusal {first['sampled_refusal']:.2f} -> "
               f"{last['sampled_refusal']:.2f}; {sum(r['step_seconds'] for r in log) / len(log):.1f} s/step; "
-              f"peak RSS {max(r['peak_rss_mb'] for r in log):.0f} MB")
-    print(f"took {time.time() - t0:.0f} s; wrote {final_dir} (model, safesteer.json, train_log.jsonl)")
+              f"peak memory {max(r['peak_memory_mb'] for r in log):.0f} MB")
+    print(f"took {time.time() - t0:.0f} s; wrote {final_dir} (model, safesteer.json, train_log.jsonl"
+          + (", adapter/" if args.lora_rank else "") + ")")
+
+
+def save_student(student, tok, path: Path, info: dict, lora: bool) -> None:
+    """A plain transformers directory; with LoRA the merged weights, plus the adapter in adapter/."""
+    if hasattr(student, "activation_checkpointing_disable"):
+        student.activation_checkpointing_disable()
+    if not lora:
+        save_model_dir(student.eval(), tok, path, extra_files={"safesteer.json": info})
+        return
+    staged = path.parent / f".{path.name}.adapter"
+    student.save_pretrained(staged)  # peft's own format, before merging
+    with torch.no_grad():  # merge in place: no second copy of the weights
+        merged = student.merge_and_unload().eval()
+    write_adapter = lambda tmp: shutil.move(staged, Path(tmp) / "adapter")
+    save_model_dir(merged, tok, path, extra_files={"safesteer.json": info}, also=write_adapter)
 
 
 if __name__ == "__main__":

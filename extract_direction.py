@@ -35,18 +35,18 @@ Usage:
 """
 from __future__ import annotations
 
-import argparse
 import math
 import time
 
 import torch
 from tqdm import tqdm
 
-from common import (HelpFormatter, UserError, ablate_direction, add_common_args, add_vector, check_positive, data_file,
-                    decoder_layers,
-                    decode_completions, encode_chats, is_refusal, load_model, pick_device,
-                    post_instruction_ids, prepare_out_dir, read_prompts, render_chat, run_cli, run_info,
-                    sample, save_tensors, seed_everything, stop_token_ids, truncate_prompts, write_json)
+from chat import encode_chats, render_chat, stop_token_ids
+from common import (Parser, UserError, add_common_args, data_file, load_model, pick_device, positive_int,
+                    non_negative_int, prepare_out_dir, read_prompts, run_cli, run_info, save_tensors, seed_everything,
+                    truncate_prompts, write_json)
+from metrics import is_refusal, refusal_rate
+from steering import ablate_direction, add_vector, decode_completions, decoder_layers, sample
 
 # Words a refusal usually opens with; their first tokens form R. Override with --refusal-tokens.
 REFUSAL_WORDS = ("I", "Sorry", "As", "Unfortunately", "No")
@@ -57,7 +57,7 @@ OUTPUTS = ["direction.safetensors", "direction.json", "candidates.json", "steeri
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(__doc__)
     add_common_args(p)
     p.add_argument("--harmful", default=str(data_file("harmful_train")), help="prompts for the harmful mean")
     p.add_argument("--harmless", default=str(data_file("harmless_train")), help="prompts for the harmless mean")
@@ -68,8 +68,8 @@ def parse_args(argv=None):
                         "response: prefilled refusal - compliance on harmful prompts (ours)")
     p.add_argument("--refusal-text", default=REFUSAL_TEXT, help="--kind response: the prefilled refusal")
     p.add_argument("--comply-text", default=COMPLY_TEXT, help="--kind response: the prefilled compliance")
-    p.add_argument("--n-train", type=int, default=128, help="at most this many prompts per training set (paper: 128)")
-    p.add_argument("--n-val", type=int, default=32, help="at most this many prompts per validation set (paper: 32)")
+    p.add_argument("--n-train", type=positive_int, default=128, help="at most this many prompts per training set (paper: 128)")
+    p.add_argument("--n-val", type=positive_int, default=32, help="at most this many prompts per validation set (paper: 32)")
     p.add_argument("--max-layer-frac", type=float, default=0.8, help="drop candidates with layer >= frac * L")
     p.add_argument("--kl-max", type=float, default=0.1, help="drop candidates whose ablation KL exceeds this")
     p.add_argument("--layer", type=int, help="force this layer (skips scoring the others)")
@@ -79,17 +79,33 @@ def parse_args(argv=None):
                    help="keep harmful prompts the model refuses (s > 0) and harmless ones it does not (s < 0)")
     p.add_argument("--refusal-tokens", nargs="+", metavar="WORD", default=list(REFUSAL_WORDS),
                    help="words whose first token forms the refusal set R")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--check-prompts", type=int, default=8, help="harmful_val prompts in the steering check")
-    p.add_argument("--check-tokens", type=int, default=48, help="new tokens per steering-check completion")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--check-prompts", type=non_negative_int, default=8, help="harmful_val prompts in the steering check")
+    p.add_argument("--check-tokens", type=positive_int, default=48, help="new tokens per steering-check completion")
     p.add_argument("--overwrite", action="store_true", help="replace this stage's outputs in --out")
     args = p.parse_args(argv)
-    for name in ("n_train", "n_val", "batch_size", "check_tokens"):
-        check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
-    check_positive("--check-prompts", args.check_prompts, allow_zero=True)
     if (args.layer is None) != (args.position is None):
         raise UserError("--layer and --position force a candidate together; give both or neither")
     return args
+
+
+# ----------------------------------------------------------------------------- where r is read
+
+def post_instruction_ids(tok) -> list[int]:
+    """Token ids the template appends after the user's text: the positions where r[p, l] is read.
+
+    ChatML: `<|im_end|>\\n<|im_start|>assistant\\n` (Qwen3 with thinking off adds `<think>\\n\\n</think>\\n\\n`);
+    Llama-3: `<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n`; Gemma: `<end_of_turn>\\n<start_of_turn>model\\n`.
+    Found by rendering around a sentinel; with left padding they are the last n positions of every row.
+    """
+    sentinel = "XQZSENTINELQZX"
+    text = render_chat(tok, sentinel)
+    suffix = text[text.index(sentinel) + len(sentinel):]
+    ids = tok(suffix, add_special_tokens=False).input_ids
+    full = tok(text, add_special_tokens=False).input_ids
+    if not ids or full[-len(ids):] != ids:
+        raise UserError("could not locate the chat template's post-instruction tokens")
+    return ids
 
 
 # ----------------------------------------------------------------------------- batching with a shared prefix
@@ -163,10 +179,13 @@ def refusal_token_ids(tok, words) -> list[int]:
 
 
 def refusal_score(logits: torch.Tensor, refusal_ids: list[int]) -> torch.Tensor:
-    """s = log p_R - log(1 - p_R) with p_R = Σ_{v∈R} π(v), in float64. logits: [n, vocab] -> [n]."""
+    """s = log p_R - log(1 - p_R) with p_R = Σ_{v∈R} π(v), in float64. logits: [n, vocab] -> [n].
+
+    log(1 - p_R) is a logsumexp over the tokens outside R, never a subtraction (exact when p_R is near 1)."""
     logp = torch.log_softmax(logits.double(), dim=-1)
-    log_pr = torch.logsumexp(logp[:, refusal_ids], dim=-1)
-    return log_pr - torch.log1p(-log_pr.exp())
+    in_r = torch.zeros(logp.shape[-1], dtype=torch.bool, device=logp.device)
+    in_r[refusal_ids] = True
+    return logp[:, in_r].logsumexp(-1) - logp[:, ~in_r].logsumexp(-1)
 
 
 def kl_last(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -251,9 +270,8 @@ def steering_check(model, tok, vec: torch.Tensor, layer: int, coefficient: float
     base = decode_completions(tok, *sample(model, ids, mask, max_new_tokens, **kw))
     with add_vector(model, layer, vec, coefficient):
         steered = decode_completions(tok, *sample(model, ids, mask, max_new_tokens, **kw))
-    rate = lambda texts: sum(map(is_refusal, texts)) / max(len(texts), 1)
     return {"layer": layer, "coefficient": coefficient, "max_new_tokens": max_new_tokens,
-            "refusal_rate_base": rate(base), "refusal_rate_steered": rate(steered),
+            "refusal_rate_base": refusal_rate(base), "refusal_rate_steered": refusal_rate(steered),
             "samples": [{"prompt": p, "base": b, "steered": s, "base_refuses": is_refusal(b),
                          "steered_refuses": is_refusal(s)} for p, b, s in zip(prompts, base, steered)]}
 
@@ -275,7 +293,7 @@ def main(argv=None):
     harmful_val = read_prompts(args.harmful_val, args.n_val, args.seed)
     harmless_val = read_prompts(args.harmless_val, args.n_val, args.seed)
     out = prepare_out_dir(args.out, OUTPUTS, args.overwrite)
-    model, tok = load_model(args.model, device)
+    model, tok = load_model(args.model, device, chat_template=args.chat_template)
     harmful, harmless, harmful_val, harmless_val = (
         truncate_prompts(tok, ps, args.max_prompt_tokens, src) for ps, src in
         ((harmful, args.harmful), (harmless, args.harmless), (harmful_val, args.harmful_val),
@@ -309,6 +327,12 @@ def main(argv=None):
         cands = [(n_pos + args.position, args.layer)]
     else:
         cands = [(p, l) for p in range(n_pos) for l in range(n_layers)]
+    # A candidate whose r is exactly zero (the prompt direction at block 0: both means are the same template
+    # tokens' embeddings) has nothing to add or ablate, and its scores would be NaN: skip it, and say so.
+    skipped = [{"position": p - n_pos, "layer": l, "reason": "zero direction"} for p, l in cands if not r[p, l].any()]
+    cands = [(p, l) for p, l in cands if r[p, l].any()]
+    if not cands:
+        raise UserError("every candidate direction is zero (identical harmful and harmless activations)")
     hv, sv = enc(harmless_val), enc(harmful_val)
     base_scores = {"harmful_val": refusal_score(sv.last_logits(model), refusal_ids).mean().item(),
                    "harmless_val": refusal_score(hv.last_logits(model), refusal_ids).mean().item()}
@@ -341,7 +365,7 @@ def main(argv=None):
     }
     save_tensors(out / "direction.safetensors", {"direction": vec})
     write_json(out / "candidates.json", {"n_layers": n_layers, "positions": pos_names, "base_refusal_scores": base_scores,
-                                         "candidates": rows})
+                                         "candidates": rows, "skipped": skipped})
     if check is not None:
         write_json(out / "steering_check.json", check)
     write_json(out / "direction.json", meta)

@@ -24,26 +24,23 @@ Usage:
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import time
 
 import torch
 from tqdm import tqdm
 
-from common import (HelpFormatter, UserError, add_common_args, add_vector, check_positive, completion_logits, data_file,
-                    encode_chats, load_direction, load_model, pick_device, prepare_out_dir, read_prompts, run_cli,
-                    run_info, sample, seed_everything, special_token_ids, stop_token_ids, tokenizer_fingerprint,
-                    truncate_prompts, write_json)
+from chat import encode_chats, special_token_ids, stop_token_ids, tokenizer_fingerprint
+from common import (Parser, UserError, add_common_args, data_file, load_model, non_negative_float, pick_device,
+                    positive_int, prepare_out_dir, read_prompts, run_cli, run_info, seed_everything, truncate_prompts,
+                    write_json)
+from steering import Teacher, completion_logits, load_teacher, sample
 
-# The prompt-based teacher (authors' "via prompt" variant): π0 told to refuse, instead of the hook.
-SAFETY_SYSTEM_PROMPT = ("You are a responsible assistant. If a request could help someone cause harm or break the "
-                        "law, refuse it clearly and briefly, and say that you cannot help with it.")
 OUTPUTS = ["safety_tokens.json"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(__doc__)
     add_common_args(p)
     p.add_argument("--direction", help="Stage 1's direction.safetensors (default: OUT/direction.safetensors)")
     p.add_argument("--coefficient", type=float, help="c in πt = π0 + c·r (default: from direction.json)")
@@ -53,40 +50,24 @@ def parse_args(argv=None):
     # rare topical tokens with 0.0-0.3% of the teacher's shift; πt·Δ on harmful prompts holds 19-24% (README).
     p.add_argument("--prompts", default=str(data_file("harmful_train")),
                    help="selection prompts (authors: harmless_val; ours: the distillation prompts)")
-    p.add_argument("--n-prompts", type=int, default=32, help="at most this many selection prompts")
+    p.add_argument("--n-prompts", type=positive_int, default=32, help="at most this many selection prompts")
     p.add_argument("--coverage-prompts", default=str(data_file("harmful_val")), help="second set for coverage")
-    p.add_argument("--samples", type=int, default=8, help="M continuations per prompt (paper: 8)")
-    p.add_argument("--horizon", type=int, default=8, help="H tokens per continuation (paper: 8)")
+    p.add_argument("--samples", type=positive_int, default=8, help="M continuations per prompt (paper: 8)")
+    p.add_argument("--horizon", type=positive_int, default=8, help="H tokens per continuation (paper: 8)")
     p.add_argument("--score", choices=["delta", "kl"], default="kl", help="rank tokens by Δ (authors') or πt·Δ (ours)")
     p.add_argument("--aggregate", choices=["vote", "mean"], default="vote")
     p.add_argument("--contrast", help="a second prompt set (e.g. harmless): rank tokens by their vote share (or mean "
                                       "score) on --prompts minus on this set, so S keeps what is specific to --prompts")
-    p.add_argument("--k", type=int, default=50, help="|S| (paper: 50)")
-    p.add_argument("--k-vote", type=int, default=200, help="K': tokens each position votes for (paper: 200)")
-    p.add_argument("--prob-floor", type=float, default=1e-6, help="drop tokens whose mean πt prob is below this")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
+    p.add_argument("--k", type=positive_int, default=50, help="|S| (paper: 50)")
+    p.add_argument("--k-vote", type=positive_int, default=200, help="K': tokens each position votes for (paper: 200)")
+    p.add_argument("--prob-floor", type=non_negative_float, default=1e-6, help="drop tokens whose mean πt prob is below this")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="sequences per forward pass")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
-    for name in ("n_prompts", "samples", "horizon", "k", "k_vote", "batch_size"):
-        check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
-    check_positive("--prob-floor", args.prob_floor, allow_zero=True)
     return args
 
 
 # ----------------------------------------------------------------------------- the teacher and its samples
-
-class Teacher:
-    """πt as a context manager plus the prompt it sees: the hook on block l*, or a safety system prompt."""
-
-    def __init__(self, model, kind: str, vec=None, layer=None, coefficient=1.0):
-        self.model, self.kind, self.vec, self.layer, self.coefficient = model, kind, vec, layer, coefficient
-        self.system = SAFETY_SYSTEM_PROMPT if kind == "prompt" else None
-
-    def __call__(self):
-        if self.kind == "hook":
-            return add_vector(self.model, self.layer, self.vec, self.coefficient)
-        return contextlib.nullcontext()
-
 
 @torch.no_grad()
 def teacher_samples(model, tok, teacher: Teacher, prompts, m: int, h: int, batch_size: int, gen) -> list[dict]:
@@ -95,8 +76,8 @@ def teacher_samples(model, tok, teacher: Teacher, prompts, m: int, h: int, batch
     batches = []
     for i in tqdm(range(0, len(rows), batch_size), desc="sampling from the teacher", unit="batch"):
         chunk = rows[i:i + batch_size]
-        ids, mask = encode_chats(tok, chunk, system=teacher.system, device=model.device)
-        with teacher():
+        ids, mask = teacher.encode(tok, chunk, device=model.device)
+        with teacher.steer():
             comp, comp_mask = sample(model, ids, mask, h, temperature=1.0, generator=gen,
                                      stop_ids=stop_token_ids(tok), pad_id=tok.pad_token_id)
         batches.append({"prompts": chunk, "comp": comp, "comp_mask": comp_mask})
@@ -106,9 +87,9 @@ def teacher_samples(model, tok, teacher: Teacher, prompts, m: int, h: int, batch
 @torch.no_grad()
 def teacher_and_base_logprobs(model, tok, teacher: Teacher, batch: dict):
     """Teacher-force one batch through πt and π0. Returns log πt, log π0 at valid positions: [n_valid, V]."""
-    ids_t, mask_t = encode_chats(tok, batch["prompts"], system=teacher.system, device=model.device)
+    ids_t, mask_t = teacher.encode(tok, batch["prompts"], device=model.device)
     ids_0, mask_0 = encode_chats(tok, batch["prompts"], device=model.device)
-    with teacher():
+    with teacher.steer():
         lt = completion_logits(model, ids_t, mask_t, batch["comp"]).float()  # [b, H, V]
     l0 = completion_logits(model, ids_0, mask_0, batch["comp"]).float()
     valid = batch["comp_mask"].bool()  # through the first end of turn, inclusive
@@ -178,25 +159,26 @@ def position_scores(model, tok, teacher, batches, rule: str):
     return torch.cat(all_scores), sum_pt / n, sum_delta / n  # [n, V], [V], [V]
 
 
-def select(model, tok, teacher, batches, args, contrast_batches=None) -> dict:
+def select(model, tok, teacher, batches, *, score: str = "kl", aggregate: str = "vote", k: int = 50,
+           k_vote: int = 200, prob_floor: float = 1e-6, contrast_batches=None) -> dict:
     """S from the teacher's samples; with contrast_batches, from the difference to a second prompt set."""
-    scores, mean_pt, mean_delta = position_scores(model, tok, teacher, batches, args.score)
-    eligible = eligible_tokens(mean_pt, special_token_ids(tok), len(tok), args.prob_floor)
+    scores, mean_pt, mean_delta = position_scores(model, tok, teacher, batches, score)
+    eligible = eligible_tokens(mean_pt, special_token_ids(tok), len(tok), prob_floor)
     if contrast_batches is None:
-        if args.aggregate == "vote":
-            s_ids, votes = vote(scores, eligible, args.k_vote, args.k)
+        if aggregate == "vote":
+            s_ids, votes = vote(scores, eligible, k_vote, k)
         else:
-            s_ids, votes = mean_aggregate(scores, eligible, args.k), torch.zeros(scores.shape[-1], dtype=torch.long)
+            s_ids, votes = mean_aggregate(scores, eligible, k), torch.zeros(scores.shape[-1], dtype=torch.long)
     else:
-        c_scores, _, _ = position_scores(model, tok, teacher, contrast_batches, args.score)
-        if args.aggregate == "vote":  # vote shares, so that sets of different sizes compare
-            votes = vote(scores, eligible, args.k_vote, args.k)[1]
-            rank = votes / len(scores) - vote(c_scores, eligible, args.k_vote, args.k)[1] / len(c_scores)
+        c_scores, _, _ = position_scores(model, tok, teacher, contrast_batches, score)
+        if aggregate == "vote":  # vote shares, so that sets of different sizes compare
+            votes = vote(scores, eligible, k_vote, k)[1]
+            rank = votes / len(scores) - vote(c_scores, eligible, k_vote, k)[1] / len(c_scores)
         else:
             votes = torch.zeros(scores.shape[-1], dtype=torch.long)
             rank = scores.mean(0) - c_scores.mean(0)
         rank = rank.masked_fill(~eligible, float("-inf"))
-        s_ids = rank.topk(min(args.k, int(eligible.sum()))).indices
+        s_ids = rank.topk(min(k, int(eligible.sum()))).indices
         s_ids = s_ids[rank[s_ids] > 0]
     return {"ids": s_ids, "votes": votes, "mean_delta": mean_delta, "mean_score": scores.mean(0),
             "n_positions": scores.shape[0], "n_eligible": int(eligible.sum())}
@@ -215,14 +197,13 @@ def main(argv=None):
     prompts = read_prompts(args.prompts, args.n_prompts, args.seed)
     cov_prompts = read_prompts(args.coverage_prompts, args.n_prompts, args.seed)
     out = prepare_out_dir(args.out, OUTPUTS, args.overwrite)
-    model, tok = load_model(args.model, device)
+    model, tok = load_model(args.model, device, chat_template=args.chat_template)
     prompts = truncate_prompts(tok, prompts, args.max_prompt_tokens, args.prompts)
     cov_prompts = truncate_prompts(tok, cov_prompts, args.max_prompt_tokens, args.coverage_prompts)
-    vec, dmeta = load_direction(args.direction or out / "direction.safetensors", model)
-    coefficient = dmeta.get("coefficient", 1.0) if args.coefficient is None else args.coefficient
-    teacher = Teacher(model, args.teacher, vec, int(dmeta["layer"]), coefficient)
-    print(f"teacher: {args.teacher}" + (f" (block {dmeta['layer']}, c = {coefficient}, |r| = {vec.norm():.2f})"
-                                       if args.teacher == "hook" else ""))
+    teacher, dmeta = load_teacher(model, args.direction or out / "direction.safetensors", args.teacher,
+                                  args.coefficient)
+    coefficient = teacher.coefficient
+    print(f"teacher: {teacher.describe()}")
 
     batches = teacher_samples(model, tok, teacher, prompts, args.samples, args.horizon, args.batch_size, gen)
     contrast = None
@@ -230,7 +211,8 @@ def main(argv=None):
         c_prompts = truncate_prompts(tok, read_prompts(args.contrast, args.n_prompts, args.seed),
                                      args.max_prompt_tokens, args.contrast)
         contrast = teacher_samples(model, tok, teacher, c_prompts, args.samples, args.horizon, args.batch_size, gen)
-    sel = select(model, tok, teacher, batches, args, contrast)
+    sel = select(model, tok, teacher, batches, score=args.score, aggregate=args.aggregate, k=args.k,
+                 k_vote=args.k_vote, prob_floor=args.prob_floor, contrast_batches=contrast)
     s_ids = sel["ids"]
     cov_batches = teacher_samples(model, tok, teacher, cov_prompts, args.samples, args.horizon, args.batch_size, gen)
     cov = {"selection_prompts": mean_coverage(model, tok, teacher, batches, s_ids),

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import steering  # noqa: E402
 import distill  # noqa: E402
 
 
@@ -34,7 +35,7 @@ def child(cfg):
     student, tok = common.load_model("smollm2-135m", "cpu", dtype=torch.float32)
     teacher = copy.deepcopy(student).requires_grad_(False).eval()
     vec = torch.randn(student.config.hidden_size, generator=torch.Generator().manual_seed(0)) * 20
-    hook = lambda: common.add_vector(teacher, 18, vec)
+    hook = lambda: steering.add_vector(teacher, 18, vec)
     if cfg["checkpointing"]:
         student.activation_checkpointing_enable()
     s_ids = torch.arange(1000, 1050)

@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import data_file, encode_chats, load_model, read_prompts, sample  # noqa: E402
+from chat import encode_chats  # noqa: E402
+from common import data_file, load_model, read_prompts  # noqa: E402
+from steering import sample  # noqa: E402
 
 
 TARGET = 0.9  # issue 7: ours / generate throughput at every size

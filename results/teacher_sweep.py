@@ -18,6 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import chat  # noqa: E402
+import metrics  # noqa: E402
+import steering  # noqa: E402
 from extract_direction import (COMPLY_TEXT, REFUSAL_TEXT, PromptBatches, candidate_directions,  # noqa: E402
                                response_directions)
 
@@ -25,12 +28,12 @@ from extract_direction import (COMPLY_TEXT, REFUSAL_TEXT, PromptBatches, candida
 def refusal_rate(model, tok, prompts, layer, vec, c, tokens):
     texts = []
     for i in range(0, len(prompts), 16):
-        ids, mask = common.encode_chats(tok, prompts[i:i + 16])
-        with common.add_vector(model, layer, vec, c):
-            comp, cm = common.sample(model, ids, mask, tokens, temperature=0, stop_ids=common.stop_token_ids(tok),
+        ids, mask = chat.encode_chats(tok, prompts[i:i + 16])
+        with steering.add_vector(model, layer, vec, c):
+            comp, cm = steering.sample(model, ids, mask, tokens, temperature=0, stop_ids=chat.stop_token_ids(tok),
                                      pad_id=tok.pad_token_id)
-        texts += common.decode_completions(tok, comp, cm)
-    return sum(map(common.is_refusal, texts)) / len(texts), texts
+        texts += steering.decode_completions(tok, comp, cm)
+    return sum(map(metrics.is_refusal, texts)) / len(texts), texts
 
 
 def main():
@@ -43,7 +46,7 @@ def main():
     p.add_argument("--tokens", type=int, default=32)
     a = p.parse_args()
     model, tok = common.load_model(a.model)
-    post = common.post_instruction_ids(tok)
+    post = ed.post_instruction_ids(tok)
     read = lambda n: common.read_prompts(common.data_file(n))
     if a.kind == "response":
         r = response_directions(model, tok, read("harmful_train"), REFUSAL_TEXT, COMPLY_TEXT, 16)
@@ -54,7 +57,7 @@ def main():
         n_pos = len(post)
     hv, sv = read("harmful_val"), read("harmless_val")
     print(f"model {a.model}; r = Stage 1 --kind {a.kind}, position {a.position}; greedy, {a.tokens} tokens; "
-          f"refusal = common.is_refusal on {len(hv)} harmful_val / {len(sv)} harmless_val prompts\n")
+          f"refusal = metrics.is_refusal on {len(hv)} harmful_val / {len(sv)} harmless_val prompts\n")
     base_h = refusal_rate(model, tok, hv, 0, torch.zeros(model.config.hidden_size), 0.0, a.tokens)[0]
     base_s = refusal_rate(model, tok, sv, 0, torch.zeros(model.config.hidden_size), 0.0, a.tokens)[0]
     print(f"base (no steering): harmful {base_h:.2f}  harmless {base_s:.2f}\n")

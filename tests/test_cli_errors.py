@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import common
+import chat
 import distill
 import evaluate
 import extract_direction
@@ -32,7 +33,7 @@ def run_dir(tmp_path, model_dir, tok):
     common.save_tensors(out / "direction.safetensors", {"direction": torch.ones(hidden)})
     common.write_json(out / "direction.json", {"layer": 1, "coefficient": 1.0})
     common.write_json(out / "safety_tokens.json", {"token_ids": [10, 20], "vocab_size": len(tok),
-                                                   "tokenizer_fingerprint": common.tokenizer_fingerprint(tok)})
+                                                   "tokenizer_fingerprint": chat.tokenizer_fingerprint(tok)})
     return out
 
 
@@ -60,11 +61,15 @@ CASES = [
     ("bad --models item", "evaluate", lambda t, m, r: ["--models", "nonsense"], "NAME=SPEC"),
     ("results already there", "select", lambda t, m, r: [], "--overwrite"),
     ("model directory missing", "extract", lambda t, m, r: ["--model", str(t / "nomodel")], "not found"),
-    ("model without chat template", "extract", lambda t, m, r: ["--model", str(t / "notemplate")], "no chat template"),
+    ("model without chat template", "extract", lambda t, m, r: ["--model", str(t / "notemplate")],
+     "no chat template; pass one with --chat-template FILE"),
+    ("missing --chat-template file", "select", lambda t, m, r: ["--chat-template", str(t / "nope.jinja")],
+     "chat template file not found"),
+    ("steps not an integer", "distill", lambda t, m, r: ["--max-steps", "2.5"], "expected an integer"),
     ("cuda without cuda", "extract", lambda t, m, r: ["--device", "cuda"], "CUDA"),
-    ("k <= 0", "select", lambda t, m, r: ["--k", "0"], "--k must be > 0"),
-    ("temperature < 0", "distill", lambda t, m, r: ["--temperature", "-1"], "--temperature must be >= 0"),
-    ("lr <= 0", "distill", lambda t, m, r: ["--lr", "0"], "--lr must be > 0"),
+    ("k <= 0", "select", lambda t, m, r: ["--k", "0"], "--k: must be > 0"),
+    ("temperature < 0", "distill", lambda t, m, r: ["--temperature", "-1"], "--temperature: must be >= 0"),
+    ("lr <= 0", "distill", lambda t, m, r: ["--lr", "0"], "--lr: must be > 0"),
     ("top-p out of range", "distill", lambda t, m, r: ["--top-p", "1.5"], "--top-p"),
     ("layer without position", "extract", lambda t, m, r: ["--layer", "1"], "together"),
 ]

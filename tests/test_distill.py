@@ -1,13 +1,17 @@
 """Stage 3: each loss against its formula in float64, its defining properties, and the training loop."""
 import contextlib
 import json
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import common
+import steering
+import chat
 import distill as dl
+import lean_losses
 from common import UserError
 
 S = torch.tensor([1, 4, 6])
@@ -28,11 +32,15 @@ def brute(student_logits, teacher_logits, s, kind):
     return (p * (p.log() - q.log())).sum(-1)
 
 
+IMPLS = ["lean", "formula"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind", ["collapsed", "partial", "full"])
-def test_losses_equal_brute_force(kind):
+def test_losses_equal_brute_force(kind, impl):
     torch.manual_seed(0)
     ls, lt = torch.randn(6, 9) * 2, torch.randn(6, 9) * 2
-    got = dl.LOSSES[kind](ls, lt, S)
+    got = dl.LOSSES[impl][kind](ls, lt, S)
     assert torch.allclose(got.double(), brute(ls, lt, S, kind), atol=1e-6)
 
 
@@ -43,33 +51,152 @@ def test_full_equals_kl_div_with_the_right_argument_order():
     ref = F.kl_div(lt.log_softmax(-1), ls.log_softmax(-1), log_target=True, reduction="none").sum(-1)
     assert torch.allclose(dl.full_kl(ls, lt).float(), ref, atol=1e-6)
     assert torch.allclose(dl.full_kl(ls, lt, chunk=2).float(), ref, atol=1e-6)
+    assert torch.allclose(dl.full_kl_formula(ls, lt).float(), ref, atol=1e-6)
 
 
-def test_collapsed_is_nonnegative_and_zero_iff_match_on_s_and_rest():
+# ----------------------------------------------------------------------------- exactness where one side is confident
+
+V = 200
+
+
+def confident(q_rest: float, s: torch.Tensor, shift: float, seed: int = 0) -> torch.Tensor:
+    """float32 logits [4, V] whose softmax puts mass q_rest on R = V \\ S (exactly, in float64), + a shift."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(4, V, generator=g, dtype=torch.float64)
+    in_s = torch.zeros(V, dtype=torch.bool)
+    in_s[s] = True
+    # move R down until Σ_R e^z / Σ_V e^z = q_rest: log-odds of R must be log(q / (1 - q))
+    odds = z[:, ~in_s].logsumexp(-1) - z[:, in_s].logsumexp(-1)
+    z[:, ~in_s] -= (odds - math.log(q_rest / (1 - q_rest)))[:, None]
+    return (z + shift).float()
+
+
+def subtraction_collapsed(student_logits, teacher_logits, s):
+    """The old formula: π(R) = 1 - Σ_S π(v) by subtraction, in float32 as the logits come. Kept to show the
+    tests below can fail."""
+    def logs(z):
+        lse = torch.logsumexp(z, -1)
+        log_s = (z[:, s] - lse[:, None]).double()
+        return log_s, torch.log((1 - log_s.exp().sum(-1)).clamp_min(1e-12))
+    lp, lp_r = logs(student_logits)
+    lq, lq_r = logs(teacher_logits)
+    return (lp.exp() * (lp - lq)).sum(-1) + lp_r.exp() * (lp_r - lq_r)
+
+
+def rel_err(got, ref):
+    return ((got.double() - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-300)).max().item()
+
+
+S_CASES = {"1": torch.tensor([7]), "50": torch.arange(0, V, 4), "V-1": torch.arange(1, V)}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("s_name", list(S_CASES))
+@pytest.mark.parametrize("shift", [0.0, 20.0, -20.0])
+@pytest.mark.parametrize("q_rest", [1e-2, 1e-5, 1e-8])
+def test_collapsed_exact_when_the_teacher_is_confident(q_rest, shift, s_name, impl):
+    """Teacher q(R) down to 1e-8, logits shifted by ±20 (softmax must not notice), |S| = 1, 50, |V| - 1:
+    loss and gradient within 1e-4 (relative) of the float64 formula, from float32 logits."""
+    s = S_CASES[s_name]
+    lt = confident(q_rest, s, shift)
+    ls = (torch.randn(4, V, generator=torch.Generator().manual_seed(1)) * 2 + shift).float()
+    ref = ls.double().requires_grad_(True)
+    ref_loss = brute(ref, lt.double(), s, "collapsed")
+    ref_loss.sum().backward()
+    ours = ls.clone().requires_grad_(True)
+    loss = dl.LOSSES[impl]["collapsed"](ours, lt, s)
+    loss.sum().backward()
+    assert rel_err(loss[:, None], ref_loss.detach()[:, None]) <= 1e-4
+    assert rel_err(ours.grad, ref.grad) <= 1e-4
+
+
+def test_the_subtraction_formula_fails_those_tests():
+    """The same check on the old formula: off by far more than 1e-4 once q(R) is small (so the test can fail)."""
+    s = S_CASES["50"]
+    ls = torch.randn(4, V, generator=torch.Generator().manual_seed(1)) * 2 + 20
+    lt = confident(1e-8, s, 20.0)
+    ref = brute(ls.double(), lt.double(), s, "collapsed")
+    assert rel_err(subtraction_collapsed(ls, lt, s)[:, None], ref[:, None]) > 1e-2
+    assert rel_err(dl.collapsed_kl(ls, lt, s)[:, None], ref[:, None]) <= 1e-4
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_collapsed_exact_when_the_student_is_confident(impl):
+    """The student (not the teacher) puts p(R) ~ 1e-9 on R: its p(R) log p(R)/q(R) and gradient stay exact."""
+    s = S_CASES["50"]
+    ls = confident(1e-9, s, 5.0, seed=3)
+    lt = (torch.randn(4, V, generator=torch.Generator().manual_seed(4)) * 2).float()
+    ref = ls.double().requires_grad_(True)
+    ref_loss = brute(ref, lt.double(), s, "collapsed")
+    ref_loss.sum().backward()
+    ours = ls.clone().requires_grad_(True)
+    loss = dl.LOSSES[impl]["collapsed"](ours, lt, s)
+    loss.sum().backward()
+    assert rel_err(loss[:, None], ref_loss.detach()[:, None]) <= 1e-4
+    assert rel_err(ours.grad, ref.grad) <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["collapsed", "partial", "full"])
+def test_lean_and_formula_agree_on_values_and_gradients(kind):
+    torch.manual_seed(6)
+    s = S_CASES["50"]
+    ls, lt = torch.randn(7, V) * 3, torch.randn(7, V) * 3
+    a, b = ls.clone().requires_grad_(True), ls.clone().requires_grad_(True)
+    w = torch.rand(7)
+    (dl.LOSSES["lean"][kind](a, lt, s).float() * w).sum().backward()
+    (dl.LOSSES["formula"][kind](b, lt, s).float() * w).sum().backward()
+    assert torch.allclose(dl.LOSSES["lean"][kind](ls, lt, s).float(), dl.LOSSES["formula"][kind](ls, lt, s).float(),
+                          atol=1e-6, rtol=1e-5)
+    assert torch.allclose(a.grad, b.grad, atol=1e-7, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["collapsed", "partial", "full"])
+def test_bf16_logits_are_upcast_per_chunk(kind):
+    """Logits kept in bf16 (as on a GPU): the lean loss upcasts a chunk at a time and returns a bf16 gradient
+    equal to the float32 computation on the same (bf16-rounded) values."""
+    torch.manual_seed(7)
+    s = S_CASES["50"]
+    ls, lt = (torch.randn(6, V) * 3).bfloat16(), (torch.randn(6, V) * 3).bfloat16()
+    a, b = ls.clone().requires_grad_(True), ls.float().requires_grad_(True)
+    la, lb = dl.LOSSES["lean"][kind](a, lt, s, chunk=4), dl.LOSSES["lean"][kind](b, lt.float(), s)
+    la.sum().backward()
+    lb.sum().backward()
+    assert a.grad.dtype == torch.bfloat16
+    assert torch.allclose(la.float(), lb.float(), atol=1e-6)
+    assert torch.allclose(a.grad.float(), b.grad, atol=1e-2 * b.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_collapsed_is_nonnegative_and_zero_iff_match_on_s_and_rest(impl):
+    loss = dl.LOSSES[impl]["collapsed"]
     torch.manual_seed(2)
     for _ in range(20):
-        assert (dl.collapsed_kl(torch.randn(4, 9) * 3, torch.randn(4, 9) * 3, S) >= -1e-9).all()
+        assert (loss(torch.randn(4, 9) * 3, torch.randn(4, 9) * 3, S) >= -1e-9).all()
     q = torch.randn(1, 9).softmax(-1)
     p = q.clone()
     rest = [0, 2, 3, 5, 7, 8]
     p[0, rest] = q[0, rest].sum() * torch.tensor([0.5, 0.1, 0.1, 0.1, 0.1, 0.1])  # R's mass split differently
-    assert dl.collapsed_kl(p.log(), q.log(), S).abs().item() < 1e-9
+    assert loss(p.log(), q.log(), S).abs().item() < 1e-6
     assert dl.full_kl(p.log(), q.log()).item() > 1e-3  # the full KL does see the split inside R
     p2 = p.clone()
     p2[0, 1], p2[0, 0] = p[0, 1] + 0.01, p[0, 0] - 0.01  # move mass from R onto a token of S
-    assert dl.collapsed_kl(p2.log(), q.log(), S).item() > 1e-6
+    assert loss(p2.log(), q.log(), S).item() > 1e-6
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind", ["collapsed", "partial", "full"])
 @pytest.mark.parametrize("chunk", [2, 256])
-def test_hand_written_backward_matches_autograd_of_the_formula(kind, chunk):
-    """The closed-form gradients p (a - ā) against autograd through brute(), in float64, with an
-    uneven upstream gradient (as masking and per-sequence means give) and chunks that do not divide n."""
+def test_gradient_matches_autograd_of_the_brute_force(kind, chunk, impl):
+    """The closed-form gradients p (a - ā) (lean) and autograd of the formulas against autograd through brute(),
+    in float64, with an uneven upstream gradient (as masking and per-sequence means give) and chunks that do
+    not divide n."""
     torch.manual_seed(8)
     ls, lt = torch.randn(5, 9, dtype=torch.float64) * 2, torch.randn(5, 9, dtype=torch.float64) * 2
     w = torch.tensor([0.0, 1.0, 0.5, 2.0, -1.0], dtype=torch.float64)
     ours = ls.clone().requires_grad_(True)
-    (dl.LOSSES[kind](ours, lt, S, chunk=chunk) * w).sum().backward()
+    fn = dl.LOSSES[impl][kind]
+    out = fn(ours, lt, S, chunk=chunk) if impl == "lean" else fn(ours, lt, S)
+    (out * w).sum().backward()
     ref = ls.clone().requires_grad_(True)
     (brute(ref, lt, S, kind) * w).sum().backward()
     assert torch.allclose(ours.grad, ref.grad, atol=1e-12)
@@ -81,8 +208,8 @@ def test_localized_kl_passes_gradcheck(with_rest):
     torch.manual_seed(9)
     ls = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
     lt = torch.randn(4, 9, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda z: dl.LocalizedKL.apply(z, lt, S, with_rest, 3), (ls,))
-    assert torch.autograd.gradcheck(lambda z: dl.FullKL.apply(z, lt, 3), (ls,))
+    assert torch.autograd.gradcheck(lambda z: lean_losses.LocalizedKL.apply(z, lt, S, with_rest, 3), (ls,))
+    assert torch.autograd.gradcheck(lambda z: lean_losses.FullKL.apply(z, lt, 3), (ls,))
 
 
 def test_collapsed_gradient_leaves_split_inside_r_unchanged():
@@ -110,7 +237,8 @@ def test_partial_is_minimised_at_q_over_e():
     assert dl.partial_kl(logits.detach(), q.log(), S).item() < 0  # not a divergence: it goes negative
 
 
-def test_masking_and_reduction():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_masking_and_reduction(impl):
     torch.manual_seed(5)
     ls, lt = torch.randn(2, 4, 9), torch.randn(2, 4, 9)
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
@@ -118,25 +246,36 @@ def test_masking_and_reduction():
     garbage_s[0, 2:] = 50 * torch.randn(2, 9)  # positions after the end token must not matter
     garbage_t[0, 2:] = -50
     for kind in ("collapsed", "partial", "full"):
-        got = dl.localized_reverse_kl(garbage_s, garbage_t, mask, S, kind)
+        got = dl.localized_reverse_kl(garbage_s, garbage_t, mask, S, kind, impl)
         per_seq = [brute(ls[0, :2], lt[0, :2], S, kind).mean(), brute(ls[1], lt[1], S, kind).mean()]
         assert got.item() == pytest.approx(torch.stack(per_seq).mean().item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("skip,keep", [(0, None), (2, None), (1, 2), (0, 1), (9, None)])
+def test_loss_window_equals_a_mask_built_by_hand(skip, keep):
+    comp_mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+    expected = comp_mask.clone()
+    for r in range(3):
+        for t in range(6):
+            if t < skip or (keep is not None and t >= skip + keep):
+                expected[r, t] = 0
+    assert torch.equal(dl.loss_window(comp_mask, skip, keep), expected)
 
 
 def test_one_step_lowers_the_loss(tok, model):
     import copy
     teacher = copy.deepcopy(model).requires_grad_(False)
     vec = torch.randn(model.config.hidden_size) * 3
-    ids, mask = common.encode_chats(tok, ["hello", "how are you"])
-    comp, cmask = common.sample(model, ids, mask, 6, temperature=1.0, generator=torch.Generator().manual_seed(0),
+    ids, mask = chat.encode_chats(tok, ["hello", "how are you"])
+    comp, cmask = steering.sample(model, ids, mask, 6, temperature=1.0, generator=torch.Generator().manual_seed(0),
                                 stop_ids=[10_000], pad_id=tok.pad_token_id)
     s = torch.arange(10, 40)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
 
     def loss():
-        with torch.no_grad(), common.add_vector(teacher, 1, vec):
-            lt = common.completion_logits(teacher, ids, mask, comp)
-        return dl.localized_reverse_kl(common.completion_logits(model, ids, mask, comp), lt, cmask, s, "collapsed")
+        with torch.no_grad(), steering.add_vector(teacher, 1, vec):
+            lt = steering.completion_logits(teacher, ids, mask, comp)
+        return dl.localized_reverse_kl(steering.completion_logits(model, ids, mask, comp), lt, cmask, s, "collapsed")
     before = loss()
     before.backward()
     opt.step()
@@ -147,22 +286,19 @@ def test_anchored_step_gradient_is_harmful_loss_plus_lambda_anchor_loss(tok, mod
     """train_step with anchor prompts: the gradient it applies equals that of
     L(harmful samples, steered πt) + λ·L(anchor samples, unsteered π0), computed by hand on the same samples."""
     import copy
-    from types import SimpleNamespace
     teacher = copy.deepcopy(model).requires_grad_(False)
     vec = torch.randn(model.config.hidden_size) * 3
     harmful, anchors = ["hello", "how are you"], ["what is 2+2"]
-    args = SimpleNamespace(samples=2, max_new_tokens=5, temperature=1.0, top_p=1.0, micro_batch=3, loss="partial",
-                           anchor_weight=0.5, clip=1e9)
-    ids, mask = common.encode_chats(tok, [p for p in harmful + anchors for _ in range(2)])
-    comp, cmask = common.sample(model, ids, mask, 5, temperature=1.0, generator=torch.Generator().manual_seed(0),
+    ids, mask = chat.encode_chats(tok, [p for p in harmful + anchors for _ in range(2)])
+    comp, cmask = steering.sample(model, ids, mask, 5, temperature=1.0, generator=torch.Generator().manual_seed(0),
                                 stop_ids=[10_000], pad_id=tok.pad_token_id)
     monkeypatch.setattr(dl, "sample", lambda *a, **k: (comp, cmask))
     s = torch.arange(10, 40)
 
     def part(rows, steer):
-        with torch.no_grad(), (common.add_vector(teacher, 1, vec) if steer else contextlib.nullcontext()):
-            lt = common.completion_logits(teacher, ids[rows], mask[rows], comp[rows])
-        ls = common.completion_logits(model, ids[rows], mask[rows], comp[rows])
+        with torch.no_grad(), (steering.add_vector(teacher, 1, vec) if steer else contextlib.nullcontext()):
+            lt = steering.completion_logits(teacher, ids[rows], mask[rows], comp[rows])
+        ls = steering.completion_logits(model, ids[rows], mask[rows], comp[rows])
         return dl.localized_reverse_kl(ls, lt, cmask[rows], s, "partial")
     model.zero_grad()
     (part(slice(0, 4), True) + 0.5 * part(slice(4, 6), False)).backward()
@@ -174,8 +310,9 @@ def test_anchored_step_gradient_is_harmful_loss_plus_lambda_anchor_loss(tok, mod
             self.grads = [p.grad.clone() for p in model.parameters()]
     opt = Capture(model.parameters(), lr=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    rec = dl.train_step(model, teacher, tok, harmful, s, args, None, opt, sched,
-                        lambda: common.add_vector(teacher, 1, vec), anchors)
+    rec = dl.train_step(model, tok, harmful, anchors, teacher=steering.Teacher(teacher, "hook", vec, 1),
+                        base=steering.Teacher(teacher, "base"), s_ids=s, opt=opt, sched=sched, gen=None, samples=2,
+                        max_new_tokens=5, loss="partial", anchor_weight=0.5, micro_batch=3, clip=1e9)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(opt.grads, expected))
     assert {"anchor_loss", "anchor_refusal"} <= rec.keys()
     assert rec["loss"] == pytest.approx(rec["partial"] + 0.5 * rec["anchor_loss"], abs=1e-6)
@@ -191,7 +328,7 @@ def make_run(out, model_dir, tok, s_ids=(10, 20, 30, 40)):
     common.save_tensors(out / "direction.safetensors", {"direction": torch.randn(hidden) * 4})
     common.write_json(out / "direction.json", {"layer": 1, "coefficient": 1.0, "hidden_size": hidden})
     common.write_json(out / "safety_tokens.json", {"token_ids": list(s_ids), "vocab_size": len(tok),
-                                                   "tokenizer_fingerprint": common.tokenizer_fingerprint(tok)})
+                                                   "tokenizer_fingerprint": chat.tokenizer_fingerprint(tok)})
 
 
 def args_for(model_dir, out, *extra):
@@ -212,7 +349,7 @@ def test_main_trains_saves_and_reloads(model_dir, tok, tmp_path, capsys):
     assert info["loss"] == "collapsed" and info["s_token_ids"] == [10, 20, 30, 40]
     log = [json.loads(l) for l in (out / "student" / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == 4 and all(k in log[0] for k in ("loss", "collapsed", "full", "sampled_refusal",
-                                                       "mean_completion_tokens", "seconds", "peak_rss_mb"))
+                                                       "mean_completion_tokens", "seconds", "peak_memory_mb"))
     assert not (out / "student.work").exists()
     assert "wrote" in capsys.readouterr().out
     dl.main(args_for(model_dir, out, "--random-tokens", "--student", "rand", "--loss", "full"))

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import common
+import chat
 import evaluate as ev
 from common import UserError
 
@@ -39,7 +40,7 @@ def test_qa_correct(answer, accepted, ok):
 def test_kl_and_nll_equal_brute_force(tok, model):
     from conftest import make_model
     other = make_model(tok, seed=7)
-    ids, mask = common.encode_chats(tok, ["hello", "what is up there"])
+    ids, mask = chat.encode_chats(tok, ["hello", "what is up there"])
     comp = torch.randint(0, 250, (2, 5))
     cmask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     kl, nll = ev.kl_to_base(other, model, ids, mask, comp, cmask)

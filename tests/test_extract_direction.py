@@ -6,6 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import steering
+import chat
 import extract_direction as ed
 from common import UserError
 
@@ -17,8 +19,8 @@ def block_inputs_one_prompt(model, tok, prompt):
     """Brute force: run one unpadded prompt, record every block's input: [L, seq, hidden]."""
     seen = {}
     handles = [b.register_forward_pre_hook(lambda m, a, k, i=i: seen.__setitem__(i, (a[0] if a else k["hidden_states"])[0]),
-                                           with_kwargs=True) for i, b in enumerate(common.decoder_layers(model))]
-    ids, mask = common.encode_chats(tok, [prompt])
+                                           with_kwargs=True) for i, b in enumerate(steering.decoder_layers(model))]
+    ids, mask = chat.encode_chats(tok, [prompt])
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
     [h.remove() for h in handles]
@@ -26,19 +28,19 @@ def block_inputs_one_prompt(model, tok, prompt):
 
 
 def test_shared_prefix_batches_equal_plain_forward(tok, model):
-    post = common.post_instruction_ids(tok)
+    post = ed.post_instruction_ids(tok)
     pb = ed.PromptBatches(tok, PROMPTS_A + PROMPTS_B, batch_size=4, device="cpu")
     assert pb.prefix.numel() > 0
     for idx, ids, mask in pb.batches:  # the template suffix ends every left-padded row
         assert all(row[-len(post):].tolist() == post for row in ids)
-    ids, mask = common.encode_chats(tok, PROMPTS_A + PROMPTS_B)
+    ids, mask = chat.encode_chats(tok, PROMPTS_A + PROMPTS_B)
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask).logits[:, -1]
     assert torch.allclose(pb.last_logits(model), ref, atol=1e-4)
 
 
 def test_mean_difference_equals_brute_force(tok, model):
-    n_pos = len(common.post_instruction_ids(tok))
+    n_pos = len(ed.post_instruction_ids(tok))
     r = ed.candidate_directions(model, ed.PromptBatches(tok, PROMPTS_A, 2, "cpu"),
                                 ed.PromptBatches(tok, PROMPTS_B, 2, "cpu"), n_pos)
     mean = lambda ps: torch.stack([block_inputs_one_prompt(model, tok, p)[:, -n_pos:].double() for p in ps]).mean(0)
@@ -65,7 +67,7 @@ def test_scores_equal_hand_computation(tok, model):
     vec = r[1, 2].float()
 
     def score(prompts, ctx):
-        ids, mask = common.encode_chats(tok, prompts)
+        ids, mask = chat.encode_chats(tok, prompts)
         with torch.no_grad(), ctx:
             logits = model(input_ids=ids, attention_mask=mask).logits[:, -1].double()
         return logits
@@ -75,11 +77,11 @@ def test_scores_equal_hand_computation(tok, model):
         return torch.log(p / (1 - p)).mean().item()
     import contextlib
     base = torch.softmax(score(PROMPTS_B, contextlib.nullcontext()), -1)
-    abl = torch.softmax(score(PROMPTS_B, common.ablate_direction(model, vec)), -1)
+    abl = torch.softmax(score(PROMPTS_B, steering.ablate_direction(model, vec)), -1)
     row = rows[0]
     assert row["layer"] == 2 and row["position"] == -1 and row["token"] == "b"
-    assert row["bypass"] == pytest.approx(s(score(PROMPTS_A, common.ablate_direction(model, vec))), abs=1e-4)
-    assert row["induce"] == pytest.approx(s(score(PROMPTS_B, common.add_vector(model, 2, vec))), abs=1e-4)
+    assert row["bypass"] == pytest.approx(s(score(PROMPTS_A, steering.ablate_direction(model, vec))), abs=1e-4)
+    assert row["induce"] == pytest.approx(s(score(PROMPTS_B, steering.add_vector(model, 2, vec))), abs=1e-4)
     assert row["kl"] == pytest.approx((base * (base / abl).log()).sum(-1).mean().item(), abs=1e-5)
 
 
@@ -113,7 +115,10 @@ def test_main_writes_the_contract(model_dir, tmp_path, capsys):
     check = json.loads((out / "steering_check.json").read_text())
     n_pos = len(json.loads((out / "candidates.json").read_text())["positions"])
     assert vec.dtype == torch.float32 and vec.shape == (meta["hidden_size"],)
-    assert len(cands) == n_pos * meta["n_layers"]
+    skipped = json.loads((out / "candidates.json").read_text())["skipped"]
+    # block 0's input at the template's tokens is the same embedding for every prompt: r = 0 there, not scored
+    assert {(s["layer"], s["reason"]) for s in skipped} == {(0, "zero direction")} and len(skipped) == n_pos
+    assert len(cands) == n_pos * (meta["n_layers"] - 1) and all(c["layer"] > 0 for c in cands)
     assert meta["norm"] == pytest.approx(vec.norm().item(), rel=1e-5)
     for key in ("layer", "position", "coefficient", "selection_rule", "fallback_used", "scores", "data", "seed",
                 "torch", "transformers", "git_commit"):
@@ -151,8 +156,8 @@ def test_response_direction_equals_brute_force(tok, model):
         for p in PROMPTS_A:  # one unpadded sequence at a time, block inputs recorded by hand
             seen = {}
             hs = [b.register_forward_pre_hook(lambda m, a, k, i=i: seen.__setitem__(i, (a[0] if a else k["hidden_states"])[0]),
-                                              with_kwargs=True) for i, b in enumerate(common.decoder_layers(model))]
-            ids = tok(common.render_chat(tok, p) + answer, add_special_tokens=False, return_tensors="pt").input_ids
+                                              with_kwargs=True) for i, b in enumerate(steering.decoder_layers(model))]
+            ids = tok(chat.render_chat(tok, p) + answer, add_special_tokens=False, return_tensors="pt").input_ids
             with torch.no_grad():
                 model(input_ids=ids)
             [h.remove() for h in hs]

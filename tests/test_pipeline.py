@@ -29,9 +29,15 @@ def check_eval(res):
     for name, r in res["models"].items():
         for key in ("refusal_harmful", "asr", "over_refusal", "over_refusal_risky", "kl_to_base", "nll", "qa_accuracy"):
             assert key in r, (name, key)
-        assert r["asr"] == pytest.approx(1 - r["refusal_harmful"])
-        assert 0 <= r["qa_accuracy"] <= 1
-    assert res["models"]["base"]["kl_to_base"] == pytest.approx(0, abs=1e-9)
+        assert r["asr"]["rate"] == pytest.approx(1 - r["refusal_harmful"]["rate"])
+        for key in ("refusal_harmful", "over_refusal", "qa_accuracy", "harmful_reform", "harmless_reform"):
+            assert 0 <= r[key]["lo"] <= r[key]["rate"] <= r[key]["hi"] <= 1, (name, key)
+        assert set(r["harmful_reform_by_style"]) <= {"short_question", "past_tense", "hypothetical",
+                                                     "third_person_story"}
+        assert r["kl_to_base"]["lo"] <= r["kl_to_base"]["value"] <= r["kl_to_base"]["hi"]
+    assert res["models"]["base"]["kl_to_base"]["value"] == pytest.approx(0, abs=1e-9)
+    assert set(res["models"]["student"]["paired"]) == {"base", "teacher"}
+    assert "p_value" in res["models"]["student"]["paired"]["base"]["harmful"]
     assert res["counts"]["harmful"] == 3 and res["judge_phrases"]
 
 
@@ -42,7 +48,8 @@ def test_pipeline_tiny(model_dir, tmp_path):
     md = (out / "eval.md").read_text()
     assert "| student |" in md and "| teacher |" in md
     samples = [json.loads(l) for l in (out / "eval_samples.jsonl").read_text().splitlines()]
-    assert {s["set"] for s in samples} == {"harmful_test", "harmless_test", "general_qa"}
+    assert {s["set"] for s in samples} == {"harmful_test", "harmless_test", "harmful_reform_test",
+                                                  "harmless_reform_test", "general_qa"}
 
 
 @pytest.mark.slow
@@ -50,4 +57,4 @@ def test_pipeline_bundled_model(tmp_path):
     """The real SmolLM2-135M-Instruct, smallest settings that still run every stage."""
     res = run_pipeline("smollm2-135m", tmp_path / "run", tiny=False)
     check_eval(res)
-    assert res["models"]["teacher"]["kl_to_base"] > 0
+    assert res["models"]["teacher"]["kl_to_base"]["value"] > 0

@@ -71,7 +71,7 @@ def test_sigterm_between_steps_then_resume_equals_uninterrupted(model_dir, tok, 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(model_dir, tok, tmp_path, monkeypatch):
     out = tmp_path / "run"
     make_run(out, model_dir, tok)
-    real_loss, real_step, state = dl.LOSSES["collapsed"], dl.train_step, {"step": 0}
+    real_loss, real_step, state = dl.LOSSES["lean"]["collapsed"], dl.train_step, {"step": 0}
 
     def step(*a, **k):
         state["step"] += 1
@@ -81,7 +81,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(model_dir, tok, tmp_path, 
         loss = real_loss(ls, lt, s)
         return loss * float("nan") if state["step"] >= 3 else loss
     monkeypatch.setattr(dl, "train_step", step)
-    monkeypatch.setitem(dl.LOSSES, "collapsed", nan_from_step_3)
+    monkeypatch.setitem(dl.LOSSES["lean"], "collapsed", nan_from_step_3)
     with pytest.raises(UserError, match="loss became nan"):
         dl.main(args_for(model_dir, out, "--checkpoint-every", "1"))
     ck = torch.load(out / "student.work" / "checkpoint.pt", weights_only=False)

@@ -5,12 +5,14 @@ import pytest
 import torch
 
 import common
+import steering
+import chat
 import select_tokens as st
 from common import UserError
 
 
 def hook_teacher(model, vec, layer=1, c=1.0):
-    return st.Teacher(model, "hook", vec, layer, c)
+    return steering.Teacher(model, "hook", vec, layer, c)
 
 
 def test_delta_equals_brute_force(tok, model):
@@ -23,10 +25,10 @@ def test_delta_equals_brute_force(tok, model):
     assert log_pt.shape[0] == int(batch["comp_mask"].sum())
     rows = []
     for prompt, comp, cm in zip(batch["prompts"], batch["comp"], batch["comp_mask"]):
-        ids, _ = common.encode_chats(tok, [prompt])  # unpadded, one sequence at a time
+        ids, _ = chat.encode_chats(tok, [prompt])  # unpadded, one sequence at a time
         full = torch.cat([ids[0], comp])[None]
         with torch.no_grad():
-            with common.add_vector(model, 1, vec):
+            with steering.add_vector(model, 1, vec):
                 lt = model(input_ids=full).logits[0].double().log_softmax(-1)
             l0 = model(input_ids=full).logits[0].double().log_softmax(-1)
         plen = ids.shape[1]
@@ -47,7 +49,7 @@ def test_vote_recovers_tokens_the_direction_raises(tok, model, score, aggregate)
     and a special token that the direction also raises must stay out."""
     targets = [tok.convert_tokens_to_ids(c) for c in ("Q", "Z", "j")]
     special = tok.convert_tokens_to_ids("<|im_start|>")
-    assert special in common.special_token_ids(tok)
+    assert special in chat.special_token_ids(tok)
     with torch.no_grad():  # orthogonal unembedding rows for the raised tokens, so no random row competes
         w = model.lm_head.weight
         for j, i in enumerate(targets + [special]):
@@ -55,11 +57,10 @@ def test_vote_recovers_tokens_the_direction_raises(tok, model, score, aggregate)
             w[i, j] = 3.0
     vec = torch.zeros(model.config.hidden_size)
     vec[:4] = 30.0
-    teacher = hook_teacher(model, vec, layer=len(common.decoder_layers(model)) - 1)
+    teacher = hook_teacher(model, vec, layer=len(steering.decoder_layers(model)) - 1)
     batches = st.teacher_samples(model, tok, teacher, ["hello", "what now"], m=2, h=4, batch_size=8,
                                  gen=torch.Generator().manual_seed(0))
-    args = type("A", (), dict(score=score, aggregate=aggregate, k=3, k_vote=3, prob_floor=0.0))
-    sel = st.select(model, tok, teacher, batches, args)
+    sel = st.select(model, tok, teacher, batches, score=score, aggregate=aggregate, k=3, k_vote=3, prob_floor=0.0)
     assert sorted(sel["ids"].tolist()) == sorted(targets)
     assert special not in sel["ids"].tolist()
 
@@ -138,6 +139,6 @@ def test_contrast_keeps_what_is_specific_to_the_selection_prompts(tok, monkeypat
     mean_pt = torch.full((v,), 1.0 / v)
     calls = iter([(sel, mean_pt, sel.mean(0)), (con, mean_pt, con.mean(0))])
     monkeypatch.setattr(st, "position_scores", lambda *a, **k: next(calls))
-    args = type("A", (), dict(score="kl", aggregate=aggregate, k=3, k_vote=2, prob_floor=0.0))
-    out = st.select(None, tok, None, ["sel"], args, contrast_batches=["con"])
+    out = st.select(None, tok, None, ["sel"], score="kl", aggregate=aggregate, k=3, k_vote=2, prob_floor=0.0,
+                    contrast_batches=["con"])
     assert out["ids"].tolist() == [9]

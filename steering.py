@@ -1,0 +1,271 @@
+"""The method's shared machinery: the steering hooks that make the teacher πt, and the sampler.
+
+Three stages need the same few pieces, so they live here once:
+
+    blocks        decoder_layers, check_layer       where the residual stream of each family is
+    hooks         add_vector (πt = π0 + c·r at block l), ablate_direction (r̂ projected out everywhere)
+    the teacher   load_direction, Teacher, load_teacher   πt as one object: hook, safety system prompt, or π0
+    sampling      sample (a KV-cached decoding loop, by hand), completion_logits (teacher forcing)
+
+What is plumbing (files, loading, templates, the CLI) is in common.py; the math of each stage is in its file.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from chat import encode_chats
+from common import UserError, load_json
+
+# The prompt-based teacher (authors' "via prompt" variant): π0 told to refuse, instead of the hook.
+SAFETY_SYSTEM_PROMPT = ("You are a responsible assistant. If a request could help someone cause harm or break the "
+                        "law, refuse it clearly and briefly, and say that you cannot help with it.")
+
+
+# ----------------------------------------------------------------------------- blocks and hooks
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder blocks: model.layers for Llama/Qwen/Gemma/Mistral (also under a peft wrapper), GPT-2's
+    transformer.h, NeoX's gpt_neox.layers."""
+    for path in ("model.layers", "model.model.layers", "base_model.model.model.layers", "transformer.h",
+                 "gpt_neox.layers", "model.decoder.layers", "model.language_model.layers"):
+        obj = model
+        for attr in path.split("."):
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                break
+        if isinstance(obj, torch.nn.ModuleList):
+            return obj
+    raise UserError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def check_layer(model, layer: int) -> int:
+    n = len(decoder_layers(model))
+    if not 0 <= layer < n:
+        raise UserError(f"layer {layer} is out of range: the model has blocks 0..{n - 1}")
+    return layer
+
+
+def _replace_hidden(args, kwargs, fn):
+    """Apply fn to a block's hidden_states input, wherever the caller put it (transformers 5 passes it by
+    keyword, older releases positionally)."""
+    if args:
+        return (fn(args[0]),) + tuple(args[1:]), kwargs
+    kwargs = dict(kwargs)
+    kwargs["hidden_states"] = fn(kwargs["hidden_states"])
+    return args, kwargs
+
+
+@contextlib.contextmanager
+def add_vector(model, layer: int, vector: torch.Tensor, coefficient: float = 1.0):
+    """πt: add c·r to the input of decoder block `layer` at every position (prompt and each cached step).
+
+    A pre-hook, so it sees the residual stream before the block; always removed on exit. The vector moves to
+    the block's device, so a model split over devices (device_map) is steered at the right place.
+    """
+    check_layer(model, layer)
+    hidden = model.config.get_text_config().hidden_size
+    if vector.shape != (hidden,):
+        raise UserError(f"direction has shape {tuple(vector.shape)}, the model's hidden size is {hidden}")
+    delta = coefficient * vector
+
+    def hook(module, args, kwargs):
+        return _replace_hidden(args, kwargs, lambda h: h + delta.to(h.device, h.dtype))
+
+    handle = decoder_layers(model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _project_out(h: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    u = unit.to(h.device, h.dtype)
+    return h - (h @ u).unsqueeze(-1) * u  # h - (h·r̂) r̂
+
+
+@contextlib.contextmanager
+def ablate_direction(model, direction: torch.Tensor):
+    """Directional ablation (Arditi et al.): remove r̂ from every block input and from every attention
+    and MLP output, so the residual stream never carries a component along r."""
+    unit = direction.float() / direction.float().norm()
+
+    def pre_hook(module, args, kwargs):
+        return _replace_hidden(args, kwargs, lambda h: _project_out(h, unit))
+
+    def out_hook(module, args, output):
+        if isinstance(output, tuple):  # attention returns (output, weights)
+            return (_project_out(output[0], unit),) + tuple(output[1:])
+        return _project_out(output, unit)
+
+    handles = []
+    try:
+        for block in decoder_layers(model):
+            handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            for name in ("self_attn", "attn", "attention", "mlp"):
+                sub = getattr(block, name, None)
+                if isinstance(sub, torch.nn.Module):
+                    handles.append(sub.register_forward_hook(out_hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ----------------------------------------------------------------------------- the teacher
+
+def load_direction(path, model) -> tuple[torch.Tensor, dict]:
+    """Stage 1's r and its direction.json (same folder), checked against the model it will steer."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    path = Path(path)
+    if path.is_dir():
+        path = path / "direction.safetensors"
+    if not path.is_file():
+        raise UserError(f"{path}: direction file not found (run extract_direction.py first, or pass --direction)")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: not a safetensors file ({e})") from None
+    if "direction" not in tensors:
+        raise UserError(f"{path}: holds no tensor named 'direction'")
+    meta = load_json(path.with_suffix(".json"))
+    vec = tensors["direction"].float()
+    hidden = model.config.get_text_config().hidden_size
+    if vec.shape != (hidden,):
+        raise UserError(f"{path}: direction has size {tuple(vec.shape)}, the model's hidden size is "
+                        f"{hidden} (made for another model?)")
+    if "layer" not in meta:
+        raise UserError(f"{path.with_suffix('.json')}: no 'layer' field")
+    return vec.to(next(model.parameters()).device), meta
+
+
+class Teacher:
+    """πt as one object: `with teacher.steer(): model(...)` runs the model as the teacher, on the context that
+    `teacher.encode(tok, prompts)` renders.
+
+        hook    π0 + c·r at block l (Stage 1's direction), plain prompt          (the method)
+        prompt  π0 behind a safety system prompt, no hook                          (authors' "via prompt")
+        base    π0 itself                                                          (anchoring's target)
+
+    `base_context` is entered first on every use; with LoRA it switches the adapters off, so the one copy of the
+    base weights serves as π0, πt and (adapters on) the student.
+    """
+
+    def __init__(self, model, kind: str = "hook", vector=None, layer: int | None = None, coefficient: float = 1.0,
+                 system: str | None = None, base_context=contextlib.nullcontext):
+        if kind not in ("hook", "prompt", "base"):
+            raise ValueError(f"unknown teacher kind {kind!r}")
+        self.model, self.kind, self.vector, self.layer, self.coefficient = model, kind, vector, layer, coefficient
+        self.system = (system or SAFETY_SYSTEM_PROMPT) if kind == "prompt" else None
+        self.base_context = base_context
+
+    @contextlib.contextmanager
+    def steer(self):
+        with self.base_context():
+            if self.kind == "hook":
+                with add_vector(self.model, self.layer, self.vector, self.coefficient):
+                    yield
+            else:
+                yield
+
+    def encode(self, tok, prompts: list[str], device="cpu"):
+        """The teacher's context for each prompt: [b, plen] ids and mask (left-padded)."""
+        return encode_chats(tok, prompts, system=self.system, device=device)
+
+    def describe(self) -> str:
+        if self.kind == "hook":
+            return f"hook at block {self.layer}, c = {self.coefficient}, |r| = {self.vector.norm():.2f}"
+        return "safety system prompt" if self.kind == "prompt" else "π0 (no steering)"
+
+
+def load_teacher(model, direction_path, kind: str = "hook", coefficient: float | None = None,
+                 system: str | None = None, base_context=contextlib.nullcontext) -> tuple[Teacher, dict]:
+    """Teacher from Stage 1's files. c is direction.json's coefficient unless one is given (the one place
+    where that fallback lives). Returns (teacher, direction.json)."""
+    vec, meta = load_direction(direction_path, model)
+    check_layer(model, int(meta["layer"]))
+    c = float(meta.get("coefficient", 1.0)) if coefficient is None else coefficient
+    return Teacher(model, kind, vec, int(meta["layer"]), c, system, base_context), meta
+
+
+# ----------------------------------------------------------------------------- sampler
+
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Top-k, then nucleus (top-p) filtering: removed tokens get -inf. logits: [batch, vocab]."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches p
+        drop[:, 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
+           stop_ids: list[int], pad_id: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+           generator: torch.Generator | None = None):
+    """Decode a batch of left-padded prompts with a KV cache; temperature 0 means greedy.
+
+    Returns (tokens [batch, new], mask [batch, new]); mask is 1 up to and including each row's first
+    stop token. Rows stop independently; a finished row is fed pad tokens, and decoding ends as soon as
+    every row has stopped (the returned width is then the longest row's).
+    """
+    batch, plen = input_ids.shape
+    device = input_ids.device
+    # One preallocated mask for prompt + completion: no tensor grows by cat inside the loop.
+    full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, max_new_tokens)], dim=1)
+    positions = attention_mask.long().cumsum(-1) - 1  # left padding must not shift RoPE positions
+    next_pos = positions[:, -1:] + 1
+    positions = positions.clamp(min=0)
+    stop = torch.tensor(stop_ids, device=device)
+    tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
+    alive = torch.ones(batch, dtype=torch.bool, device=device)
+
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    for t in range(max_new_tokens):
+        logits = out.logits[:, -1, :].float()  # [batch, vocab]
+        if temperature == 0:
+            nxt = logits.argmax(-1)
+        else:
+            probs = _filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(device)
+        nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_id))
+        tokens[:, t] = nxt
+        mask[:, t] = alive.long()
+        alive = alive & ~torch.isin(nxt, stop)
+        if not alive.any():
+            return tokens[:, :t + 1], mask[:, :t + 1]
+        if t + 1 < max_new_tokens:
+            out = model(input_ids=nxt[:, None], attention_mask=full_mask[:, :plen + t + 1],
+                        position_ids=next_pos + t, past_key_values=cache, use_cache=True)
+    return tokens, mask
+
+
+def completion_logits(model, prompt_ids, prompt_mask, comp_ids) -> torch.Tensor:
+    """Teacher-force prompt + completion; return the logits that predict each completion token.
+
+    [batch, plen] + [batch, T] -> [batch, T, vocab], in the model's dtype. Only the last T + 1 positions go
+    through the LM head. Prompts may differ in length between teacher and student (a system prompt): the
+    completion positions still line up, because each row's completion follows its own prompt.
+    """
+    ids = torch.cat([prompt_ids, comp_ids], dim=1)
+    mask = torch.cat([prompt_mask, torch.ones_like(comp_ids)], dim=1)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    t = comp_ids.shape[1]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                   logits_to_keep=t + 1).logits
+    return logits[:, :-1]  # position plen-1+i predicts completion token i
+
+
+def decode_completions(tok, tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    return [tok.decode(row[m.bool()], skip_special_tokens=True).strip() for row, m in zip(tokens, mask)]

@@ -1,0 +1,159 @@
+"""Chat templates and model families: every family's tokens, offline, on tiny random models of its architecture.
+
+For each family (SmolLM2's ChatML, Qwen3 with its think block, Qwen2.5, Llama-3 with rope scaling, Gemma 2 with
+soft-capping and no system role, Gemma 3): the post-instruction tokens, the end-of-turn stop, the decoder blocks,
+the hook, Stage 1's refusal tokens, and all four stages into one run directory.
+"""
+import json
+
+import pytest
+import torch
+from conftest import FAMILIES, LLAMA3, make_tokenizer
+
+import chat
+import common
+import distill
+import evaluate
+import extract_direction as ed
+import select_tokens
+import steering
+from common import UserError
+
+
+def load(family_dir):
+    name, d = family_dir
+    model, tok = common.load_model(str(d))  # as every stage loads it: padding side, pad token
+    return name, model, tok
+
+
+def test_post_instruction_tokens_are_what_the_template_adds(family_dir):
+    name, model, tok = load(family_dir)
+    expected = tok(FAMILIES[name][7], add_special_tokens=False).input_ids
+    ids = ed.post_instruction_ids(tok)
+    assert ids == expected, (name, tok.decode(ids))
+    full, _ = chat.encode_chats(tok, ["short", "a much longer question here"])
+    assert full[:, -len(ids):].tolist() == [ids, ids]  # left padding puts them at the end of every row
+    if tok.bos_token_id is not None:
+        assert all((row == tok.bos_token_id).sum() == 1 for row in full)  # BOS from the template only
+
+
+def test_end_of_turn_stops_the_sampler(family_dir):
+    name, model, tok = load(family_dir)
+    eot = tok.convert_tokens_to_ids(FAMILIES[name][6])
+    assert chat.end_of_turn_id(tok) == eot
+    stops = chat.stop_token_ids(tok)
+    assert eot in stops and tok.eos_token_id in stops
+    ids, mask = chat.encode_chats(tok, ["hi", "tell me more"])
+
+    def force_eot_at_step_3(module, args, output):  # the LM head's logits: call k predicts token k; eot at 3
+        if state["calls"] == 3:
+            output[..., eot] += 1e4
+        state["calls"] += 1
+        return output
+    state = {"calls": 0}
+    handle = model.get_output_embeddings().register_forward_hook(force_eot_at_step_3)
+    try:
+        toks, m = steering.sample(model, ids, mask, 10, temperature=0, stop_ids=stops, pad_id=tok.pad_token_id)
+    finally:
+        handle.remove()
+    assert toks.shape[1] == 4 and (toks[:, 3] == eot).all() and m.all()  # stopped right after eot, inclusive
+
+
+def test_system_prompt_where_the_family_has_none(family_dir):
+    name, model, tok = load(family_dir)
+    text = chat.render_chat(tok, "hello there", system="Be safe.")
+    assert "Be safe." in text and text.index("Be safe.") < text.index("hello there")
+
+
+def test_blocks_and_hook_at_the_chosen_block_only(family_dir):
+    name, model, tok = load(family_dir)
+    blocks = steering.decoder_layers(model)
+    assert len(blocks) == model.config.num_hidden_layers
+    ids, mask = chat.encode_chats(tok, ["hi", "what now"])
+    vec = torch.randn(model.config.hidden_size)
+
+    def block_inputs():
+        seen, hs = {}, []
+        for i, b in enumerate(blocks):
+            hs.append(b.register_forward_pre_hook(
+                lambda m, a, k, i=i: seen.__setitem__(i, (a[0] if a else k["hidden_states"]).clone()), with_kwargs=True))
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        [h.remove() for h in hs]
+        return seen, logits
+    plain, base_logits = block_inputs()
+    with steering.add_vector(model, 1, vec, 0.5):
+        steered, logits = block_inputs()
+    assert torch.equal(steered[0], plain[0])  # the block before is untouched
+    assert torch.allclose(steered[1] - plain[1], (0.5 * vec).expand_as(plain[1]), atol=1e-5)
+    assert not torch.allclose(logits, base_logits, atol=1e-4)
+
+
+def test_refusal_tokens_are_real_tokens(family_dir):
+    name, model, tok = load(family_dir)
+    ids = ed.refusal_token_ids(tok, ed.REFUSAL_WORDS)
+    assert all(0 <= i < len(tok) for i in ids) and not set(ids) & set(chat.special_token_ids(tok))
+    for word, i in zip(ed.REFUSAL_WORDS, ids):
+        assert word.startswith(tok.decode([i]))
+
+
+def test_every_stage_runs_and_the_student_reloads(family_dir, tmp_path):
+    """All four stages into one run directory, with the smallest settings; the student reloads with
+    AutoModelForCausalLM and gives the logits it had when saved."""
+    from transformers import AutoModelForCausalLM
+    name, d = family_dir
+    out = tmp_path / "run"
+    m = ["--model", str(d), "--out", str(out)]
+    ed.main(m + ["--n-train", "3", "--n-val", "2", "--layer", "1", "--position", "-1", "--check-prompts", "1",
+                 "--check-tokens", "3"])
+    select_tokens.main(m + ["--n-prompts", "2", "--samples", "2", "--horizon", "3", "--k", "5", "--k-vote", "8"])
+    saved = {}
+    real_save = distill.save_student
+
+    def remember_logits(student, tok, path, info, lora):
+        ids, mask = chat.encode_chats(tok, ["check the reload"])
+        with torch.no_grad():
+            saved["logits"] = student.eval()(input_ids=ids, attention_mask=mask).logits
+        saved["ids"], saved["mask"] = ids, mask
+        real_save(student, tok, path, info, lora)
+    distill.save_student = remember_logits
+    try:
+        distill.main(m + ["--max-steps", "1", "--prompts-per-step", "1", "--samples", "2", "--max-new-tokens", "4"])
+    finally:
+        distill.save_student = real_save
+    evaluate.main(m + ["--n", "2", "--max-new-tokens", "3", "--qa-tokens", "2", "--harmful-reform", "",
+                       "--harmless-reform", "", "--models", f"base={d}", f"student={out / 'student'}"])
+    student = AutoModelForCausalLM.from_pretrained(out / "student").eval()
+    with torch.no_grad():
+        logits = student(input_ids=saved["ids"], attention_mask=saved["mask"]).logits
+    assert torch.allclose(logits, saved["logits"], atol=1e-5)
+    res = json.loads((out / "eval.json").read_text())
+    assert set(res["models"]) == {"base", "student"}
+
+
+# ----------------------------------------------------------------------------- templates, one family at a time
+
+def test_llama3_template_from_the_conftest():
+    tok = make_tokenizer(LLAMA3)
+    ids = ed.post_instruction_ids(tok)
+    assert tok.decode(ids) == "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+def test_missing_template_names_the_flag(tok):
+    tok.chat_template = None
+    with pytest.raises(UserError, match="--chat-template"):
+        chat.render_chat(tok, "hi")
+
+
+def test_chat_template_flag_replaces_the_tokenizers(model_dir, tmp_path):
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+                        "{% if add_generation_prompt %}[assistant]{% endif %}")
+    _, tok = common.load_model(str(model_dir), chat_template=str(template))
+    assert chat.render_chat(tok, "hi") == "[user]hi[assistant]"
+
+
+def test_think_block_is_what_qwen3_adds_with_thinking_off(family_dir):
+    name, model, tok = load(family_dir)
+    text = chat.render_chat(tok, "x")
+    assert text.endswith("<think>\n\n</think>\n\n") == (name == "qwen3")

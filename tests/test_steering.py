@@ -1,0 +1,167 @@
+"""steering.py: the sampler against generate() and an uncached reference, the hooks against manual residual
+edits, the teacher object."""
+import pytest
+import torch
+
+import chat
+import steering
+from common import UserError
+
+
+def batch(tok, prompts=("hi", "tell me a long story please", "why?")):
+    return chat.encode_chats(tok, list(prompts))
+
+
+# ----------------------------------------------------------------------------- sampler
+
+@pytest.mark.parametrize("prompts", [("hello there",), ("hi", "tell me a long story please", "why?")])
+def test_greedy_equals_generate(tok, model, prompts):
+    ids, mask = batch(tok, prompts)
+    ours, _ = steering.sample(model, ids, mask, 12, temperature=0, stop_ids=[10_000], pad_id=tok.pad_token_id)
+    ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                         eos_token_id=None, pad_token_id=tok.pad_token_id)
+    assert torch.equal(ours, ref[:, ids.shape[1]:])
+
+
+def naive_sample(model, ids, mask, steps, gen, temperature):
+    """No cache: the whole sequence is re-run every step; the draws use the same generator calls."""
+    out = []
+    for _ in range(steps):
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float()
+        nxt = torch.multinomial((logits / temperature).softmax(-1), 1, generator=gen)
+        out.append(nxt)
+        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    return torch.cat(out, 1)
+
+
+def test_sampling_matches_uncached_reference_and_seed(tok, model):
+    ids, mask = batch(tok)
+    kw = dict(temperature=0.8, stop_ids=[10_000], pad_id=tok.pad_token_id)
+    a, _ = steering.sample(model, ids, mask, 10, generator=torch.Generator().manual_seed(3), **kw)
+    b, _ = steering.sample(model, ids, mask, 10, generator=torch.Generator().manual_seed(3), **kw)
+    c, _ = steering.sample(model, ids, mask, 10, generator=torch.Generator().manual_seed(4), **kw)
+    with torch.no_grad():
+        ref = naive_sample(model, ids, mask, 10, torch.Generator().manual_seed(3), 0.8)
+    assert torch.equal(a, b) and torch.equal(a, ref)
+    assert not torch.equal(a, c)
+
+
+def test_rows_stop_independently(tok, model):
+    ids, mask = batch(tok)
+    free, _ = steering.sample(model, ids, mask, 10, temperature=0, stop_ids=[10_000], pad_id=tok.pad_token_id)
+    stop = int(free[0, 2])  # row 0 will stop at its third token (or earlier if it appears before)
+    toks, m = steering.sample(model, ids, mask, 10, temperature=0, stop_ids=[stop], pad_id=tok.pad_token_id)
+    for r in range(len(toks)):
+        hits = (free[r] == stop).nonzero()
+        end = int(hits[0]) + 1 if len(hits) else free.shape[1]
+        assert m[r, :end].all() and not m[r, end:].any()  # mask runs through the first stop, inclusive
+        assert torch.equal(toks[r, :end], free[r, :end])
+        assert (toks[r, end:] == tok.pad_token_id).all()
+    assert int(m[0].sum()) <= 3
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(tok, model):
+    ids, mask = batch(tok)
+    kw = dict(stop_ids=[10_000], pad_id=tok.pad_token_id)
+    greedy, _ = steering.sample(model, ids, mask, 8, temperature=0, **kw)
+    k1, _ = steering.sample(model, ids, mask, 8, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(0), **kw)
+    p0, _ = steering.sample(model, ids, mask, 8, temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(greedy, k1) and torch.equal(greedy, p0)
+
+
+def test_filter_logits_top_p_keeps_smallest_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(steering._filter_logits(logits, 0, 0.75))
+    assert kept.tolist() == [[True, True, False, False]]  # 0.5 + 0.3 >= 0.75
+    kept = torch.isfinite(steering._filter_logits(logits, 3, 1.0))
+    assert kept.tolist() == [[True, True, True, False]]
+
+
+# ----------------------------------------------------------------------------- hooks
+
+def record_block_inputs(model):
+    seen, handles = {}, []
+    for i, block in enumerate(steering.decoder_layers(model)):
+        handles.append(block.register_forward_pre_hook(
+            lambda mod, args, kwargs, i=i: seen.__setitem__(i, (args[0] if args else kwargs["hidden_states"]).clone()),
+            with_kwargs=True))
+    return seen, handles
+
+
+def test_add_vector_equals_manual_edit(tok, model):
+    ids, mask = batch(tok)
+    vec = torch.randn(model.config.hidden_size)
+    with torch.no_grad():
+        base = model(input_ids=ids, attention_mask=mask).logits
+        # manual residual edit: a hook that we write here by hand
+        h = steering.decoder_layers(model)[2].register_forward_pre_hook(lambda m, a: (a[0] + 0.5 * vec,) + a[1:])
+        manual = model(input_ids=ids, attention_mask=mask).logits
+        h.remove()
+        with steering.add_vector(model, 2, vec, coefficient=0.5):
+            seen, handles = record_block_inputs(model)
+            steered = model(input_ids=ids, attention_mask=mask).logits
+            [x.remove() for x in handles]
+        plain, handles = record_block_inputs(model)
+        model(input_ids=ids, attention_mask=mask)
+        [x.remove() for x in handles]
+    assert torch.allclose(seen[2] - plain[2], (0.5 * vec).expand_as(plain[2]), atol=1e-5)
+    assert torch.equal(seen[1], plain[1])  # earlier blocks untouched
+    assert torch.allclose(steered, manual, atol=1e-6)
+    assert not torch.allclose(steered, base, atol=1e-3)
+
+
+def test_add_vector_applies_at_every_cached_step(tok, model):
+    """Greedy decoding with the hook and a KV cache equals generate() with the same hook."""
+    ids, mask = batch(tok)
+    vec = torch.randn(model.config.hidden_size)
+    with steering.add_vector(model, 1, vec):
+        ours, _ = steering.sample(model, ids, mask, 8, temperature=0, stop_ids=[10_000], pad_id=tok.pad_token_id)
+        ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                             eos_token_id=None, pad_token_id=tok.pad_token_id)
+    plain, _ = steering.sample(model, ids, mask, 8, temperature=0, stop_ids=[10_000], pad_id=tok.pad_token_id)
+    assert torch.equal(ours, ref[:, ids.shape[1]:])
+    assert not torch.equal(ours, plain)
+
+
+def test_hooks_removed_after_exception(model):
+    vec = torch.randn(model.config.hidden_size)
+    with pytest.raises(RuntimeError):
+        with steering.add_vector(model, 0, vec):
+            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError):
+        with steering.ablate_direction(model, vec):
+            raise RuntimeError("boom")
+    for m in model.modules():
+        assert not m._forward_pre_hooks and not m._forward_hooks
+
+
+def test_ablation_leaves_block_inputs_orthogonal(tok, model):
+    ids, mask = batch(tok)
+    r = torch.randn(model.config.hidden_size)
+    with torch.no_grad(), steering.ablate_direction(model, r):
+        seen, handles = record_block_inputs(model)
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        [x.remove() for x in handles]
+    unit = r / r.norm()
+    for i, h in seen.items():
+        assert (h @ unit).abs().max() < 1e-5, i
+    # the last block's output (before the final norm) carries no r̂ either
+    assert (out.hidden_states[-1] @ unit).abs().max() < 1e-4
+
+
+def test_bad_vector_and_layer(model):
+    with pytest.raises(UserError, match="hidden size"):
+        with steering.add_vector(model, 0, torch.zeros(7)):
+            pass
+    with pytest.raises(UserError, match="out of range"):
+        with steering.add_vector(model, 99, torch.zeros(model.config.hidden_size)):
+            pass
+
+
+def test_decoder_layers_locator():
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50))
+    qwen = Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=3, hidden_size=16, intermediate_size=32,
+                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=50))
+    assert len(steering.decoder_layers(gpt2)) == 2 and len(steering.decoder_layers(qwen)) == 3
