@@ -321,6 +321,7 @@ def main(argv=None):
         ret = retention(model, hook, base, tok, harmless_prompts, base_answers, args.batch_size)
         raw[name] = {"verdicts": verdicts, "qa_ok": qa_ok, "ret": ret}
         results[name] = {"spec": spec, **summarize(verdicts, sets, qa_ok, ret, args.seed),
+                         "kl_sums": [round(x, 6) for x in ret["kl"]], "kl_tokens": ret["tokens"],
                          "seconds": round(time.time() - t, 1)}
         for s, x in texts.items():
             samples += [{"model": name, "set": Path(paths[s]).stem, "category": r["category"], "style": r["style"],
