@@ -95,7 +95,7 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def add_common_args(p: argparse.ArgumentParser, out_default: str = "runs/demo") -> None:
+def add_common_args(p: argparse.ArgumentParser, out_default: str = "runs/demo", device_map: bool = False) -> None:
     p.add_argument("--model", default=BUNDLED_MODEL,
                    help="'smollm2-135m' (bundled), a local transformers directory, or a hub id")
     p.add_argument("--out", default=out_default, help="run directory shared by all stages")
@@ -105,6 +105,8 @@ def add_common_args(p: argparse.ArgumentParser, out_default: str = "runs/demo") 
                    help="truncate longer user prompts to this many tokens (with a warning that counts them)")
     p.add_argument("--chat-template", metavar="FILE",
                    help="a Jinja chat template to use instead of the tokenizer's (for a model without one)")
+    if device_map:  # the forward-only stages; Stage 3 scales out with torchrun instead
+        p.add_argument("--device-map", help="e.g. 'auto': spread a model too big for one GPU over all of them")
 
 
 def pick_device(name: str) -> torch.device:

@@ -56,6 +56,7 @@ from common import (Parser, UserError, add_common_args, data_file, fraction, loa
                     non_negative_float, non_negative_int, peak_memory_mb, pick_device, positive_float, positive_int,
                     read_prompts, run_cli, run_info, save_model_dir, seed_everything, truncate_prompts, write_jsonl)
 from metrics import refusal_rate
+from parallel import World
 from lean_losses import collapsed_kl, full_kl, partial_kl, rest_term
 from steering import Teacher, completion_logits, decode_completions, load_teacher, sample
 
@@ -180,15 +181,17 @@ def train_step(student, tok, harmful: list[str], anchors: list[str], *, teacher:
                s_ids, opt, sched, gen, samples: int, max_new_tokens: int, temperature: float = 1.0,
                top_p: float = 1.0, loss: str = "collapsed", impl: str = "lean", anchor_weight: float = 0.5,
                micro_batch: int = 8, clip: float = 1.0, skip_tokens: int = 0, keep_tokens: int | None = None,
-               timer: Timer | None = None) -> dict:
+               timer: Timer | None = None, world: World | None = None) -> dict:
     """One step: sample (student) -> teacher logits -> student logits -> loss -> backward -> update.
 
     Harmful rows are pulled toward `teacher` (πt), anchor rows (harmless, ours) toward `base` (π0) with
-    weight λ: loss = L(harmful samples, πt) + λ·L(anchor samples, π0)."""
-    timer = timer or Timer()
+    weight λ: loss = L(harmful samples, πt) + λ·L(anchor samples, π0). Under torchrun each rank passes its share
+    of the prompts; sequences are weighted by the step's global count and gradients summed over ranks."""
+    timer, world = timer or Timer(), world or World(torch.device("cpu"))
     device = next(student.parameters()).device
     rows = [p for p in harmful for _ in range(samples)] + [p for p in anchors for _ in range(samples)]
     n = samples * len(harmful)
+    n_global, n_anchor_global = world.sum([n, len(rows) - n])  # the mean over sequences is a global mean
     with timer("sample"):  # eval mode: no checkpointing, KV cache on
         ids, mask = encode_chats(tok, rows, device=device)
         comp, comp_mask = sample(student.eval(), ids, mask, max_new_tokens, temperature=temperature, top_p=top_p,
@@ -196,12 +199,13 @@ def train_step(student, tok, harmful: list[str], anchors: list[str], *, teacher:
     loss_mask = loss_window(comp_mask, skip_tokens, keep_tokens)
     student.train()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    stats = defaultdict(float)
-    for target, first, count, weight in ((teacher, 0, n, 1.0), (base, n, len(rows) - n, anchor_weight)):
+    stats = dict.fromkeys(["loss", "collapsed", "partial", "full"] + (["anchor_loss"] if n_anchor_global else []), 0.0)
+    for target, first, count, total, weight in ((teacher, 0, n, n_global, 1.0),
+                                                (base, n, len(rows) - n, n_anchor_global, anchor_weight)):
         ctx_ids, ctx_mask = (ids, mask) if target.system is None else target.encode(tok, rows, device)
         for i in range(first, first + count, micro_batch):  # gradient accumulation over micro-batches
             sl = slice(i, min(i + micro_batch, first + count))
-            share = (sl.stop - sl.start) / count  # this micro-batch's share of its group's sequences
+            share = (sl.stop - sl.start) / total  # this micro-batch's share of its group's sequences
             with timer("teacher"), torch.no_grad(), autocast, target.steer():
                 lt = completion_logits(target.model, ctx_ids[sl], ctx_mask[sl], comp[sl])  # [b, T, V]
             with timer("student_forward"), autocast:
@@ -212,23 +216,27 @@ def train_step(student, tok, harmful: list[str], anchors: list[str], *, teacher:
                 (weight * part).backward()
             with timer("diagnostics"):
                 log_losses(stats, part, ls, lt, loss_mask[sl], s_ids, share, weight, anchor=target is base)
+    stats = dict(zip(stats, world.sum(list(stats.values()))))  # each rank holds its share of the global loss
     if not math.isfinite(stats["loss"]):
         raise UserError(f"the loss became {stats['loss']}; stopping (the last checkpoint is kept)")
     with timer("optimizer"):
-        grad_norm = torch.nn.utils.clip_grad_norm_([q for q in student.parameters() if q.requires_grad], clip)
+        params = [q for q in student.parameters() if q.requires_grad]
+        world.sum_gradients(params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
     texts = decode_completions(tok, comp, comp_mask)
     new_tokens = int(comp_mask.sum())
+    refused, refused_anchor = world.sum([refusal_rate(texts[:n]) * n, refusal_rate(texts[n:]) * (len(rows) - n)])
     rec = {**stats, "grad_norm": grad_norm.item(), "lr": sched.get_last_lr()[0],
-           "sampled_refusal": refusal_rate(texts[:n]), "mean_completion_tokens": new_tokens / len(texts),
+           "sampled_refusal": refused / max(n_global, 1), "mean_completion_tokens": new_tokens / len(texts),
            "sample_tokens_per_s": new_tokens / timer.seconds["sample"],
            "seconds": {k: round(v, 3) for k, v in timer.seconds.items()},
            "step_seconds": round(sum(timer.seconds.values()), 3), "peak_memory_mb": peak_memory_mb(device),
            "example": texts[0][:200]}
-    if anchors:  # how often the student refuses the harmless anchor prompts it samples: over-refusal as it trains
-        rec["anchor_refusal"] = refusal_rate(texts[n:])
+    if n_anchor_global:  # how often the student refuses the harmless anchor prompts: over-refusal as it trains
+        rec["anchor_refusal"] = refused_anchor / n_anchor_global
     return rec
 
 
@@ -265,8 +273,10 @@ def load_safety_tokens(path: Path, tok, model, random_tokens: bool, seed: int) -
 
 def build_models(args, out: Path, device):
     """(student, tok, πt, π0). Full fine-tuning: a float32 student and a frozen copy of π0 (bf16 on CUDA) for
-    πt and π0. LoRA: one copy; adapters off is π0, adapters off + hook is πt."""
-    student, tok = load_model(args.model, device, dtype=torch.float32, chat_template=args.chat_template)
+    πt and π0. LoRA: one copy (bf16 on CUDA), float32 adapters; adapters off is π0, adapters off + hook is πt."""
+    lora_bf16 = args.lora_rank and device.type == "cuda"
+    student, tok = load_model(args.model, device, dtype=torch.bfloat16 if lora_bf16 else torch.float32,
+                              chat_template=args.chat_template)
     system = Path(args.system).read_text().strip() if args.system else None
     if args.lora_rank:
         from peft import LoraConfig, get_peft_model
@@ -287,15 +297,18 @@ def trainable(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(path: Path, student, opt, sched, step: int, gen, log: list[dict]) -> None:
+def save_checkpoint(path: Path, student, opt, sched, step: int, gen, log: list[dict], world: World) -> None:
+    gens = world.gather(gen.get_state())  # every rank's sampler stream, so that a resumed run draws the same
+    if not world.main:
+        return
     tmp = path.with_suffix(".tmp")
     torch.save({"model": {n: p.detach() for n, p in trainable(student).items()}, "opt": opt.state_dict(),
-                "sched": sched.state_dict(), "step": step, "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "sched": sched.state_dict(), "step": step, "gens": gens, "torch_rng": torch.get_rng_state(),
                 "py_rng": random.getstate(), "log": log}, tmp)
     tmp.replace(path)
 
 
-def load_checkpoint(path: Path, student, opt, sched, gen):
+def load_checkpoint(path: Path, student, opt, sched, gen, world: World):
     if not path.is_file():
         raise UserError(f"--resume: no checkpoint at {path}")
     ck = torch.load(path, weights_only=False)
@@ -305,7 +318,8 @@ def load_checkpoint(path: Path, student, opt, sched, gen):
             params[name].copy_(value)
     opt.load_state_dict(ck["opt"])
     sched.load_state_dict(ck["sched"])
-    gen.set_state(ck["gen"])
+    if len(ck["gens"]) == world.size:  # another world size: the streams restart from each rank's seed
+        gen.set_state(ck["gens"][world.rank])
     torch.set_rng_state(ck["torch_rng"])
     random.setstate(ck["py_rng"])
     return ck["step"], ck["log"]
@@ -346,7 +360,10 @@ def main(argv=None):
     if args.system and not Path(args.system).is_file():
         raise UserError(f"{args.system}: system prompt file not found")
     device = pick_device(args.device)
+    world = World(device)
     gen = seed_everything(args.seed)
+    if world.rank:  # its own sampler stream; rank 0 keeps the single-process one
+        gen.manual_seed(args.seed * 1_000_003 + world.rank)
     t0 = time.time()
     prompts = read_prompts(args.prompts)
     anchors = read_prompts(args.anchor) if args.anchor else []
@@ -366,35 +383,44 @@ def main(argv=None):
     opt = torch.optim.AdamW(trainable(student).values(), lr=args.lr, weight_decay=args.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, math.ceil(args.warmup * len(plan)), len(plan))
     work.mkdir(parents=True, exist_ok=True)
-    start, log = (load_checkpoint(work / "checkpoint.pt", student, opt, sched, gen) if args.resume else (0, []))
+    start, log = (load_checkpoint(work / "checkpoint.pt", student, opt, sched, gen, world) if args.resume else (0, []))
     n_train = sum(p.numel() for p in trainable(student).values())
-    print(f"distilling {len(plan)} steps x {args.prompts_per_step} prompts x {args.samples} samples, loss "
+    say = print if world.main else (lambda *a, **k: None)
+    say(f"distilling {len(plan)} steps x {args.prompts_per_step} prompts x {args.samples} samples, loss "
           f"{args.loss} ({args.loss_impl}), |S| = {len(s_ids)}{' (random)' if args.random_tokens else ''}; teacher "
           f"{teacher.describe()}; {n_train / 1e6:.1f}M trainable weights" + (" (LoRA)" if args.lora_rank else "")
           + (f"; anchor {args.anchor_per_step} x {args.samples} harmless samples, λ = {args.anchor_weight}"
-             if anchors else "") + (f"; resuming at step {start}" if start else ""))
+             if anchors else "") + (f"; resuming at step {start}" if start else "")
+        + (f"; {world.size} processes" if world.size > 1 else ""))
     knobs = dict(teacher=teacher, base=base, s_ids=s_ids, opt=opt, sched=sched, gen=gen, samples=args.samples,
                  max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, loss=args.loss,
                  impl=args.loss_impl, anchor_weight=args.anchor_weight, micro_batch=args.micro_batch, clip=args.clip,
-                 skip_tokens=args.skip_tokens, keep_tokens=args.keep_tokens)
-    bar = tqdm(range(start, len(plan)), desc=f"distill ({args.loss})", unit="step", initial=start, total=len(plan))
+                 skip_tokens=args.skip_tokens, keep_tokens=args.keep_tokens, world=world)
+    bar = tqdm(range(start, len(plan)), desc=f"distill ({args.loss})", unit="step", initial=start, total=len(plan),
+               disable=not world.main)
     for step in bar:
-        rec = {"step": step + 1, **train_step(student, tok, plan[step], anchor_plan[step], **knobs)}
+        rec = {"step": step + 1, **train_step(student, tok, world.share(plan[step]), world.share(anchor_plan[step]),
+                                              **knobs)}
         log.append(rec)
-        write_jsonl(work / "train_log.jsonl", log)
+        if world.main:
+            write_jsonl(work / "train_log.jsonl", log)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", refusal=f"{rec['sampled_refusal']:.2f}", s=f"{rec['step_seconds']:.0f}")
         if (step + 1) % args.checkpoint_every == 0 and step + 1 < len(plan):
-            save_checkpoint(work / "checkpoint.pt", student, opt, sched, step + 1, gen, log)
+            save_checkpoint(work / "checkpoint.pt", student, opt, sched, step + 1, gen, log, world)
 
     info = {"loss": args.loss, "random_tokens": args.random_tokens, "s_token_ids": s_ids.tolist(),
             "s_tokens": [tok.decode([i]) for i in s_ids.tolist()], "tokens_file": str(tokens_file),
             "teacher": {"kind": args.teacher, "file": str(args.direction or out / "direction.safetensors"),
                         "layer": dmeta["layer"], "coefficient": teacher.coefficient, "system": teacher.system},
-            "base_model": args.model, "steps": len(plan), "lora_rank": args.lora_rank, "args": vars(args),
-            "seconds": round(time.time() - t0, 1), **run_info()}
+            "base_model": args.model, "steps": len(plan), "lora_rank": args.lora_rank, "world_size": world.size,
+            "args": vars(args), "seconds": round(time.time() - t0, 1), **run_info()}
+    world.barrier()
+    if not world.main:
+        return world.close()
     save_student(student, tok, final_dir, info, lora=bool(args.lora_rank))
     write_jsonl(final_dir / "train_log.jsonl", log)
     shutil.rmtree(work, ignore_errors=True)
+    world.close()
     if log:
         first, last = log[0], log[-1]
         print(f"loss {first['loss']:.4f} -> {last['loss']:.4f}; sampled refusal {first['sampled_refusal']:.2f} -> "

@@ -52,7 +52,7 @@ SETS = ("harmful", "harmless", "harmful_reform", "harmless_reform")  # judged fo
 
 def parse_args(argv=None):
     p = Parser(__doc__)
-    add_common_args(p)
+    add_common_args(p, device_map=True)
     p.add_argument("--models", nargs="+", metavar="NAME=SPEC", help="models to compare (default: see above)")
     p.add_argument("--harmful", default=str(data_file("harmful_test")))
     p.add_argument("--harmless", default=str(data_file("harmless_test")))
@@ -226,14 +226,14 @@ def check_spec(spec: str, default_model: str) -> None:
     check_model_spec(spec)
 
 
-def load_spec(spec: str, default_model: str, device, chat_template=None, loaded=None):
+def load_spec(spec: str, default_model: str, device, chat_template=None, loaded=None, device_map=None):
     """(model, tokenizer, hook factory) for a spec: a model, or steer:DIR (π0 of direction.json + c·r).
     `loaded` maps model names already in memory to (model, tok), so the base model is not loaded twice."""
     loaded = loaded or {}
     steer = spec.startswith("steer:")
     name = load_json(Path(spec[6:]) / "direction.json").get("model", default_model) if steer else spec
     check_spec(spec, default_model)
-    model, tok = loaded.get(name) or load_model(name, device, chat_template=chat_template)
+    model, tok = loaded.get(name) or load_model(name, device, chat_template=chat_template, device_map=device_map)
     if not steer:
         return model, tok, contextlib.nullcontext
     teacher, _ = load_teacher(model, Path(spec[6:]) / "direction.safetensors")
@@ -291,7 +291,7 @@ def main(argv=None):
         raise UserError(f"{args.qa}: every question needs an 'answers' list")
     prepare_out_dir(out, OUTPUTS, args.overwrite)
 
-    base, base_tok = load_model(args.model, device, chat_template=args.chat_template)
+    base, base_tok = load_model(args.model, device, chat_template=args.chat_template, device_map=args.device_map)
     for name, rows in sets.items():
         for r, p in zip(rows, truncate_prompts(base_tok, [r["prompt"] for r in rows], args.max_prompt_tokens,
                                                paths[name])):
@@ -304,7 +304,8 @@ def main(argv=None):
     results, raw, samples = {}, {}, []
     for name, spec in tqdm(pairs, desc="models", unit="model"):
         t = time.time()
-        model, tok, hook = load_spec(spec, args.model, device, args.chat_template, {args.model: (base, base_tok)})
+        model, tok, hook = load_spec(spec, args.model, device, args.chat_template, {args.model: (base, base_tok)},
+                                      args.device_map)
         if len(tok) != len(base_tok) or tok.get_vocab() != base_tok.get_vocab():
             raise UserError(f"model {name} ({spec}) has another tokenizer than the base model {args.model}")
         texts = {}

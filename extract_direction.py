@@ -58,7 +58,7 @@ OUTPUTS = ["direction.safetensors", "direction.json", "candidates.json", "steeri
 
 def parse_args(argv=None):
     p = Parser(__doc__)
-    add_common_args(p)
+    add_common_args(p, device_map=True)
     p.add_argument("--harmful", default=str(data_file("harmful_train")), help="prompts for the harmful mean")
     p.add_argument("--harmless", default=str(data_file("harmless_train")), help="prompts for the harmless mean")
     p.add_argument("--harmful-val", default=str(data_file("harmful_val")), help="prompts for the bypass score")
@@ -293,7 +293,7 @@ def main(argv=None):
     harmful_val = read_prompts(args.harmful_val, args.n_val, args.seed)
     harmless_val = read_prompts(args.harmless_val, args.n_val, args.seed)
     out = prepare_out_dir(args.out, OUTPUTS, args.overwrite)
-    model, tok = load_model(args.model, device, chat_template=args.chat_template)
+    model, tok = load_model(args.model, device, chat_template=args.chat_template, device_map=args.device_map)
     harmful, harmless, harmful_val, harmless_val = (
         truncate_prompts(tok, ps, args.max_prompt_tokens, src) for ps, src in
         ((harmful, args.harmful), (harmless, args.harmless), (harmful_val, args.harmful_val),

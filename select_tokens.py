@@ -41,7 +41,7 @@ OUTPUTS = ["safety_tokens.json"]
 
 def parse_args(argv=None):
     p = Parser(__doc__)
-    add_common_args(p)
+    add_common_args(p, device_map=True)
     p.add_argument("--direction", help="Stage 1's direction.safetensors (default: OUT/direction.safetensors)")
     p.add_argument("--coefficient", type=float, help="c in πt = π0 + c·r (default: from direction.json)")
     p.add_argument("--teacher", choices=["hook", "prompt"], default="hook",
@@ -197,7 +197,7 @@ def main(argv=None):
     prompts = read_prompts(args.prompts, args.n_prompts, args.seed)
     cov_prompts = read_prompts(args.coverage_prompts, args.n_prompts, args.seed)
     out = prepare_out_dir(args.out, OUTPUTS, args.overwrite)
-    model, tok = load_model(args.model, device, chat_template=args.chat_template)
+    model, tok = load_model(args.model, device, chat_template=args.chat_template, device_map=args.device_map)
     prompts = truncate_prompts(tok, prompts, args.max_prompt_tokens, args.prompts)
     cov_prompts = truncate_prompts(tok, cov_prompts, args.max_prompt_tokens, args.coverage_prompts)
     teacher, dmeta = load_teacher(model, args.direction or out / "direction.safetensors", args.teacher,

@@ -21,7 +21,6 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -33,15 +32,13 @@ import distill  # noqa: E402
 
 def child(cfg):
     student, tok = common.load_model("smollm2-135m", "cpu", dtype=torch.float32)
-    teacher = copy.deepcopy(student).requires_grad_(False).eval()
+    frozen = copy.deepcopy(student).requires_grad_(False).eval()
     vec = torch.randn(student.config.hidden_size, generator=torch.Generator().manual_seed(0)) * 20
-    hook = lambda: steering.add_vector(teacher, 18, vec)
+    teacher, base = steering.Teacher(frozen, "hook", vec, 18), steering.Teacher(frozen, "base")
     if cfg["checkpointing"]:
         student.activation_checkpointing_enable()
     s_ids = torch.arange(1000, 1050)
     prompts = common.read_prompts(common.data_file("harmful_train"))
-    args = SimpleNamespace(samples=cfg["samples"], max_new_tokens=cfg["length"], temperature=1.0, top_p=1.0,
-                           micro_batch=cfg["micro_batch"], loss="collapsed", clip=1.0)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     gen = torch.Generator().manual_seed(0)
@@ -49,7 +46,9 @@ def child(cfg):
     recs = []
     for step in range(cfg["steps"] + 1):
         ps = prompts[step * cfg["prompts"]:(step + 1) * cfg["prompts"]]
-        recs.append(distill.train_step(student, teacher, tok, ps, s_ids, args, gen, opt, sched, hook))
+        recs.append(distill.train_step(student, tok, ps, [], teacher=teacher, base=base, s_ids=s_ids, opt=opt,
+                                       sched=sched, gen=gen, samples=cfg["samples"], max_new_tokens=cfg["length"],
+                                       micro_batch=cfg["micro_batch"], loss="collapsed"))
     recs = recs[1:]  # the first step warms up allocators and caches
     phases = {k: statistics.median(r["seconds"][k] for r in recs) for k in recs[0]["seconds"]}
     print(json.dumps({"phases": phases, "step": statistics.median(r["step_seconds"] for r in recs),

@@ -106,3 +106,25 @@ def test_cuda_without_cuda():
         pytest.skip("this machine has CUDA")
     with pytest.raises(UserError, match="CUDA"):
         common.pick_device("cuda")
+
+
+@pytest.mark.parametrize("kind,text,ok", [
+    (common.positive_int, "3", 3), (common.positive_int, "0", None), (common.positive_int, "2.5", None),
+    (common.non_negative_int, "0", 0), (common.positive_float, "8e-5", 8e-5), (common.positive_float, "-1", None),
+    (common.non_negative_float, "0", 0.0), (common.fraction, "1", 1.0), (common.fraction, "1.5", None),
+    (common.fraction, "0", None), (common.positive_float, "abc", None),
+])
+def test_number_types(kind, text, ok):
+    if ok is None:
+        with pytest.raises(argparse.ArgumentTypeError):
+            kind(text)
+    else:
+        assert kind(text) == ok
+
+
+def test_check_model_spec(model_dir, tmp_path):
+    common.check_model_spec(str(model_dir))
+    common.check_model_spec("org/name")  # a hub id is left to load_model
+    for bad, message in ((str(tmp_path / "none"), "not found"), (str(tmp_path), "no config.json")):
+        with pytest.raises(UserError, match=message):
+            common.check_model_spec(bad)

@@ -396,3 +396,99 @@ def test_token_file_for_another_tokenizer(model_dir, tok, tmp_path):
     common.write_json(out / "safety_tokens.json", {**meta, "token_ids": [10, 10_000]})
     with pytest.raises(UserError, match="outside the model's vocabulary"):
         dl.main(args_for(model_dir, out))
+
+
+# ----------------------------------------------------------------------------- LoRA: one copy of the weights
+
+def test_lora_teacher_base_and_student_share_one_copy(model_dir, tok, tmp_path):
+    """With --lora-rank the teacher is the student's own base weights with the adapters off and the hook on:
+    its logits equal a separately built steered copy of π0, the base weights exist once, and only adapters train."""
+    from types import SimpleNamespace
+    out = tmp_path / "run"
+    make_run(out, model_dir, tok)
+    a = dl.parse_args(args_for(model_dir, out, "--lora-rank", "4"))
+    student, tok2, teacher, base, _ = dl.build_models(a, out, torch.device("cpu"))
+    separate, _ = common.load_model(str(model_dir))
+    vec, meta = steering.load_direction(out / "direction.safetensors", separate)
+    ids, mask = chat.encode_chats(tok2, ["hello", "what is up"])
+    comp = torch.randint(0, 250, (2, 4))
+    with torch.no_grad():
+        with steering.add_vector(separate, 1, vec, 1.0):
+            ref = steering.completion_logits(separate, ids, mask, comp)
+        ref0 = steering.completion_logits(separate, ids, mask, comp)
+        with teacher.steer():
+            got = steering.completion_logits(teacher.model, ids, mask, comp)
+        with base.steer():
+            got0 = steering.completion_logits(base.model, ids, mask, comp)
+    assert torch.allclose(got, ref, atol=1e-5) and torch.allclose(got0, ref0, atol=1e-5)
+    # one storage: teacher, π0 and student read the same base tensors
+    assert teacher.model is student and base.model is student
+    base_ptrs = lambda m: {p.data_ptr() for n, p in m.named_parameters() if "lora_" not in n}
+    assert base_ptrs(teacher.model) == base_ptrs(base.model) == base_ptrs(student)
+    full_student, _, full_teacher, _, _ = dl.build_models(dl.parse_args(args_for(model_dir, out)), out,
+                                                          torch.device("cpu"))
+    assert not base_ptrs(full_teacher.model) & base_ptrs(full_student)  # full fine-tuning: a second copy
+    # gradients reach the adapters only
+    with torch.no_grad(), teacher.steer():
+        lt = steering.completion_logits(teacher.model, ids, mask, comp)
+    student.train()
+    torch.nn.init.normal_(next(p for n, p in student.named_parameters() if "lora_B" in n), std=0.1)
+    dl.localized_reverse_kl(steering.completion_logits(student, ids, mask, comp), lt, torch.ones_like(comp),
+                            torch.tensor([10, 20]), "collapsed").backward()
+    grads = {n: p.grad for n, p in student.named_parameters()}
+    assert all(g is None for n, g in grads.items() if "lora_" not in n)
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "lora_" in n)
+
+
+def test_lora_student_merges_reloads_and_resumes(model_dir, tok, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "run"
+    make_run(out, model_dir, tok)
+    dl.main(args_for(model_dir, out, "--lora-rank", "4", "--student", "straight"))
+    d = out / "straight"
+    assert (d / "adapter" / "adapter_config.json").exists() and (d / "adapter" / "adapter_model.safetensors").exists()
+    merged = AutoModelForCausalLM.from_pretrained(d).eval()  # a plain transformers directory, no peft needed
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    from peft import PeftModel
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), d / "adapter").eval()
+    ids, mask = chat.encode_chats(tok, ["hi there"])
+    with torch.no_grad():
+        lm = merged(input_ids=ids, attention_mask=mask).logits
+        la = with_adapter(input_ids=ids, attention_mask=mask).logits
+        lb = base(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(lm, la, atol=1e-5) and not torch.allclose(lm, lb, atol=1e-4)
+    # killed during step 4 (after the checkpoint of step 2), resumed: the same adapters as uninterrupted
+    real_step, calls = dl.train_step, {"n": 0}
+
+    def dying_step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+    monkeypatch.setattr(dl, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        dl.main(args_for(model_dir, out, "--lora-rank", "4", "--student", "resumed"))
+    monkeypatch.setattr(dl, "train_step", real_step)
+    ck = torch.load(out / "resumed.work" / "checkpoint.pt", weights_only=False)
+    assert ck["model"] and all("lora_" in n for n in ck["model"])  # only the adapters are checkpointed
+    dl.main(args_for(model_dir, out, "--lora-rank", "4", "--student", "resumed", "--resume"))
+    a = load_file(d / "adapter" / "adapter_model.safetensors")
+    b = load_file(out / "resumed" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prompt_teacher_sees_the_system_prompt_and_the_same_completion(tok, model):
+    """--teacher prompt: at every completion position the teacher's logits are the base model's on the
+    system-prompted context, while the student's context has no system prompt; positions line up."""
+    teacher = steering.Teacher(model, "prompt", system="Refuse harmful requests.")
+    prompts = ["hello", "how are you today"]
+    comp = torch.randint(0, 250, (2, 4))
+    t_ids, t_mask = teacher.encode(tok, prompts)
+    with torch.no_grad(), teacher.steer():
+        lt = steering.completion_logits(model, t_ids, t_mask, comp)
+    for r, p in enumerate(prompts):
+        ids, _ = chat.encode_chats(tok, [p], system="Refuse harmful requests.")  # unpadded, one at a time
+        with torch.no_grad():
+            ref = model(input_ids=torch.cat([ids[0], comp[r]])[None]).logits[0, ids.shape[1] - 1:-1]
+        assert torch.allclose(lt[r], ref, atol=1e-4)

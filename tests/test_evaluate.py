@@ -69,3 +69,32 @@ def test_model_specs(tmp_path):
     (tmp_path / "half").mkdir()
     with pytest.raises(UserError, match="not a model directory"):
         ev.load_spec(str(tmp_path / "half"), "x", "cpu")
+    with pytest.raises(UserError, match="not a model directory"):
+        ev.check_spec(str(tmp_path / "half"), "x")
+
+
+def test_a_bad_model_spec_fails_before_any_evaluation(model_dir, tmp_path, monkeypatch):
+    """`--models student=/no/such/dir` (as a new user types it) fails in seconds: no model is loaded first."""
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded before the specs were checked")
+    monkeypatch.setattr(ev, "load_model", no_loading)
+    for spec, message in ((str(tmp_path / "no" / "such" / "dir"), "not found"),
+                          ("steer:" + str(tmp_path), "direction.safetensors: file not found")):
+        with pytest.raises(UserError, match=message):
+            ev.main(["--model", str(model_dir), "--out", str(tmp_path / "run"), "--models", f"base={model_dir}",
+                     f"student={spec}"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_retention_per_prompt_sums_equal_the_token_mean(tok, model):
+    from conftest import make_model
+    other = make_model(tok, seed=3)
+    prompts = ["hello", "what is up there", "x"]
+    answers = [[40, 41, 42], [50], [60, 61]]
+    ret = ev.retention(other, __import__("contextlib").nullcontext, model, tok, prompts, answers, batch_size=2)
+    assert ret["tokens"] == [3, 1, 2]
+    ids, mask = chat.encode_chats(tok, prompts)
+    comp, cmask = ev.right_pad(answers, tok.pad_token_id, "cpu")
+    kl, nll = ev.kl_to_base(other, model, ids, mask, comp, cmask)
+    assert sum(ret["kl"]) == pytest.approx(kl.sum().item(), rel=1e-6)
+    assert sum(ret["nll"]) == pytest.approx(nll.sum().item(), rel=1e-6)

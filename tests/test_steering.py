@@ -165,3 +165,69 @@ def test_decoder_layers_locator():
     qwen = Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=3, hidden_size=16, intermediate_size=32,
                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=50))
     assert len(steering.decoder_layers(gpt2)) == 2 and len(steering.decoder_layers(qwen)) == 3
+
+
+def test_hook_lands_on_its_block_when_the_model_is_split(model_dir, tmp_path, tok):
+    """--device-map: a model spread by accelerate (here over the CPU and disk, the split one CPU allows) is
+    steered at the same block: logits equal the unsplit model's with the same hook."""
+    from transformers import AutoModelForCausalLM
+    split = AutoModelForCausalLM.from_pretrained(model_dir, device_map="auto", max_memory={"cpu": "150KB"},
+                                                 offload_folder=str(tmp_path / "offload")).eval()
+    assert "disk" in set(split.hf_device_map.values())
+    whole = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids, mask = batch(tok)
+    vec = torch.randn(whole.config.hidden_size)
+    with torch.no_grad():
+        with steering.add_vector(split, 3, vec, 0.7):
+            a = split(input_ids=ids, attention_mask=mask).logits
+        with steering.add_vector(whole, 3, vec, 0.7):
+            b = whole(input_ids=ids, attention_mask=mask).logits
+        c = whole(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(b, c, atol=1e-3)
+
+
+def test_stage_runs_with_device_map(model_dir, tmp_path):
+    import extract_direction as ed
+    ed.main(["--model", str(model_dir), "--out", str(tmp_path / "run"), "--device-map", "auto", "--n-train", "2",
+             "--n-val", "2", "--layer", "1", "--position", "-1", "--check-prompts", "1", "--check-tokens", "2"])
+    assert (tmp_path / "run" / "direction.safetensors").exists()
+
+
+def test_teacher_kinds(tok, model, tmp_path):
+    """hook: the same logits as add_vector; prompt: the base model on the system-prompted context; base: π0."""
+    import contextlib
+    vec = torch.randn(model.config.hidden_size)
+    ids, mask = batch(tok)
+    hook, prompt, base = (steering.Teacher(model, "hook", vec, 2, 0.5), steering.Teacher(model, "prompt"),
+                          steering.Teacher(model, "base"))
+    with torch.no_grad():
+        with hook.steer():
+            a = model(input_ids=ids, attention_mask=mask).logits
+        with steering.add_vector(model, 2, vec, 0.5):
+            b = model(input_ids=ids, attention_mask=mask).logits
+        p_ids, p_mask = prompt.encode(tok, ["hi", "tell me a long story please", "why?"])
+        ref_ids, ref_mask = chat.encode_chats(tok, ["hi", "tell me a long story please", "why?"],
+                                              system=steering.SAFETY_SYSTEM_PROMPT)
+        with base.steer():
+            c = model(input_ids=ids, attention_mask=mask).logits
+        d = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(a, b) and torch.equal(c, d)
+    assert torch.equal(p_ids, ref_ids) and torch.equal(p_mask, ref_mask) and p_ids.shape[1] > ids.shape[1]
+    entered = []
+    t = steering.Teacher(model, "base", base_context=lambda: contextlib.nullcontext(entered.append(1)))
+    with t.steer():
+        pass
+    assert entered == [1]
+
+
+def test_load_teacher_takes_c_from_direction_json_unless_given(model, tmp_path):
+    import common
+    common.save_tensors(tmp_path / "direction.safetensors", {"direction": torch.ones(model.config.hidden_size)})
+    common.write_json(tmp_path / "direction.json", {"layer": 1, "coefficient": 0.25})
+    t, meta = steering.load_teacher(model, tmp_path / "direction.safetensors")
+    assert (t.layer, t.coefficient, meta["coefficient"]) == (1, 0.25, 0.25)
+    t, _ = steering.load_teacher(model, tmp_path, coefficient=2.0)
+    assert t.coefficient == 2.0
+    common.write_json(tmp_path / "direction.json", {"layer": 9})
+    with pytest.raises(UserError, match="out of range"):
+        steering.load_teacher(model, tmp_path)

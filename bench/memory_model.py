@@ -1,0 +1,199 @@
+"""Memory model of Stage 3: peak memory of a distillation step predicted from a model's config, full vs LoRA.
+
+What a step holds (bytes; P = parameters, b = micro-batch, S = prompt + completion tokens, T = completion, V =
+vocabulary, h = hidden, I = MLP width, L = blocks, c = compute dtype's bytes: 2 for bf16 on a GPU, 4 on the CPU):
+
+    resident   full:  float32 student (4P) + its gradient (4P) + AdamW moments (8P) + frozen π0/πt copy (cP)
+               LoRA:  one base copy (cP) + adapters A in float32 with gradient and moments (16A)
+    sampling   KV cache 2·L·n·S·kv·d·c for the n = P·G (+ anchor) rows decoded together, and their last logits
+    training   checkpointed block inputs L·b·S·h·c, one block recomputed (b·S·(6h + 3I)·c + attention b·H·S²·c),
+               teacher and student logits 2·b·T·V·c, the logits' gradient b·T·V·c, and the loss's chunk (256·V·4·3)
+    peak       resident + max(sampling, training)
+
+The model is checked against measured peaks on the CPU (`--validate`: the bundled 135M model and a tiny one, full
+and LoRA; measured = peak RSS of a fresh process minus its RSS after imports), and the table printed for the paper's
+models at the paper's settings (4 prompts x 8 samples per step, micro-batch 8, 512 new tokens, prompts ~128 tokens).
+
+Usage:
+    python bench/memory_model.py                 # the table
+    python bench/memory_model.py --validate      # predicted vs measured on this CPU (a few minutes)
+"""
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+GIB = 2 ** 30
+# Configs of the paper's models and others, as their config.json give them (public model cards).
+MODELS = {
+    "Llama-3.2-3B-Instruct": dict(h=3072, I=8192, L=28, V=128256, H=24, kv=8, d=128, tied=True),
+    "Qwen3-4B-Instruct": dict(h=2560, I=9728, L=36, V=151936, H=32, kv=8, d=128, tied=True),
+    "Qwen2.5-7B-Instruct": dict(h=3584, I=18944, L=28, V=152064, H=28, kv=4, d=128, tied=False),
+    "Llama-3-8B-Instruct": dict(h=4096, I=14336, L=32, V=128256, H=32, kv=8, d=128, tied=False),
+    "Gemma-2-9B-it": dict(h=3584, I=14336, L=42, V=256000, H=16, kv=8, d=256, tied=True),
+    "Llama-3.1-70B-Instruct": dict(h=8192, I=28672, L=80, V=128256, H=64, kv=8, d=128, tied=False),
+}
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def params(m: dict) -> int:
+    """Parameters of a Llama-style decoder: attention, gated MLP, two norms per block, embeddings."""
+    attn = m["h"] * m["H"] * m["d"] * 2 + m["h"] * m["kv"] * m["d"] * 2
+    block = attn + 3 * m["h"] * m["I"] + 2 * m["h"]
+    return m["L"] * block + m["V"] * m["h"] * (1 if m["tied"] else 2) + m["h"]
+
+
+def lora_params(m: dict, rank: int) -> int:
+    """Adapters A (in x r) and B (r x out) on q, k, v, o, gate, up, down of every block."""
+    q, kv = m["H"] * m["d"], m["kv"] * m["d"]
+    shapes = [(m["h"], q), (m["h"], kv), (m["h"], kv), (q, m["h"]), (m["h"], m["I"]), (m["h"], m["I"]),
+              (m["I"], m["h"])]
+    return m["L"] * sum(rank * (i + o) for i, o in shapes)
+
+
+def predict(m: dict, *, lora_rank: int | None, c: int, rows: int, micro_batch: int, prompt: int, new: int,
+            attn_s2: bool) -> dict:
+    """Peak bytes of one step and its parts (see the module docstring)."""
+    p, s = params(m), prompt + new
+    if lora_rank:
+        a = lora_params(m, lora_rank)
+        resident = {"weights": c * p, "trainable (fp32 + grad + AdamW)": 16 * a}
+    else:
+        resident = {"student fp32 + grad + AdamW": 16 * p, "frozen π0/πt copy": c * p}
+    kv = 2 * m["L"] * rows * s * m["kv"] * m["d"] * c
+    sampling = {"KV cache": kv, "last logits": rows * m["V"] * 4 * 2}
+    b = micro_batch
+    training = {"checkpointed block inputs": m["L"] * b * s * m["h"] * c,
+                "one block recomputed": b * s * (6 * m["h"] + 3 * m["I"]) * c * 2
+                + (b * m["H"] * s * s * c * 2 if attn_s2 else 0),
+                "teacher + student logits": 2 * b * new * m["V"] * c,
+                "logits gradient": b * new * m["V"] * c,
+                "loss chunk": 256 * m["V"] * 4 * 3}
+    peak = sum(resident.values()) + max(sum(sampling.values()), sum(training.values()))
+    return {"resident": resident, "sampling": sampling, "training": training, "peak": peak}
+
+
+def hf_config(cfg) -> dict:
+    t = cfg.get_text_config()
+    d = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+    return dict(h=t.hidden_size, I=t.intermediate_size, L=t.num_hidden_layers, V=t.vocab_size,
+                H=t.num_attention_heads, kv=t.num_key_value_heads, d=d, tied=bool(t.tie_word_embeddings))
+
+
+# ----------------------------------------------------------------------------- validation on this CPU
+
+def child(spec: dict) -> None:
+    """One real distillation step (plus its sampling) in this process; print RSS after imports and the peak."""
+    import torch
+    import common
+    import distill
+    from chat import encode_chats  # noqa: F401  (imports done before the baseline is read)
+    torch.manual_seed(0)
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = Path(spec["out"])
+    args = distill.parse_args(["--model", spec["model"], "--out", str(out)]
+                              + (["--lora-rank", str(spec["lora"])] if spec["lora"] else []))
+    student, tok, teacher, base, _ = distill.build_models(args, out, torch.device("cpu"))
+    student.activation_checkpointing_enable()
+    if spec["lora"]:
+        student.enable_input_require_grads()
+    opt = torch.optim.AdamW(distill.trainable(student).values(), lr=1e-6)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    distill.stop_token_ids = lambda tok: [-1]  # every row generates exactly `new` tokens
+    prompts = common.read_prompts(common.data_file("harmful_train"))[:spec["prompts"]]
+    for _ in range(2):  # the second step has AdamW's moments allocated
+        distill.train_step(student, tok, prompts, [], teacher=teacher, base=base, s_ids=torch.arange(100, 150),
+                           opt=opt, sched=sched, gen=torch.Generator().manual_seed(0), samples=spec["samples"],
+                           max_new_tokens=spec["new"], micro_batch=spec["micro_batch"])
+    prompt_len = max(len(encode_chats(tok, [p])[0][0]) for p in prompts)
+    print(json.dumps({"base_rss_mb": base_rss, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "prompt": prompt_len, "config": hf_config(student.config)}))
+
+
+def validate(tmp: Path) -> list[dict]:
+    import torch
+    import common
+    from steering import decoder_layers  # noqa: F401
+    rows = []
+    cases = [("smollm2-135m", None), ("smollm2-135m", 16), ("tiny", None), ("tiny", 8)]
+    for model, lora in cases:
+        out = tmp / f"{model}_{lora}"
+        out.mkdir(parents=True, exist_ok=True)
+        if model == "tiny":  # a small Llama, built here: 8 blocks, hidden 256, SmolLM2's tokenizer
+            from transformers import LlamaConfig, LlamaForCausalLM
+            _, tok = common.load_model("smollm2-135m")
+            cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=768, num_hidden_layers=8,
+                              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+            LlamaForCausalLM(cfg).save_pretrained(tmp / "tiny_model")
+            tok.save_pretrained(tmp / "tiny_model")
+            path = str(tmp / "tiny_model")
+        else:
+            path = model
+        from transformers import AutoConfig
+        hidden = (AutoConfig.from_pretrained(path) if model == "tiny" else None)
+        hidden = hidden.hidden_size if hidden else 576
+        common.save_tensors(out / "direction.safetensors", {"direction": torch.zeros(hidden)})
+        common.write_json(out / "direction.json", {"layer": 2, "coefficient": 1.0})
+        spec = {"model": path, "lora": lora, "out": str(out), "prompts": 4, "samples": 4, "new": 48,
+                "micro_batch": 8}
+        res = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+        if res.returncode:
+            raise SystemExit(res.stderr[-2000:])
+        got = json.loads(res.stdout.strip().splitlines()[-1])
+        pred = predict(got["config"], lora_rank=lora, c=4, rows=16, micro_batch=8, prompt=got["prompt"], new=48,
+                       attn_s2=True)
+        measured = (got["peak_rss_mb"] - got["base_rss_mb"]) * 2 ** 20
+        rows.append({"model": model, "mode": f"LoRA r={lora}" if lora else "full", "predicted_mb": pred["peak"] / 2**20,
+                     "measured_mb": measured / 2**20, "error": pred["peak"] / measured - 1})
+    return rows
+
+
+def table(rank: int, prompt: int, new: int) -> list[dict]:
+    """Peak at micro-batch 8, the smallest GPU that holds it (95% of its memory usable), and the largest
+    micro-batch (8, 4, 2, 1) that fits a 24 GB GPU."""
+    rows = []
+    for name, m in MODELS.items():
+        for mode in ("full", "LoRA"):
+            peak = lambda mb: predict(m, lora_rank=rank if mode == "LoRA" else None, c=2, rows=32, micro_batch=mb,
+                                      prompt=prompt, new=new, attn_s2=False)["peak"]
+            fits = [g for g in (24, 48, 80) if peak(8) <= g * 1e9 * 0.95]
+            mb24 = next((mb for mb in (8, 4, 2, 1) if peak(mb) <= 24e9 * 0.95), None)
+            rows.append({"model": name, "params_b": params(m) / 1e9, "mode": mode, "peak_gib": peak(8) / GIB,
+                         "fits": f"{fits[0]} GB" if fits else "> 80 GB", "mb24": mb24,
+                         "peak24_gib": peak(mb24) / GIB if mb24 else None})
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--validate", action="store_true", help="measure real steps on this CPU and compare")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank in the table")
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens in the table")
+    p.add_argument("--new", type=int, default=512, help="new tokens in the table (paper: 512)")
+    p.add_argument("--micro-batch", type=int, default=8, help=argparse.SUPPRESS)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(json.loads(args.child))
+    print(f"Stage 3 peak memory, bf16 on one GPU, 4 prompts x 8 samples, micro-batch 8, {args.prompt} + {args.new} "
+          f"tokens, gradient checkpointing, memory-efficient attention; LoRA rank {args.rank} on q,k,v,o,gate,up,down")
+    print(f"{'model':<24} {'params':>7} {'mode':<5} {'peak GiB':>9} {'GPU':>8}   on 24 GB: micro-batch, peak GiB")
+    for r in table(args.rank, args.prompt, args.new):
+        on24 = f"{r['mb24']}, {r['peak24_gib']:.1f}" if r["mb24"] else "does not fit"
+        print(f"{r['model']:<24} {r['params_b']:>6.1f}B {r['mode']:<5} {r['peak_gib']:>9.1f} {r['fits']:>8}   {on24}")
+    if args.validate:
+        import tempfile
+        print("\nvalidation on this CPU (float32; measured = peak RSS - RSS after imports; 4 x 4 rows x 48 tokens):")
+        print(f"{'model':<14} {'mode':<10} {'predicted MB':>13} {'measured MB':>12} {'error':>7}")
+        with tempfile.TemporaryDirectory() as tmp:
+            for r in validate(Path(tmp)):
+                print(f"{r['model']:<14} {r['mode']:<10} {r['predicted_mb']:>13.0f} {r['measured_mb']:>12.0f} "
+                      f"{r['error']:>+7.1%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""distill.py under torchrun: 2 processes on the CPU (gloo) give the 1-process run's losses and weights."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_distill import args_for, make_run
+
+import distill as dl
+import parallel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def torchrun(argv, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(ROOT / "distill.py"), *argv]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def log_of(d):
+    return [json.loads(line) for line in (d / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_equal_one(model_dir, tok, tmp_path):
+    """3 prompts per step over 2 ranks (shares of 2 and 1 prompts), greedy samples so both runs see the same
+    text: the per-step losses and the final weights must match the single-process run."""
+    out = tmp_path / "run"
+    make_run(out, model_dir, tok)
+    argv = args_for(model_dir, out, "--prompts-per-step", "3", "--max-steps", "3", "--temperature", "0",
+                    "--anchor", str(ROOT / "data" / "harmless_val.jsonl"), "--anchor-per-step", "1")
+    dl.main(argv + ["--student", "one"])
+    res = torchrun(argv + ["--student", "two"])
+    assert "2 processes" in res.stdout and res.stdout.count("distilling") == 1  # only rank 0 prints
+    one, two = log_of(out / "one"), log_of(out / "two")
+    for a, b in zip(one, two):
+        for k in ("loss", "collapsed", "partial", "full", "anchor_loss", "sampled_refusal"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-7), (a["step"], k)
+    wa, wb = load_file(out / "one" / "model.safetensors"), load_file(out / "two" / "model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    assert max((wa[k] - load_file(Path(model_dir) / "model.safetensors")[k]).abs().max() for k in wa) > 1e-4
+
+
+def test_resume_across_ranks(model_dir, tok, tmp_path):
+    """A 2-process run stopped (SIGTERM to torchrun) after a checkpoint and resumed under 2 processes ends with
+    the uninterrupted run's weights: the checkpoint holds every rank's sampler stream."""
+    out = tmp_path / "run"
+    make_run(out, model_dir, tok)
+    argv = args_for(model_dir, out, "--prompts-per-step", "3", "--max-steps", "8", "--checkpoint-every", "2")
+    torchrun(argv + ["--student", "straight"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(ROOT / "distill.py"), *argv, "--student", "killed"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "killed.work" / "checkpoint.pt"
+    for _ in range(3000):  # wait for the first checkpoint, then stop the run
+        if ckpt.exists():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert not (out / "killed").exists() and ckpt.exists()
+    assert len(torch.load(ckpt, weights_only=False)["gens"]) == 2
+    torchrun(argv + ["--student", "killed", "--resume"])
+    a, b = load_file(out / "straight" / "model.safetensors"), load_file(out / "killed" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_shares_cover_every_prompt_once():
+    items = list(range(7))
+    shares = []
+    for rank in range(3):
+        w = parallel.World.__new__(parallel.World)
+        w.rank, w.size = rank, 3
+        shares += w.share(items)
+    assert sorted(shares) == items
