@@ -1,16 +1,18 @@
-"""Benchmark: the gather/logsumexp losses against naive full-log-softmax versions, forward + backward.
+"""Benchmark: Stage 3's losses, the memory-lean autograd Functions against the formulas, forward + backward.
 
 Qwen-sized vocabulary (151,936), 8 x 256 positions, |S| = 50. Each variant runs in a fresh subprocess; its
 extra memory is peak RSS (resource.getrusage, the whole process) minus the RSS after the inputs exist, so the
 student and teacher logits themselves (2 x 1.2 GB) are not counted. Times are the median of --repeats runs.
 
+    lean       lean_losses.py: hand-written backward, logsumexp over chunks + |S| gathered columns (the default)
+    formula    distill.py's *_formula: a few lines on log_softmax outputs in float64, autograd does the rest
+    float32    the same few lines in float32 (what a port would write first; the collapsed one exact, with R
+               summed from masked probabilities, not 1 - Σ_S)
+
 Usage:
     python bench/loss_memory.py
     python bench/loss_memory.py --vocab 49152 --positions 1024
-    python bench/loss_memory.py --check    # exit 1 if a pair misses 3x less memory or is slower than naive
-
-"ours" is distill.py's torch.autograd.Function with the hand-written backward; "autograd" is the same formula
-(logsumexp + gather) left to autograd, which still materialises [positions, V] temporaries in backward.
+    python bench/loss_memory.py --check    # exit 1 if lean misses 3x less memory or is slower than float32
 """
 import argparse
 import json
@@ -28,19 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import distill  # noqa: E402
 
 
-def autograd_collapsed(ls, lt, s):
-    """The same formula through ordinary autograd (this project's first version): lse + gather, no Function."""
-    lp, lp_r, _ = distill.log_probs_on_s(ls, s)
-    lq, lq_r, _ = distill.log_probs_on_s(lt, s)
-    return (lp.exp() * (lp - lq)).sum(-1) + lp_r.exp() * (lp_r - lq_r)
-
-
 def naive_collapsed(ls, lt, s):
     lp, lq = F.log_softmax(ls, -1), F.log_softmax(lt, -1)
     rest = torch.ones(ls.shape[-1], dtype=torch.bool)
     rest[s] = False
-    pr, qr = lp[:, rest].exp().sum(-1), lq[:, rest].exp().sum(-1)
-    return (lp[:, s].exp() * (lp[:, s] - lq[:, s])).sum(-1) + pr * (pr.log() - qr.log())
+    lpr, lqr = lp[:, rest].logsumexp(-1), lq[:, rest].logsumexp(-1)
+    return (lp[:, s].exp() * (lp[:, s] - lq[:, s])).sum(-1) + lpr.exp() * (lpr - lqr)
 
 
 def naive_partial(ls, lt, s):
@@ -54,16 +49,19 @@ def naive_full(ls, lt, s):
 
 
 VARIANTS = {
-    "collapsed (ours)": lambda ls, lt, s: distill.collapsed_kl(ls, lt, s),
-    "collapsed (autograd)": autograd_collapsed,
-    "collapsed (naive)": naive_collapsed,
-    "partial (ours)": lambda ls, lt, s: distill.partial_kl(ls, lt, s),
-    "partial (naive)": naive_partial,
-    "full (ours)": lambda ls, lt, s: distill.full_kl(ls, lt, s, chunk=128),
-    "full (naive)": naive_full,
+    "collapsed (lean)": lambda ls, lt, s: distill.collapsed_kl(ls, lt, s),
+    "collapsed (formula)": distill.collapsed_kl_formula,
+    "collapsed (float32)": naive_collapsed,
+    "partial (lean)": lambda ls, lt, s: distill.partial_kl(ls, lt, s),
+    "partial (formula)": distill.partial_kl_formula,
+    "partial (float32)": naive_partial,
+    "full (lean)": lambda ls, lt, s: distill.full_kl(ls, lt, s, chunk=128),
+    "full (formula)": distill.full_kl_formula,
+    "full (float32)": naive_full,
 }
-PAIRS = (("collapsed (ours)", "collapsed (naive)"), ("partial (ours)", "partial (naive)"),
-         ("full (ours)", "full (naive)"))
+PAIRS = (("collapsed (lean)", "collapsed (float32)"), ("partial (lean)", "partial (float32)"),
+         ("full (lean)", "full (float32)"), ("collapsed (lean)", "collapsed (formula)"),
+         ("partial (lean)", "partial (formula)"), ("full (lean)", "full (formula)"))
 TARGET_MEMORY, TARGET_SPEED = 3.0, 1.0  # issue 7: >= 3x less extra memory, no slower
 
 
@@ -99,7 +97,7 @@ def main():
     gb = args.positions * args.vocab * 4 / 2**30
     print(f"vocab {args.vocab}, {args.positions} positions, |S| = 50; one [positions, vocab] float32 tensor = "
           f"{gb:.2f} GiB; extra = peak RSS - RSS with inputs and grad buffer allocated\n")
-    print(f"{'variant':<20} {'extra MB':>9} {'fwd+bwd s':>10}")
+    print(f"{'variant':<22} {'extra MB':>9} {'fwd+bwd s':>10}")
     res = {}
     for name in VARIANTS:
         out = subprocess.run([sys.executable, __file__, "--child", name, "--vocab", str(args.vocab), "--positions",
@@ -108,10 +106,10 @@ def main():
             print(f"{name:<20} failed: {out.stderr.strip().splitlines()[-1]}")
             continue
         res[name] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{name:<20} {res[name]['extra_mb']:>9.0f} {res[name]['seconds']:>10.2f}", flush=True)
+        print(f"{name:<22} {res[name]['extra_mb']:>9.0f} {res[name]['seconds']:>10.2f}", flush=True)
     print()
     missed = []
-    for ours, naive in PAIRS:
+    for ours, naive in PAIRS[:3]:  # the targets are against the float32 formulas; float64 ones are printed too
         if ours in res and naive in res:
             a, b = res[ours], res[naive]
             memory, speed = b["extra_mb"] / max(a["extra_mb"], 1), b["seconds"] / a["seconds"]
@@ -123,6 +121,11 @@ def main():
                   f"{speed:.2f}  {'ok' if ok else 'MISSED'} (targets >= {TARGET_MEMORY:.0f}x, >= {TARGET_SPEED:.1f})")
         else:
             missed.append(ours)
+    for ours, ref in PAIRS[3:]:
+        if ours in res and ref in res:
+            a, b = res[ours], res[ref]
+            print(f"{ours:<18} vs {ref:<20}: {b['extra_mb'] / max(a['extra_mb'], 1):.1f}x less extra memory, "
+                  f"{b['seconds'] / a['seconds']:.2f}x faster")
     if args.check and missed:
         sys.exit(f"targets missed: {', '.join(missed)}")
 
