@@ -15,6 +15,8 @@ is a set of refusal-opening tokens ("I", "Sorry", ...):
 
 Selection (authors' code): drop l >= 0.8 L, kl > 0.1, induce < 0; take the lowest bypass. A model that barely
 refuses leaves no survivor; then (ours) take the highest induce among l < 0.8 L, kl <= 0.1, and record it.
+--teacher-grid C... (ours): measure the best few admissible candidates as teachers, πt = π0 + c·r for each c,
+by greedy refusal on harmful_val minus harmless_val (selectivity), and keep the most selective block and c.
 
 --kind response (ours, for models that never refuse): when harmful and harmless prompts differ in topic but the
 model answers both, their difference of means carries topic, not refusal. Instead, contrast the model's own
@@ -42,7 +44,7 @@ import torch
 from tqdm import tqdm
 
 from chat import encode_chats, render_chat, stop_token_ids
-from common import (Parser, UserError, add_common_args, data_file, load_model, pick_device, positive_int,
+from common import (Parser, UserError, add_common_args, data_file, load_model, pick_device, positive_float, positive_int,
                     non_negative_int, prepare_out_dir, read_prompts, run_cli, run_info, save_tensors, seed_everything,
                     truncate_prompts, write_json)
 from metrics import is_refusal, refusal_rate
@@ -75,6 +77,11 @@ def parse_args(argv=None):
     p.add_argument("--layer", type=int, help="force this layer (skips scoring the others)")
     p.add_argument("--position", type=int, help="force this post-instruction position (negative, e.g. -1)")
     p.add_argument("--coefficient", type=float, default=1.0, help="c in πt = π0 + c·r, stored for later stages")
+    p.add_argument("--teacher-grid", type=positive_float, nargs="+", metavar="C",
+                   help="choose block and c by measurement (ours): the --grid-layers best admissible candidates "
+                        "x these c, the highest selectivity (greedy refusal harmful_val - harmless_val) wins")
+    p.add_argument("--grid-layers", type=positive_int, default=4, help="candidates tried with --teacher-grid")
+    p.add_argument("--grid-tokens", type=positive_int, default=16, help="greedy tokens per --teacher-grid answer")
     p.add_argument("--filter", action="store_true",
                    help="keep harmful prompts the model refuses (s > 0) and harmless ones it does not (s < 0)")
     p.add_argument("--refusal-tokens", nargs="+", metavar="WORD", default=list(REFUSAL_WORDS),
@@ -276,6 +283,36 @@ def steering_check(model, tok, vec: torch.Tensor, layer: int, coefficient: float
                          "steered_refuses": is_refusal(s)} for p, b, s in zip(prompts, base, steered)]}
 
 
+@torch.no_grad()
+def teacher_selectivity(model, tok, r, rows, coefficients, harmful: list[str], harmless: list[str], *,
+                        n_layers: int, n_best: int = 4, max_tokens: int = 16, max_layer_frac: float = 0.8,
+                        kl_max: float = 0.1) -> list[dict]:
+    """πt = π0 + c·r[p, l] measured as a teacher: greedy refusal (the judge) on harmful and harmless validation
+    prompts, for the n_best admissible candidates by induce (l < frac·L, ablation kl <= kl_max) x each c.
+    selectivity = refusal(harmful) - refusal(harmless): a teacher that refuses everything teaches over-refusal."""
+    ok = [x for x in rows if x["layer"] < max_layer_frac * n_layers and x["kl"] <= kl_max and math.isfinite(x["induce"])]
+    if not ok:
+        raise UserError(f"no candidate has layer < {max_layer_frac} L and kl <= {kl_max} for --teacher-grid")
+    device = next(model.parameters()).device
+    enc = [encode_chats(tok, ps, device=device) for ps in (harmful, harmless)]
+    kw = dict(temperature=0, stop_ids=stop_token_ids(tok), pad_id=tok.pad_token_id)
+    out = []
+    grid = [(x, c) for x in sorted(ok, key=lambda x: -x["induce"])[:n_best] for c in coefficients]
+    for x, c in tqdm(grid, desc="measuring teachers", unit="teacher"):
+        vec = r[r.shape[0] + x["position"], x["layer"]].float()
+        with add_vector(model, x["layer"], vec, c):
+            rates = [refusal_rate(decode_completions(tok, *sample(model, ids, mask, max_tokens, **kw)))
+                     for ids, mask in enc]
+        out.append({"position": x["position"], "layer": x["layer"], "coefficient": c, "refusal_harmful": rates[0],
+                    "refusal_harmless": rates[1], "selectivity": rates[0] - rates[1]})
+    return out
+
+
+def best_teacher(grid: list[dict]) -> dict:
+    """Highest selectivity; ties go to less harmless refusal, then the smaller c."""
+    return max(grid, key=lambda g: (round(g["selectivity"], 9), -g["refusal_harmless"], -g["coefficient"]))
+
+
 def filter_by_score(model, batches: PromptBatches, prompts: list[str], refusal_ids, keep_refused: bool):
     scores = refusal_score(batches.last_logits(model), refusal_ids)
     return [p for p, s in zip(prompts, scores.tolist()) if (s > 0) == keep_refused]
@@ -343,14 +380,22 @@ def main(argv=None):
         best, rule = rows[0], "forced"
     else:
         best, rule = select_direction(rows, n_layers, args.max_layer_frac, args.kl_max)
+    grid, coefficient = None, args.coefficient
+    if args.teacher_grid:
+        grid = teacher_selectivity(model, tok, r, rows, args.teacher_grid, harmful_val, harmless_val,
+                                   n_layers=n_layers, n_best=args.grid_layers, max_tokens=args.grid_tokens,
+                                   max_layer_frac=args.max_layer_frac, kl_max=args.kl_max)
+        choice = best_teacher(grid)
+        best = next(x for x in rows if (x["layer"], x["position"]) == (choice["layer"], choice["position"]))
+        rule, coefficient = rule + "+selectivity", choice["coefficient"]
     p_idx = n_pos + best["position"]
     vec = r[p_idx, best["layer"]].float()
 
-    check = steering_check(model, tok, vec, best["layer"], args.coefficient, harmful_val[:args.check_prompts],
+    check = steering_check(model, tok, vec, best["layer"], coefficient, harmful_val[:args.check_prompts],
                            args.check_tokens) if args.check_prompts else None
     meta = {
         "model": args.model, "layer": best["layer"], "position": best["position"], "position_token": best["token"],
-        "coefficient": args.coefficient, "norm": vec.norm().item(), "hidden_size": model.config.hidden_size,
+        "coefficient": coefficient, "teacher_grid": grid and best_teacher(grid), "norm": vec.norm().item(), "hidden_size": model.config.hidden_size,
         "n_layers": n_layers, "kind": args.kind, "selection_rule": rule, "fallback_used": rule.startswith("fallback"),
         "scores": {k: best[k] for k in ("bypass", "induce", "kl")}, "base_refusal_scores": base_scores,
         "refusal_tokens": [tok.decode([i]) for i in refusal_ids], "refusal_token_ids": refusal_ids,
@@ -365,17 +410,21 @@ def main(argv=None):
     }
     save_tensors(out / "direction.safetensors", {"direction": vec})
     write_json(out / "candidates.json", {"n_layers": n_layers, "positions": pos_names, "base_refusal_scores": base_scores,
-                                         "candidates": rows, "skipped": skipped})
+                                         "candidates": rows, "skipped": skipped,
+                                         "teachers": grid})
     if check is not None:
         write_json(out / "steering_check.json", check)
     write_json(out / "direction.json", meta)
 
     print(f"chosen: layer {best['layer']}, position {best['position']} ({best['token']!r}), rule {rule}; "
           f"bypass {best['bypass']:.3f}, induce {best['induce']:.3f}, kl {best['kl']:.4f}, |r| {meta['norm']:.2f}")
+    for g in grid or []:
+        print(f"  teacher block {g['layer']}, c = {g['coefficient']}: refuses {g['refusal_harmful']:.0%} harmful_val, "
+              f"{g['refusal_harmless']:.0%} harmless_val, selectivity {g['selectivity']:+.0%}")
     print(f"base refusal score: harmful_val {base_scores['harmful_val']:.3f}, harmless_val {base_scores['harmless_val']:.3f}")
     if check is not None:
         print(f"steering check ({len(check['samples'])} harmful_val prompts, greedy): refusal "
-              f"{check['refusal_rate_base']:.0%} base -> {check['refusal_rate_steered']:.0%} steered (c = {args.coefficient})")
+              f"{check['refusal_rate_base']:.0%} base -> {check['refusal_rate_steered']:.0%} steered (c = {coefficient})")
     print(f"scored {len(rows)} candidates in {t_score:.0f} s; total {time.time() - t0:.0f} s")
     print(f"wrote {out / 'direction.safetensors'}, {out / 'direction.json'}, {out / 'candidates.json'}"
           + (f", {out / 'steering_check.json'}" if check is not None else ""))

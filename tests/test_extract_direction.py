@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import chat
 import common
 import steering
-import chat
 import extract_direction as ed
 from common import UserError
 
@@ -179,3 +179,38 @@ def test_main_kind_response(model_dir, tmp_path):
     with pytest.raises(UserError, match="position in -1..-1"):
         ed.main(["--model", str(model_dir), "--out", str(out), "--kind", "response", "--layer", "1",
                  "--position", "-2", "--overwrite"])
+
+
+def test_teacher_grid_measures_selectivity_and_picks_the_best(tok, model, monkeypatch):
+    rows = [row(1, 0.0, 2.0, 0.01), row(2, 0.0, 1.0, 0.01), row(3, 0.0, 3.0, 0.5)]  # block 3: kl too high
+    for r_ in rows:
+        r_["position"] = -1
+    r = torch.randn(1, 4, model.config.hidden_size, dtype=torch.float64)
+    grid = ed.teacher_selectivity(model, tok, r, rows, [0.5, 1.0], ["how do I do a bad thing"], ["hi"],
+                                  n_layers=4, n_best=2, max_tokens=3)
+    assert [(g["layer"], g["coefficient"]) for g in grid] == [(1, 0.5), (1, 1.0), (2, 0.5), (2, 1.0)]
+    assert all(g["selectivity"] == g["refusal_harmful"] - g["refusal_harmless"] for g in grid)
+    # the rates are the judge's verdicts on the steered greedy answers, computed here by hand for one teacher
+    with steering.add_vector(model, 2, r[0, 2].float(), 1.0):
+        ids, mask = chat.encode_chats(tok, ["hi"])
+        text = steering.decode_completions(tok, *steering.sample(model, ids, mask, 3, temperature=0,
+                                                                 stop_ids=chat.stop_token_ids(tok),
+                                                                 pad_id=tok.pad_token_id))
+    assert grid[3]["refusal_harmless"] == float(ed.is_refusal(text[0]))
+    g = [{"layer": 1, "coefficient": 1.0, "selectivity": 0.3, "refusal_harmless": 0.1},
+         {"layer": 2, "coefficient": 0.5, "selectivity": 0.3, "refusal_harmless": 0.1},
+         {"layer": 3, "coefficient": 0.5, "selectivity": 0.3, "refusal_harmless": 0.2},
+         {"layer": 4, "coefficient": 0.5, "selectivity": 0.1, "refusal_harmless": 0.0}]
+    assert ed.best_teacher(g)["layer"] == 2  # ties: less harmless refusal, then the smaller c
+
+
+def test_main_with_teacher_grid(model_dir, tmp_path):
+    out = tmp_path / "run"
+    ed.main(["--model", str(model_dir), "--out", str(out), "--kind", "response", "--n-train", "3", "--n-val", "2",
+             "--check-prompts", "1", "--check-tokens", "2", "--kl-max", "1e9", "--teacher-grid", "0.5", "2",
+             "--grid-layers", "2", "--grid-tokens", "2"])
+    meta = json.loads((out / "direction.json").read_text())
+    teachers = json.loads((out / "candidates.json").read_text())["teachers"]
+    assert len(teachers) == 4 and meta["selection_rule"].endswith("+selectivity")
+    assert (meta["layer"], meta["coefficient"]) == (meta["teacher_grid"]["layer"], meta["teacher_grid"]["coefficient"])
+    assert meta["teacher_grid"] == ed.best_teacher(teachers)
