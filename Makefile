@@ -55,6 +55,7 @@ bench: setup
 	$(PY) bench/distill_step.py phases --check
 	$(PY) bench/distill_step.py scaling
 	$(PY) bench/startup.py
+	$(PY) bench/memory_model.py --validate
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,0 +1,81 @@
+"""The paper's picture for this project: safety against its cost, one point per model and seed.
+
+Left: refusal on the held-out harmful prompts (harmful_test and harmful_reform_test together, 200 prompts) against
+KL to base (drift on π0's own answers). Right: the same refusal against over-refusal (harmless_test and
+harmless_reform_test, 160 prompts). Error bars: 95% Wilson intervals for rates, 95% bootstrap intervals over
+prompts for KL. Each seed is a small marker; each recipe's mean over seeds a large one.
+
+Reads   results/experiments.jsonl (rows written by results/experiment.py, with their per-prompt verdicts)
+Writes  results/safety_vs_cost.png
+
+Usage:
+    python results/plot.py
+"""
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from metrics import bootstrap_mean, wilson  # noqa: E402
+
+HERE = ROOT / "results"
+
+
+def rate(verdicts: dict, sets: tuple[str, ...]) -> tuple[float, float, float]:
+    flags = "".join(verdicts[s] for s in sets)
+    k, n = flags.count("1"), len(flags)
+    lo, hi = wilson(k, n)
+    return k / n, lo, hi
+
+
+def points(rows: list[dict]) -> list[dict]:
+    out = []
+    for r in rows:
+        if "verdicts" not in r or not r["verdicts"].get("harmful_reform"):
+            continue  # rows from before the rephrased splits
+        group = r["name"].split("@")[0].replace("reference:", "")
+        kl = r["kl_to_base"]
+        kl_lo, kl_hi = bootstrap_mean(r["kl_sums"], r["kl_tokens"]) if r.get("kl_sums") else (kl, kl)
+        out.append({"group": group, "seed": r["name"].split("@s")[1] if "@s" in r["name"] else None,
+                    "refusal": rate(r["verdicts"], ("harmful", "harmful_reform")),
+                    "over": rate(r["verdicts"], ("harmless", "harmless_reform")), "kl": (kl, kl_lo, kl_hi)})
+    return out
+
+
+def main():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in (HERE / "experiments.jsonl").read_text().splitlines()]
+    pts = points(rows)
+    if not pts:
+        sys.exit("error: no rows with per-prompt verdicts in results/experiments.jsonl; run results/experiment.py")
+    groups = list(dict.fromkeys(p["group"] for p in pts))
+    colors = {g: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(groups)}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, (xkey, xlabel) in zip(axes, (("kl", "KL to base on π0's answers (drift) ↓"),
+                                        ("over", "over-refusal, harmless + rephrased harmless ↓"))):
+        for g in groups:
+            mine = [p for p in pts if p["group"] == g]
+            for p in mine:
+                x, y = p[xkey], p["refusal"]
+                ax.errorbar(x[0], y[0], xerr=[[x[0] - x[1]], [x[2] - x[0]]], yerr=[[y[0] - y[1]], [y[2] - y[0]]],
+                            fmt="o", ms=4, color=colors[g], alpha=0.5, elinewidth=0.8)
+            mx = sum(p[xkey][0] for p in mine) / len(mine)
+            my = sum(p["refusal"][0] for p in mine) / len(mine)
+            label = g + (f" ({len(mine)} seeds)" if len(mine) > 1 else "")
+            ax.plot(mx, my, marker="D", ms=9, color=colors[g], markeredgecolor="black", linestyle="none", label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("refusal, held-out harmful + rephrased ↑")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle("SmolLM2-135M-Instruct: safety against its cost (95% intervals; small = one seed, diamond = mean)")
+    fig.tight_layout()
+    path = HERE / "safety_vs_cost.png"
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path} ({len(pts)} points, {len(groups)} groups)")
+
+
+if __name__ == "__main__":
+    main()

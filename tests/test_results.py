@@ -1,0 +1,38 @@
+"""results/experiment.py and results/plot.py: seed groups, paired comparisons and plot points on made-up rows."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "results"))
+import experiment  # noqa: E402
+import plot  # noqa: E402
+
+
+def fake(name, harmful, kl=0.01):
+    v = {"harmful": harmful, "harmless": "0000", "harmful_reform": harmful, "harmless_reform": "0001", "qa": "1100"}
+    return {"name": name, "args": "", "verdicts": v, "kl_sums": [kl] * 4, "kl_tokens": [1] * 4,
+            "refusal_harmful": harmful.count("1") / 4, "harmful_reform": harmful.count("1") / 4, "over_refusal": 0.0,
+            "harmless_reform": 0.25, "kl_to_base": kl, "qa_accuracy": 0.5, "nll": 1.0, "by_style": {"past_tense": 0.5},
+            "over_refusal_risky": 0.0}
+
+
+def test_groups_and_paired_comparisons():
+    rows = [fake("a@s0", "1100"), fake("a@s1", "1110"), fake("b@s0", "0000", 0.02), fake("b@s1", "0001", 0.02)]
+    g = experiment.group(rows, "a")
+    assert g["seeds"] == ["0", "1"] and g["refusal_harmful"] == pytest.approx(0.625)
+    assert g["refusal_harmful_spread"] == pytest.approx(0.25)
+    p = experiment.paired_groups(g, experiment.group(rows, "b"))
+    # pooled over both seeds: a refuses where b does not on 2 + 3 prompts, b alone on 1 (the last of seed 1)
+    assert (p["harmful"]["n10"], p["harmful"]["n01"], p["seeds"]) == (5, 1, 2)
+    assert p["harmful"]["p_value"] == pytest.approx(2 * (1 + 6) / 64)
+    assert p["kl_diff"]["diff"] == pytest.approx(-0.01)
+    md = experiment.to_markdown(rows, {"a": "b"})
+    assert "| a | 0,1 |" in md and "a vs b (2 seeds)" in md
+
+
+def test_plot_points_carry_intervals():
+    pts = plot.points([fake("a@s0", "1100"), {"name": "old", "kl_to_base": 0.1}])
+    assert len(pts) == 1 and pts[0]["group"] == "a" and pts[0]["seed"] == "0"
+    r, lo, hi = pts[0]["refusal"]
+    assert r == 0.5 and lo < r < hi
