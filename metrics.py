@@ -95,18 +95,11 @@ def mcnemar_exact(a: list[bool], b: list[bool]) -> dict:
 
 def paired_bootstrap(sums_a: list[float], sums_b: list[float], counts: list[float] | None = None, *,
                      n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
-    """Interval for mean(a) - mean(b) over the same prompts, resampling prompts jointly (per-token means
-    when counts are token counts). The difference is significant at that level when 0 is outside."""
+    """Interval for mean(a) - mean(b) over the same prompts, resampling prompts jointly: the bootstrap of the
+    per-prompt differences (per-token means when counts are token counts). Significant when 0 is outside."""
     if len(sums_a) != len(sums_b):
         raise ValueError("paired_bootstrap needs values on the same prompts")
-    counts = counts or [1.0] * len(sums_a)
-    rng = random.Random(seed)
-    n = len(sums_a)
-    diffs = []
-    for _ in range(n_boot):
-        idx = [rng.randrange(n) for _ in range(n)]
-        c = max(sum(counts[i] for i in idx), 1e-12)
-        diffs.append((sum(sums_a[i] for i in idx) - sum(sums_b[i] for i in idx)) / c)
-    lo, hi = _percentiles(diffs, level)
-    diff = (sum(sums_a) - sum(sums_b)) / max(sum(counts), 1e-12)
+    diffs = [a - b for a, b in zip(sums_a, sums_b)]
+    lo, hi = bootstrap_mean(diffs, counts, n_boot=n_boot, seed=seed, level=level)
+    diff = sum(diffs) / max(sum(counts or [1.0] * len(diffs)), 1e-12)
     return {"diff": diff, "lo": lo, "hi": hi, "significant": not lo <= 0 <= hi}
