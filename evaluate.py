@@ -110,11 +110,13 @@ def rate(flags: list[bool]) -> dict:
 
 
 @torch.no_grad()
-def kl_to_base(model, base, ids, mask, comp, comp_mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token KL(π || π0) and NLL of the completion under π, at valid completion positions.
+def kl_to_base(model, base, ids, mask, comp, comp_mask, hook=contextlib.nullcontext):
+    """Per-token KL(π || π0) and NLL of the completion under π (π = model inside `hook`), at valid completion
+    positions. π may be π0's own weights steered (the teacher): the hook covers π's forward only.
 
     [b, plen] prompts, [b, T] completions -> (kl [n_valid], nll [n_valid]), float64."""
-    lp = torch.log_softmax(completion_logits(model, ids, mask, comp).double(), -1)  # [b, T, V]
+    with hook():
+        lp = torch.log_softmax(completion_logits(model, ids, mask, comp).double(), -1)  # [b, T, V]
     l0 = torch.log_softmax(completion_logits(base, ids, mask, comp).double(), -1)
     valid = comp_mask.bool()
     kl = (lp.exp() * (lp - l0)).sum(-1)[valid]
@@ -130,8 +132,7 @@ def retention(model, hook, base, tok, prompts: list[str], answers: list[list[int
     for i in range(0, len(prompts), batch_size):
         ids, mask = encode_chats(tok, prompts[i:i + batch_size], device=device)
         comp, cmask = right_pad(answers[i:i + batch_size], tok.pad_token_id, device)
-        with hook():
-            kl, nll = kl_to_base(model, base, ids, mask, comp, cmask)
+        kl, nll = kl_to_base(model, base, ids, mask, comp, cmask, hook)
         counts = cmask.sum(-1).tolist()
         for name, values in (("kl", kl), ("nll", nll)):
             per[name] += [float(x.sum()) for x in values.split(counts)]

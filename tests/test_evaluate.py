@@ -98,3 +98,12 @@ def test_retention_per_prompt_sums_equal_the_token_mean(tok, model):
     kl, nll = ev.kl_to_base(other, model, ids, mask, comp, cmask)
     assert sum(ret["kl"]) == pytest.approx(kl.sum().item(), rel=1e-6)
     assert sum(ret["nll"]) == pytest.approx(nll.sum().item(), rel=1e-6)
+
+
+def test_steered_base_has_kl_to_itself_unsteered(tok, model):
+    """The teacher is π0's own weights with the hook: its KL to base must be computed with the hook on its
+    forward only (both under the hook would give 0)."""
+    vec = torch.randn(model.config.hidden_size) * 5
+    teacher = __import__("steering").Teacher(model, "hook", vec, 1)
+    ret = ev.retention(model, teacher.steer, model, tok, ["hello", "why"], [[40, 41], [50, 51, 52]], batch_size=2)
+    assert sum(ret["kl"]) > 1e-3
