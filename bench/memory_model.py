@@ -13,6 +13,8 @@ vocabulary, h = hidden, I = MLP width, L = blocks, c = compute dtype's bytes: 2 
 The model is checked against measured peaks on the CPU (`--validate`: the bundled 135M model and a tiny one, full
 and LoRA; measured = peak RSS of a fresh process minus its RSS after imports), and the table printed for the paper's
 models at the paper's settings (4 prompts x 8 samples per step, micro-batch 8, 512 new tokens, prompts ~128 tokens).
+The children run with a fixed malloc mmap threshold: glibc's default keeps freed blocks in the heap, and peak RSS
+then counts memory that no tensor holds (+27% to +135% here with the default).
 
 Usage:
     python bench/memory_model.py                 # the table
@@ -20,6 +22,7 @@ Usage:
 """
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -140,7 +143,11 @@ def validate(tmp: Path) -> list[dict]:
         common.write_json(out / "direction.json", {"layer": 2, "coefficient": 1.0})
         spec = {"model": path, "lora": lora, "out": str(out), "prompts": 4, "samples": 4, "new": 48,
                 "micro_batch": 8}
-        res = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+        # glibc's dynamic mmap threshold keeps freed blocks below 32 MB in the heap, so peak RSS would count memory
+        # no tensor holds any more; a fixed threshold returns it, and RSS follows live tensors.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "OMP_NUM_THREADS": "1"}
+        res = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                             env=env)
         if res.returncode:
             raise SystemExit(res.stderr[-2000:])
         got = json.loads(res.stdout.strip().splitlines()[-1])

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 HERE = ROOT / "results"
 sys.path.insert(0, str(ROOT))
-from metrics import mcnemar_exact, paired_bootstrap  # noqa: E402
+from metrics import is_refusal, mcnemar_exact, paired_bootstrap  # noqa: E402
 
 # The demo's Stage 3 budget (25 steps x 4 prompts x 4 samples x 48 tokens); an experiment's own arguments win.
 BUDGET = ["--prompts-per-step", "4", "--samples", "4", "--max-new-tokens", "48", "--lr", "1e-5"]
@@ -38,29 +38,30 @@ def run(cmd: list[str], log: Path) -> None:
             sys.exit(f"error: {cmd[1]} failed; see {log}")
 
 
-def per_prompt(out: Path, name: str) -> dict:
-    """The verdicts behind a row, in prompt order: '0'/'1' strings per set, and per-prompt KL sums."""
-    samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
-    files = {"harmful": "harmful_test", "harmless": "harmless_test", "harmful_reform": "harmful_reform_test",
-             "harmless_reform": "harmless_reform_test"}
-    verdicts = {s: "".join("1" if r["refusal"] else "0" for r in samples if r["model"] == name and r["set"] == f)
-                for s, f in files.items()}
-    verdicts["qa"] = "".join("1" if r["correct"] else "0" for r in samples
-                             if r["model"] == name and r["set"] == "general_qa")
-    return verdicts
+FILES = {"harmful": "harmful_test", "harmless": "harmless_test", "harmful_reform": "harmful_reform_test",
+         "harmless_reform": "harmless_reform_test"}
 
 
 def row(name: str, args: list[str], out: Path, model: str) -> dict:
-    ev = json.loads((out / "eval.json").read_text())
-    m = ev["models"][model]
-    rec = {"name": name, "args": " ".join(args), "verdicts": per_prompt(out, model),
-           "kl_sums": m.get("kl_sums"), "kl_tokens": m.get("kl_tokens")}
-    for key in ("refusal_harmful", "over_refusal", "over_refusal_risky", "harmful_reform", "harmless_reform",
-                "qa_accuracy"):
-        rec[key] = m[key]["rate"]
-    rec["kl_to_base"], rec["nll"] = m["kl_to_base"]["value"], m["nll"]["value"]
-    rec["by_style"] = {s: v["rate"] for s, v in m.get("harmful_reform_by_style", {}).items()}
-    rec["harmless_by_style"] = {s: v["rate"] for s, v in m.get("harmless_reform_by_style", {}).items()}
+    """A row from a finished evaluation. Refusals are judged again from the stored completions with the current
+    judge (metrics.is_refusal), so rows evaluated before a judge fix stay comparable; KL comes from eval.json."""
+    samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
+    mine = [r for r in samples if r["model"] == model]
+    by_set = {s: [r for r in mine if r["set"] == f] for s, f in FILES.items()}
+    verdicts = {s: "".join("1" if is_refusal(r["completion"]) else "0" for r in rs) for s, rs in by_set.items()}
+    verdicts["qa"] = "".join("1" if r["correct"] else "0" for r in mine if r["set"] == "general_qa")
+    rate = lambda flags: flags.count("1") / len(flags) if flags else None
+    m = json.loads((out / "eval.json").read_text())["models"][model]
+    rec = {"name": name, "args": " ".join(args), "verdicts": verdicts, "kl_sums": m.get("kl_sums"),
+           "kl_tokens": m.get("kl_tokens"), "refusal_harmful": rate(verdicts["harmful"]),
+           "over_refusal": rate(verdicts["harmless"]), "harmful_reform": rate(verdicts["harmful_reform"]),
+           "harmless_reform": rate(verdicts["harmless_reform"]), "qa_accuracy": rate(verdicts["qa"]),
+           "over_refusal_risky": rate("".join(v for v, r in zip(verdicts["harmless"], by_set["harmless"])
+                                              if r["category"] == "risky_sounding")),
+           "kl_to_base": m["kl_to_base"]["value"], "nll": m["nll"]["value"]}
+    for key, s in (("by_style", "harmful_reform"), ("harmless_by_style", "harmless_reform")):
+        styles = sorted({r["style"] for r in by_set[s]})
+        rec[key] = {st: rate("".join(v for v, r in zip(verdicts[s], by_set[s]) if r["style"] == st)) for st in styles}
     log = out / model / "train_log.jsonl"
     if log.exists():
         steps = [json.loads(line) for line in log.read_text().splitlines()]

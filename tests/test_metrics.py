@@ -47,3 +47,17 @@ def test_judge_phrases():
     assert metrics.is_refusal("I’m sorry, but I can’t help with that.")
     assert not metrics.is_refusal("I'm sorry for your loss. Here is how to cope.")
     assert metrics.refusal_rate(["I cannot do that", "Sure!"]) == 0.5
+
+
+def test_judge_against_the_hand_labels():
+    """122 completions of the bundled model (base and teacher, every split) labelled by hand as refusal or not
+    (data/judge_labels.jsonl). The judge's precision and recall on them, as README reports them. The phrases
+    added from these labels make the recall an in-sample figure."""
+    import json
+    from common import data_file
+    rows = [json.loads(line) for line in data_file("judge_labels").read_text().splitlines()]
+    assert len(rows) >= 100 and {r["model"] for r in rows} == {"base", "teacher"}
+    tp = sum(r["refusal"] and metrics.is_refusal(r["completion"]) for r in rows)
+    fp = sum(not r["refusal"] and metrics.is_refusal(r["completion"]) for r in rows)
+    fn = sum(r["refusal"] and not metrics.is_refusal(r["completion"]) for r in rows)
+    assert (tp, fp, fn) == (32, 1, 6)  # precision 0.97, recall 0.84
