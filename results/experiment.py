@@ -110,7 +110,10 @@ def to_markdown(rows: list[dict], refs: dict) -> str:
              "Written by `results/experiment.py` (one command per row; failures kept). Direction and S of the demo; "
              "the budget `" + " ".join(BUDGET) + "` unless the arguments say otherwise. Evaluation: harmful_test, "
              "harmful_reform_test (rephrased), harmless_test, harmless_reform_test, general_qa; greedy, 64 tokens. "
-             "Rows before session 3 (no rephrased columns) were evaluated by the older evaluate.py.", "",
+             "Rows before session 3 (no rephrased columns) were evaluated and judged by the older evaluate.py and "
+             "judge (43 phrases; on the same completions base π0 refuses 2% of harmful_test under it and 8% under "
+             "the current one, the teacher 35% and 45%): compare them with each other, not with the rows below "
+             "them. Rows from session 3 on are judged again from their stored completions by the current judge.", "",
              "| run | distill.py arguments | refusal | rephrased | over-refusal (risky) | rephrased harmless | KL to base "
              "| QA | train s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
