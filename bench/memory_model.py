@@ -7,7 +7,7 @@ vocabulary, h = hidden, I = MLP width, L = blocks, c = compute dtype's bytes: 2 
                LoRA:  one base copy (cP) + adapters A in float32 with gradient and moments (16A)
     sampling   KV cache 2·L·n·S·kv·d·c for the n = P·G (+ anchor) rows decoded together, and their last logits
     training   checkpointed block inputs L·b·S·h·c, one block recomputed (b·S·(6h + 3I)·c + attention b·H·S²·c),
-               teacher and student logits 2·b·T·V·c, the logits' gradient b·T·V·c, and the loss's chunk (256·V·4·3)
+               teacher and student logits 2·b·T·V·c, the logits' gradient b·T·V·c, and the loss's chunk (256·V·4·2)
     peak       resident + max(sampling, training)
 
 The model is checked against measured peaks on the CPU (`--validate`: the bundled 135M model and a tiny one, full
@@ -75,7 +75,7 @@ def predict(m: dict, *, lora_rank: int | None, c: int, rows: int, micro_batch: i
                 + (b * m["H"] * s * s * c * 2 if attn_s2 else 0),
                 "teacher + student logits": 2 * b * new * m["V"] * c,
                 "logits gradient": b * new * m["V"] * c,
-                "loss chunk": 256 * m["V"] * 4 * 3}
+                "loss chunk": 256 * m["V"] * 4 * 2}  # lean_losses._logsumexp: the masked copy and exp(z - max)
     peak = sum(resident.values()) + max(sum(sampling.values()), sum(training.values()))
     return {"resident": resident, "sampling": sampling, "training": training, "peak": peak}
 
