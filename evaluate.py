@@ -40,9 +40,9 @@ import torch
 from tqdm import tqdm
 
 from chat import encode_chats, stop_token_ids
-from common import (Parser, PROMPT_FIELDS, UserError, add_common_args, check_model_spec, data_file, load_json,
-                    load_model, pick_device, positive_int, prepare_out_dir, read_records, run_cli, run_info,
-                    seed_everything, truncate_prompts, write_json, write_jsonl, write_text)
+from common import (BUNDLED_MODEL, PROMPT_FIELDS, Parser, UserError, add_common_args, bundled_package_dir, data_file,
+                    load_json, load_model, pick_device, positive_int, prepare_out_dir, read_records, run_cli,
+                    run_info, seed_everything, truncate_prompts, write_json, write_jsonl, write_text)
 from metrics import (REFUSAL_PHRASES, bootstrap_mean, is_refusal, mcnemar_exact, paired_bootstrap, wilson)
 from steering import completion_logits, decode_completions, load_teacher, sample
 
@@ -214,6 +214,27 @@ def resolve_models(args, out: Path) -> list[tuple[str, str]]:
         if (d / "safesteer.json").exists():
             pairs.append((d.name, str(d)))
     return pairs
+
+
+def check_model_spec(name: str) -> None:
+    """Fail in seconds on a model that cannot load: a missing path, a folder without config.json, a config or
+    tokenizer that does not parse. Loads no weights (a hub id is left to load_model)."""
+    if name == BUNDLED_MODEL:
+        bundled_package_dir()
+        return
+    path = Path(name)
+    if not path.exists():
+        if name.startswith((".", "/", "~")) or name.count("/") != 1:
+            raise UserError(f"model {name!r} not found (not a directory here, nor a hub id of the form org/name)")
+        return
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} is not a model directory (no config.json); is it a student that did not finish?")
+    from transformers import AutoConfig, AutoTokenizer
+    try:
+        AutoConfig.from_pretrained(path)
+        AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load model {name!r}: {str(e).splitlines()[0]}") from None
 
 
 def check_spec(spec: str, default_model: str) -> None:

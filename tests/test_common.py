@@ -120,11 +120,3 @@ def test_number_types(kind, text, ok):
             kind(text)
     else:
         assert kind(text) == ok
-
-
-def test_check_model_spec(model_dir, tmp_path):
-    common.check_model_spec(str(model_dir))
-    common.check_model_spec("org/name")  # a hub id is left to load_model
-    for bad, message in ((str(tmp_path / "none"), "not found"), (str(tmp_path), "no config.json")):
-        with pytest.raises(UserError, match=message):
-            common.check_model_spec(bad)

@@ -107,3 +107,11 @@ def test_steered_base_has_kl_to_itself_unsteered(tok, model):
     teacher = __import__("steering").Teacher(model, "hook", vec, 1)
     ret = ev.retention(model, teacher.steer, model, tok, ["hello", "why"], [[40, 41], [50, 51, 52]], batch_size=2)
     assert sum(ret["kl"]) > 1e-3
+
+
+def test_check_model_spec(model_dir, tmp_path):
+    ev.check_model_spec(str(model_dir))
+    ev.check_model_spec("org/name")  # a hub id is left to load_model
+    for bad, message in ((str(tmp_path / "none"), "not found"), (str(tmp_path), "no config.json")):
+        with pytest.raises(UserError, match=message):
+            ev.check_model_spec(bad)
