@@ -7,8 +7,9 @@
     files               read_prompts, read_records, truncate_prompts, write_json, write_jsonl, save_tensors, run_info
 
 None of the method's math lives here. Beside it: chat.py (chat templates and the tokens of each model family),
-steering.py (the hooks, the teacher πt and the sampler), metrics.py (the refusal judge and the statistics); each
-stage's math is in its own file.
+steering.py (the hooks, the teacher πt and the sampler), metrics.py (the refusal judge and the statistics),
+lean_losses.py (Stage 3's memory-lean losses), parallel.py (Stage 3 under torchrun); each stage's math is in its
+own file.
 """
 from __future__ import annotations
 
