@@ -399,8 +399,8 @@ def main(argv=None):
     bar = tqdm(range(start, len(plan)), desc=f"distill ({args.loss})", unit="step", initial=start, total=len(plan),
                disable=not world.main)
     for step in bar:
-        rec = {"step": step + 1, **train_step(student, tok, world.share(plan[step]), world.share(anchor_plan[step]),
-                                              **knobs)}
+        rec = {"step": step + 1, **train_step(student, tok, world.share(plan[step], required=True),
+                                              world.share(anchor_plan[step]), **knobs)}
         log.append(rec)
         if world.main:
             write_jsonl(work / "train_log.jsonl", log)

@@ -15,6 +15,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from common import UserError
+
 
 class World:
     def __init__(self, device: torch.device):
@@ -30,9 +32,14 @@ class World:
     def main(self) -> bool:
         return self.rank == 0
 
-    def share(self, items: list) -> list:
-        """This rank's part of a step's prompts: every world-th one, starting at its rank (shares may differ by 1)."""
-        return items[self.rank::self.size]
+    def share(self, items: list, required: bool = False) -> list:
+        """This rank's part of a step's prompts: every world-th one, starting at its rank (shares may differ by 1).
+        `required`: a rank left with nothing to sample is an error (more processes than prompts per step)."""
+        mine = items[self.rank::self.size]
+        if required and items and not mine:
+            raise UserError(f"{self.size} processes but {len(items)} prompts in a step: use at most "
+                            f"--prompts-per-step processes")
+        return mine
 
     def sum(self, values: list[float]) -> list[float]:
         """The same numbers summed over ranks (float64)."""

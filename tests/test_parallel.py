@@ -83,3 +83,7 @@ def test_shares_cover_every_prompt_once():
         w.rank, w.size = rank, 3
         shares += w.share(items)
     assert sorted(shares) == items
+    w.rank, w.size = 3, 4
+    assert w.share([1, 2, 3]) == []
+    with pytest.raises(parallel.UserError, match="at most --prompts-per-step processes"):
+        w.share([1, 2, 3], required=True)
