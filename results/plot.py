@@ -20,6 +20,8 @@ sys.path.insert(0, str(ROOT))
 from metrics import bootstrap_mean, wilson  # noqa: E402
 
 HERE = ROOT / "results"
+LABELS = {"base": "base π0", "teacher": "teacher πt", "demo": "localized: collapsed on S + anchoring (demo)",
+          "full": "global: full KL + anchoring"}
 
 
 def rate(verdicts: dict, sets: tuple[str, ...]) -> tuple[float, float, float]:
@@ -64,7 +66,7 @@ def main():
                             fmt="o", ms=4, color=colors[g], alpha=0.5, elinewidth=0.8)
             mx = sum(p[xkey][0] for p in mine) / len(mine)
             my = sum(p["refusal"][0] for p in mine) / len(mine)
-            label = g + (f" ({len(mine)} seeds)" if len(mine) > 1 else "")
+            label = LABELS.get(g, g) + (f" ({len(mine)} seeds)" if len(mine) > 1 else "")
             ax.plot(mx, my, marker="D", ms=9, color=colors[g], markeredgecolor="black", linestyle="none", label=label)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("refusal, held-out harmful + rephrased ↑")
