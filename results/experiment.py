@@ -138,7 +138,7 @@ def to_markdown(rows: list[dict], refs: dict) -> str:
                   "rephrased harmless | QA | KL difference |", "|---|---|---|---|---|---|---|"]
         for a, b in pairs:
             p = paired_groups(group(rows, a), group(rows, b))
-            cell = lambda s: (f"+{p[s]['n01']}/-{p[s]['n10']}, p = {p[s]['p_value']:.3f}" if s in p else "–")
+            cell = lambda s: (f"+{p[s]['n10']}/-{p[s]['n01']}, p = {p[s]['p_value']:.3f}" if s in p else "–")
             kl = p.get("kl_diff")
             kl_cell = f"{kl['diff']:+.4f} [{kl['lo']:+.4f}, {kl['hi']:+.4f}]" if kl else "–"
             lines.append(f"| {a} vs {b} ({p['seeds']} seeds) | {cell('harmful')} | {cell('harmful_reform')} | "

@@ -28,7 +28,7 @@ def test_groups_and_paired_comparisons():
     assert p["harmful"]["p_value"] == pytest.approx(2 * (1 + 6) / 64)
     assert p["kl_diff"]["diff"] == pytest.approx(-0.01)
     md = experiment.to_markdown(rows, {"a": "b"})
-    assert "| a | 0,1 |" in md and "a vs b (2 seeds)" in md
+    assert "| a | 0,1 |" in md and "| a vs b (2 seeds) | +5/-1, p = 0.219 |" in md  # + = a refuses, b does not
 
 
 def test_plot_points_carry_intervals():
