@@ -43,7 +43,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from chat import encode_chats, render_chat, stop_token_ids
+from chat import SENTINEL, encode_chats, render_chat, stop_token_ids
 from common import (Parser, UserError, add_common_args, data_file, load_model, pick_device, positive_float, positive_int,
                     non_negative_int, prepare_out_dir, read_prompts, run_cli, run_info, save_tensors, seed_everything,
                     truncate_prompts, write_json)
@@ -105,9 +105,8 @@ def post_instruction_ids(tok) -> list[int]:
     Llama-3: `<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n`; Gemma: `<end_of_turn>\\n<start_of_turn>model\\n`.
     Found by rendering around a sentinel; with left padding they are the last n positions of every row.
     """
-    sentinel = "XQZSENTINELQZX"
-    text = render_chat(tok, sentinel)
-    suffix = text[text.index(sentinel) + len(sentinel):]
+    text = render_chat(tok, SENTINEL)
+    suffix = text[text.index(SENTINEL) + len(SENTINEL):]
     ids = tok(suffix, add_special_tokens=False).input_ids
     full = tok(text, add_special_tokens=False).input_ids
     if not ids or full[-len(ids):] != ids:

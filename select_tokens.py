@@ -24,7 +24,6 @@ Usage:
 """
 from __future__ import annotations
 
-import contextlib
 import time
 
 import torch
