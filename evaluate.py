@@ -237,8 +237,9 @@ def check_model_spec(name: str) -> None:
         raise UserError(f"could not load model {name!r}: {str(e).splitlines()[0]}") from None
 
 
-def check_spec(spec: str, default_model: str) -> None:
-    """Fail in seconds, before any work, on a spec that cannot load."""
+def check_spec(spec: str, default_model: str) -> str:
+    """Fail in seconds, before any work, on a spec that cannot load. Returns the model the spec loads (for
+    steer:DIR, direction.json's model)."""
     if spec.startswith("steer:"):
         folder = Path(spec[len("steer:"):])
         for name in ("direction.safetensors", "direction.json"):
@@ -246,19 +247,18 @@ def check_spec(spec: str, default_model: str) -> None:
                 raise UserError(f"{folder / name}: file not found (steer:DIR needs Stage 1's outputs)")
         spec = load_json(folder / "direction.json").get("model", default_model)
     check_model_spec(spec)
+    return spec
 
 
 def load_spec(spec: str, default_model: str, device, chat_template=None, loaded=None, device_map=None):
     """(model, tokenizer, hook factory) for a spec: a model, or steer:DIR (π0 of direction.json + c·r).
     `loaded` maps model names already in memory to (model, tok), so the base model is not loaded twice."""
-    loaded = loaded or {}
-    steer = spec.startswith("steer:")
-    name = load_json(Path(spec[6:]) / "direction.json").get("model", default_model) if steer else spec
-    check_spec(spec, default_model)
-    model, tok = loaded.get(name) or load_model(name, device, chat_template=chat_template, device_map=device_map)
-    if not steer:
+    name = check_spec(spec, default_model)
+    model, tok = (loaded or {}).get(name) or load_model(name, device, chat_template=chat_template,
+                                                        device_map=device_map)
+    if not spec.startswith("steer:"):
         return model, tok, contextlib.nullcontext
-    teacher, _ = load_teacher(model, Path(spec[6:]) / "direction.safetensors")
+    teacher, _ = load_teacher(model, Path(spec[len("steer:"):]) / "direction.safetensors")
     return model, tok, teacher.steer
 
 
