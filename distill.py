@@ -36,6 +36,7 @@ Usage:
     python distill.py --out runs/demo
     python distill.py --out runs/demo --loss full --student full --max-new-tokens 48 --samples 4
     python distill.py --out runs/demo --student lora --lora-rank 16 --anchor data/harmless_train.jsonl
+    torchrun --nproc-per-node 8 distill.py --out runs/big --model DIR --lora-rank 16 --shard   (parallel.py)
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ from common import (Parser, UserError, add_common_args, data_file, fraction, loa
                     non_negative_float, non_negative_int, peak_memory_mb, pick_device, positive_float, positive_int,
                     read_prompts, run_cli, run_info, save_model_dir, seed_everything, truncate_prompts, write_jsonl)
 from metrics import refusal_rate
-from parallel import World
+from parallel import World, load_checkpoint, save_checkpoint, unsharded
 from lean_losses import collapsed_kl, full_kl, partial_kl, rest_term
 from steering import Teacher, completion_logits, decode_completions, load_teacher, sample
 
@@ -99,6 +100,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=non_negative_float, default=0.1, help="fraction of steps of linear warm-up")
     p.add_argument("--clip", type=positive_float, default=1.0, help="gradient-norm clip")
     p.add_argument("--micro-batch", type=positive_int, default=8, help="sequences per forward/backward")
+    p.add_argument("--shard", action="store_true", help="under torchrun: FSDP2, each process holds 1/N of the "
+                   "weights, gradients and Adam states (for a model that does not fit one device)")
     p.add_argument("--no-grad-checkpointing", action="store_true", help="keep activations (faster, more memory)")
     p.add_argument("--checkpoint-every", type=positive_int, default=5, help="save a resumable checkpoint every N")
     p.add_argument("--resume", action="store_true", help="continue from OUT/STUDENT.work/checkpoint.pt")
@@ -195,7 +198,8 @@ def train_step(student, tok, harmful: list[str], anchors: list[str], *, teacher:
     with timer("sample"):  # eval mode: no checkpointing, KV cache on
         ids, mask = encode_chats(tok, rows, device=device)
         comp, comp_mask = sample(student.eval(), ids, mask, max_new_tokens, temperature=temperature, top_p=top_p,
-                                 generator=gen, stop_ids=stop_token_ids(tok), pad_id=tok.pad_token_id)
+                                 generator=gen, stop_ids=stop_token_ids(tok), pad_id=tok.pad_token_id,
+                                 sync_stop=world.any if world.sharded else None)
     loss_mask = loss_window(comp_mask, skip_tokens, keep_tokens)
     student.train()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -222,7 +226,8 @@ def train_step(student, tok, harmful: list[str], anchors: list[str], *, teacher:
     with timer("optimizer"):
         params = [q for q in student.parameters() if q.requires_grad]
         world.sum_gradients(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)  # sharded: a DTensor, the global norm
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -271,23 +276,33 @@ def load_safety_tokens(path: Path, tok, model, random_tokens: bool, seed: int) -
     return torch.tensor(ids, dtype=torch.long), meta
 
 
-def build_models(args, out: Path, device):
-    """(student, tok, πt, π0). Full fine-tuning: a float32 student and a frozen copy of π0 (bf16 on CUDA) for
-    πt and π0. LoRA: one copy (bf16 on CUDA), float32 adapters; adapters off is π0, adapters off + hook is πt."""
+def build_student(args, device):
+    """π0 as the student starts: float32 weights, or (LoRA) π0 in bf16 on CUDA with float32 adapters (peft)."""
     lora_bf16 = args.lora_rank and device.type == "cuda"
     student, tok = load_model(args.model, device, dtype=torch.bfloat16 if lora_bf16 else torch.float32,
                               chat_template=args.chat_template)
-    system = Path(args.system).read_text().strip() if args.system else None
     if args.lora_rank:
         from peft import LoraConfig, get_peft_model
         cfg = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank, lora_dropout=0.0,
                          target_modules=args.lora_targets, task_type="CAUSAL_LM")
         student = get_peft_model(student, cfg)
+    return student, tok
+
+
+def build_models(args, out: Path, device, world: World | None = None):
+    """(student, tok, πt, π0). Full fine-tuning: a float32 student and a frozen copy of π0 (bf16 on CUDA) for
+    πt and π0. LoRA: one copy, adapters off is π0, adapters off + hook is πt. --shard: each copy sharded."""
+    student, tok = build_student(args, device)
+    system = Path(args.system).read_text().strip() if args.system else None
+    if args.lora_rank:
         frozen, base_ctx = student, student.disable_adapter
     else:
         frozen, base_ctx = copy.deepcopy(student).requires_grad_(False).eval(), contextlib.nullcontext
         if device.type == "cuda":
             frozen.to(torch.bfloat16)
+    if world is not None and world.sharded:
+        for m in {id(student): student, id(frozen): frozen}.values():
+            world.shard(m)
     teacher, dmeta = load_teacher(frozen, args.direction or out / "direction.safetensors", args.teacher,
                                   args.coefficient, system, base_ctx)
     return student, tok, teacher, Teacher(frozen, "base", base_context=base_ctx), dmeta
@@ -295,34 +310,6 @@ def build_models(args, out: Path, device):
 
 def trainable(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(path: Path, student, opt, sched, step: int, gen, log: list[dict], world: World) -> None:
-    gens = world.gather(gen.get_state())  # every rank's sampler stream, so that a resumed run draws the same
-    if not world.main:
-        return
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": {n: p.detach() for n, p in trainable(student).items()}, "opt": opt.state_dict(),
-                "sched": sched.state_dict(), "step": step, "gens": gens, "torch_rng": torch.get_rng_state(),
-                "py_rng": random.getstate(), "log": log}, tmp)
-    tmp.replace(path)
-
-
-def load_checkpoint(path: Path, student, opt, sched, gen, world: World):
-    if not path.is_file():
-        raise UserError(f"--resume: no checkpoint at {path}")
-    ck = torch.load(path, weights_only=False)
-    params = trainable(student)
-    with torch.no_grad():
-        for name, value in ck["model"].items():
-            params[name].copy_(value)
-    opt.load_state_dict(ck["opt"])
-    sched.load_state_dict(ck["sched"])
-    if len(ck["gens"]) == world.size:  # another world size: the streams restart from each rank's seed
-        gen.set_state(ck["gens"][world.rank])
-    torch.set_rng_state(ck["torch_rng"])
-    random.setstate(ck["py_rng"])
-    return ck["step"], ck["log"]
 
 
 def step_prompts(prompts: list[str], per_step: int, epochs: int, seed: int) -> list[list[str]]:
@@ -360,14 +347,14 @@ def main(argv=None):
     if args.system and not Path(args.system).is_file():
         raise UserError(f"{args.system}: system prompt file not found")
     device = pick_device(args.device)
-    world = World(device)
+    world = World(device, args.shard)
     gen = seed_everything(args.seed)
     if world.rank:  # its own sampler stream; rank 0 keeps the single-process one
         gen.manual_seed(args.seed * 1_000_003 + world.rank)
     t0 = time.time()
     prompts = read_prompts(args.prompts)
     anchors = read_prompts(args.anchor) if args.anchor else []
-    student, tok, teacher, base, dmeta = build_models(args, out, device)
+    student, tok, teacher, base, dmeta = build_models(args, out, device, world)
     prompts = truncate_prompts(tok, prompts, args.max_prompt_tokens, args.prompts)
     anchors = truncate_prompts(tok, anchors, args.max_prompt_tokens, args.anchor) if anchors else []
     tokens_file = Path(args.tokens or out / "safety_tokens.json")
@@ -380,6 +367,9 @@ def main(argv=None):
 
     plan = step_prompts(prompts, args.prompts_per_step, args.epochs, args.seed)[:args.max_steps]
     anchor_plan = anchor_steps(anchors, len(plan), args.anchor_per_step, args.seed)
+    if world.sharded and any(len(p) % world.size for p in plan + [a for a in anchor_plan if a]):
+        raise UserError(f"--shard needs every step's prompts and anchors to split evenly over {world.size} "
+                        f"processes (--prompts-per-step, --anchor-per-step, and the prompt count)")
     opt = torch.optim.AdamW(trainable(student).values(), lr=args.lr, weight_decay=args.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, math.ceil(args.warmup * len(plan)), len(plan))
     work.mkdir(parents=True, exist_ok=True)
@@ -391,7 +381,7 @@ def main(argv=None):
           f"{teacher.describe()}; {n_train / 1e6:.1f}M trainable weights" + (" (LoRA)" if args.lora_rank else "")
           + (f"; anchor {args.anchor_per_step} x {args.samples} harmless samples, λ = {args.anchor_weight}"
              if anchors else "") + (f"; resuming at step {start}" if start else "")
-        + (f"; {world.size} processes" if world.size > 1 else ""))
+        + (f"; {world.size} processes" + (", sharded (FSDP2)" if world.sharded else "") if world.size > 1 else ""))
     knobs = dict(teacher=teacher, base=base, s_ids=s_ids, opt=opt, sched=sched, gen=gen, samples=args.samples,
                  max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, loss=args.loss,
                  impl=args.loss_impl, anchor_weight=args.anchor_weight, micro_batch=args.micro_batch, clip=args.clip,
@@ -414,6 +404,8 @@ def main(argv=None):
                         "layer": dmeta["layer"], "coefficient": teacher.coefficient, "system": teacher.system},
             "base_model": args.model, "steps": len(plan), "lora_rank": args.lora_rank, "world_size": world.size,
             "args": vars(args), "seconds": round(time.time() - t0, 1), **run_info()}
+    if world.sharded:  # rank 0 gathers the slices into a plain model to save
+        student = unsharded(student, world, lambda: build_student(args, torch.device("cpu"))[0])
     world.barrier()
     if not world.main:
         return world.close()

@@ -210,12 +210,13 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
 @torch.no_grad()
 def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
            stop_ids: list[int], pad_id: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-           generator: torch.Generator | None = None):
+           generator: torch.Generator | None = None, sync_stop=None):
     """Decode a batch of left-padded prompts with a KV cache; temperature 0 means greedy.
 
     Returns (tokens [batch, new], mask [batch, new]); mask is 1 up to and including each row's first
     stop token. Rows stop independently; a finished row is fed pad tokens, and decoding ends as soon as
-    every row has stopped (the returned width is then the longest row's).
+    every row has stopped (the returned width is then the longest row's). sync_stop(running) -> bool, if
+    given, decides for all processes together (a sharded model must be called equally often on every rank).
     """
     batch, plen = input_ids.shape
     device = input_ids.device
@@ -243,7 +244,8 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
         tokens[:, t] = nxt
         mask[:, t] = alive.long()
         alive = alive & ~torch.isin(nxt, stop)
-        if not alive.any():
+        running = bool(alive.any()) if sync_stop is None else sync_stop(bool(alive.any()))
+        if not running:
             return tokens[:, :t + 1], mask[:, :t + 1]
         if t + 1 < max_new_tokens:
             out = model(input_ids=nxt[:, None], attention_mask=full_mask[:, :plen + t + 1],

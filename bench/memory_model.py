@@ -10,6 +10,11 @@ vocabulary, h = hidden, I = MLP width, L = blocks, c = compute dtype's bytes: 2 
                teacher and student logits 2·b·T·V·c, the logits' gradient b·T·V·c, and the loss's chunk (256·V·4·2)
     peak       resident + max(sampling, training)
 
+Sharded over N GPUs (distill.py --shard under torchrun, FSDP2 with one unit per block): resident / N, plus the
+units gathered whole while they run: the root (embeddings, head; kept gathered through forward and backward)
+and two blocks (the running one and the prefetched next) in the parameters' dtype; each rank samples and trains
+its rows / N. Not validated here (the CPU test checks the numbers of a sharded run, not its memory).
+
 The model is checked against measured peaks on the CPU (`--validate`: the bundled 135M model and a tiny one, full
 and LoRA; measured = peak RSS of a fresh process minus its RSS after imports), and the table printed for the paper's
 models at the paper's settings (4 prompts x 8 samples per step, micro-batch 8, 512 new tokens, prompts ~128 tokens).
@@ -19,9 +24,11 @@ then counts memory that no tensor holds (+27% to +135% here with the default).
 Usage:
     python bench/memory_model.py                 # the table
     python bench/memory_model.py --validate      # predicted vs measured on this CPU (a few minutes)
+    python bench/memory_model.py --shard 8       # per GPU when Stage 3 is sharded over 8 GPUs
 """
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -59,14 +66,18 @@ def lora_params(m: dict, rank: int) -> int:
 
 
 def predict(m: dict, *, lora_rank: int | None, c: int, rows: int, micro_batch: int, prompt: int, new: int,
-            attn_s2: bool) -> dict:
-    """Peak bytes of one step and its parts (see the module docstring)."""
+            attn_s2: bool, shard: int = 1) -> dict:
+    """Peak bytes of one step and its parts on one device (see the module docstring)."""
     p, s = params(m), prompt + new
     if lora_rank:
         a = lora_params(m, lora_rank)
-        resident = {"weights": c * p, "trainable (fp32 + grad + AdamW)": 16 * a}
+        resident = {"weights": c * p / shard, "trainable (fp32 + grad + AdamW)": 16 * a / shard}
     else:
-        resident = {"student fp32 + grad + AdamW": 16 * p, "frozen π0/πt copy": c * p}
+        resident = {"student fp32 + grad + AdamW": 16 * p / shard, "frozen π0/πt copy": c * p / shard}
+    if shard > 1:  # gathered units: root + two blocks, in the student's dtype (float32 when fully fine-tuned)
+        root, block = m["V"] * m["h"] * (1 if m["tied"] else 2), (p - m["V"] * m["h"] * (1 if m["tied"] else 2)) / m["L"]
+        resident["gathered units"] = (root + 2 * block) * (c if lora_rank else 4)
+        rows, micro_batch = math.ceil(rows / shard), min(micro_batch, math.ceil(rows / shard))
     kv = 2 * m["L"] * rows * s * m["kv"] * m["d"] * c
     sampling = {"KV cache": kv, "last logits": rows * m["V"] * 4 * 2}
     b = micro_batch
@@ -159,14 +170,14 @@ def validate(tmp: Path) -> list[dict]:
     return rows
 
 
-def table(rank: int, prompt: int, new: int) -> list[dict]:
+def table(rank: int, prompt: int, new: int, shard: int = 1) -> list[dict]:
     """Peak at micro-batch 8, the smallest GPU that holds it (95% of its memory usable), and the largest
-    micro-batch (8, 4, 2, 1) that fits a 24 GB GPU."""
+    micro-batch (8, 4, 2, 1) that fits a 24 GB GPU; per GPU of `shard`."""
     rows = []
     for name, m in MODELS.items():
         for mode in ("full", "LoRA"):
             peak = lambda mb: predict(m, lora_rank=rank if mode == "LoRA" else None, c=2, rows=32, micro_batch=mb,
-                                      prompt=prompt, new=new, attn_s2=False)["peak"]
+                                      prompt=prompt, new=new, attn_s2=False, shard=shard)["peak"]
             fits = [g for g in (24, 48, 80) if peak(8) <= g * 1e9 * 0.95]
             mb24 = next((mb for mb in (8, 4, 2, 1) if peak(mb) <= 24e9 * 0.95), None)
             rows.append({"model": name, "params_b": params(m) / 1e9, "mode": mode, "peak_gib": peak(8) / GIB,
@@ -181,15 +192,17 @@ def main():
     p.add_argument("--rank", type=int, default=16, help="LoRA rank in the table")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens in the table")
     p.add_argument("--new", type=int, default=512, help="new tokens in the table (paper: 512)")
+    p.add_argument("--shard", type=int, default=1, help="per GPU when sharded over this many GPUs (--shard)")
     p.add_argument("--micro-batch", type=int, default=8, help=argparse.SUPPRESS)
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(json.loads(args.child))
-    print(f"Stage 3 peak memory, bf16 on one GPU, 4 prompts x 8 samples, micro-batch 8, {args.prompt} + {args.new} "
+    where = f"per GPU, sharded over {args.shard} GPUs (FSDP2)" if args.shard > 1 else "on one GPU"
+    print(f"Stage 3 peak memory, bf16 {where}, 4 prompts x 8 samples, micro-batch 8, {args.prompt} + {args.new} "
           f"tokens, gradient checkpointing, memory-efficient attention; LoRA rank {args.rank} on q,k,v,o,gate,up,down")
     print(f"{'model':<24} {'params':>7} {'mode':<5} {'peak GiB':>9} {'GPU':>8}   on 24 GB: micro-batch, peak GiB")
-    for r in table(args.rank, args.prompt, args.new):
+    for r in table(args.rank, args.prompt, args.new, args.shard):
         on24 = f"{r['mb24']}, {r['peak24_gib']:.1f}" if r["mb24"] else "does not fit"
         print(f"{r['model']:<24} {r['params_b']:>6.1f}B {r['mode']:<5} {r['peak_gib']:>9.1f} {r['fits']:>8}   {on24}")
     if args.validate:

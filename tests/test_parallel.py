@@ -50,12 +50,52 @@ def test_two_processes_equal_one(model_dir, tok, tmp_path):
     assert max((wa[k] - load_file(Path(model_dir) / "model.safetensors")[k]).abs().max() for k in wa) > 1e-4
 
 
-def test_resume_across_ranks(model_dir, tok, tmp_path):
-    """A 2-process run stopped (SIGTERM to torchrun) after a checkpoint and resumed under 2 processes ends with
-    the uninterrupted run's weights: the checkpoint holds every rank's sampler stream."""
+@pytest.mark.parametrize("lora", [False, True])
+def test_sharded_equals_one_process(model_dir, tok, tmp_path, lora):
+    """--shard (FSDP2, every block its own unit): 2 prompts + 2 anchors per step split evenly over 2 ranks, greedy
+    samples; losses, gradient norms and final weights equal the 1-process run (checked once: a reduce-scatter
+    that divides by 2 halves the gradient norm and fails), with LoRA too (adapters only, merged on rank 0)."""
     out = tmp_path / "run"
     make_run(out, model_dir, tok)
-    argv = args_for(model_dir, out, "--prompts-per-step", "3", "--max-steps", "8", "--checkpoint-every", "2")
+    extra = ["--lora-rank", "4"] if lora else []
+    argv = args_for(model_dir, out, "--max-steps", "3", "--temperature", "0", "--anchor",
+                    str(ROOT / "data" / "harmless_val.jsonl"), "--anchor-per-step", "2", *extra)
+    dl.main(argv + ["--student", "one"])
+    res = torchrun(argv + ["--student", "two", "--shard"])
+    assert "2 processes, sharded" in res.stdout
+    one, two = log_of(out / "one"), log_of(out / "two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        for k in ("loss", "collapsed", "full", "anchor_loss", "grad_norm", "sampled_refusal"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-7), (a["step"], k)
+    wa, wb = load_file(out / "one" / "model.safetensors"), load_file(out / "two" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    if lora:
+        assert (out / "two" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_shard_needs_even_shares(model_dir, tok, tmp_path):
+    out = tmp_path / "run"
+    make_run(out, model_dir, tok)
+    argv = args_for(model_dir, out, "--prompts-per-step", "3", "--max-steps", "1", "--shard")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(ROOT / "distill.py"), *argv]
+    res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode != 0 and "split evenly over 2 processes" in res.stderr
+    with pytest.raises(parallel.UserError, match="run under torchrun"):
+        dl.main(argv)  # without torchrun there is nothing to shard over
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_resume_across_ranks(model_dir, tok, tmp_path, shard):
+    """A 2-process run stopped (SIGTERM to torchrun) after a checkpoint and resumed under 2 processes ends with
+    the uninterrupted run's weights: the checkpoint holds every rank's sampler stream (and, sharded, the
+    weights and Adam states gathered from the slices)."""
+    out = tmp_path / "run"
+    make_run(out, model_dir, tok)
+    argv = args_for(model_dir, out, "--prompts-per-step", "2" if shard else "3", "--max-steps", "8",
+                    "--checkpoint-every", "2", *(["--shard"] if shard else []))
     torchrun(argv + ["--student", "straight"])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            str(ROOT / "distill.py"), *argv, "--student", "killed"]
