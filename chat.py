@@ -11,14 +11,16 @@ Each family formats a turn its own way, and a silent mistake here gives numbers 
     render_chat, encode_chats   one user turn (and a system turn where the family has one) up to the assistant
     stop_token_ids              the end-of-turn token the template writes, plus the eos ids
     special_token_ids           never eligible for S
-    tokenizer_fingerprint       a token file made for another vocabulary is refused
+    post_instruction_ids        the tokens after the user's text, where Stage 1 reads r
+    tokenizer_fingerprint       a token file made for another vocabulary is refused (load_safety_tokens)
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 
-from common import UserError
+from common import UserError, load_json
 
 SENTINEL = "XQZSENTINELQZX"
 
@@ -88,3 +90,39 @@ def tokenizer_fingerprint(tok) -> str:
     """A short hash of the vocabulary, so a token file made for another tokenizer is refused."""
     items = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+
+def post_instruction_ids(tok) -> list[int]:
+    """Token ids the template appends after the user's text: the positions where r[p, l] is read.
+
+    ChatML: `<|im_end|>\\n<|im_start|>assistant\\n` (Qwen3 with thinking off adds `<think>\\n\\n</think>\\n\\n`);
+    Llama-3: `<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n`; Gemma: `<end_of_turn>\\n<start_of_turn>model\\n`.
+    Found by rendering around a sentinel; with left padding they are the last n positions of every row.
+    """
+    text = render_chat(tok, SENTINEL)
+    suffix = text[text.index(SENTINEL) + len(SENTINEL):]
+    ids = tok(suffix, add_special_tokens=False).input_ids
+    full = tok(text, add_special_tokens=False).input_ids
+    if not ids or full[-len(ids):] != ids:
+        raise UserError("could not locate the chat template's post-instruction tokens")
+    return ids
+
+
+def load_safety_tokens(path, tok, model, random_tokens: bool = False, seed: int = 0):
+    """S from Stage 2 as a LongTensor, and its file; refused if it was made for another tokenizer. random_tokens:
+    a seeded random set of the same size instead (the ablation)."""
+    meta = load_json(path)
+    ids = meta.get("token_ids")
+    if not isinstance(ids, list) or not ids:
+        raise UserError(f"{path}: no token_ids")
+    if meta.get("vocab_size") != len(tok) or meta.get("tokenizer_fingerprint") != tokenizer_fingerprint(tok):
+        raise UserError(f"{path}: made for another tokenizer (vocabulary size {meta.get('vocab_size')} vs "
+                        f"{len(tok)}, or fingerprint differs)")
+    vocab = model.config.get_text_config().vocab_size
+    if max(ids) >= vocab or min(ids) < 0:
+        raise UserError(f"{path}: token id {max(ids)} is outside the model's vocabulary of {vocab}")
+    if random_tokens:  # the ablation: same |S|, tokens drawn at random from the non-special vocabulary
+        special = set(special_token_ids(tok))
+        ids = sorted(random.Random(seed).sample([i for i in range(len(tok)) if i not in special], len(ids)))
+    import torch
+    return torch.tensor(ids, dtype=torch.long), meta

@@ -24,6 +24,8 @@ vocabulary; on the bundled model's 49k vocabulary it is ~1% of a step either way
 Anchoring (ours, --anchor FILE): each step the student also samples answers to a few harmless prompts, and those
 are pulled toward the *unsteered* π0 with the same loss on S and weight λ. From harmful prompts alone it learns
 the teacher's over-refusal too. --teacher prompt: πt is π0 behind a safety system prompt (authors' variant).
+--refresh-every N (authors' ref_model_sync_steps): every N steps πt becomes the student as it is then + c·r,
+with r measured again on it (directions.py, Stage 1's rule at Stage 1's block); π0 stays the anchor.
 --lora-rank R: the student is π0 + low-rank adapters (peft); with adapters off the same weights are π0 and,
 with the hook, πt, so one copy of the model serves all three (one GPU for 8B models; README, memory model).
 
@@ -52,14 +54,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from chat import encode_chats, special_token_ids, stop_token_ids, tokenizer_fingerprint
-from common import (Parser, UserError, add_common_args, data_file, fraction, load_json, load_model,
+from chat import encode_chats, load_safety_tokens, stop_token_ids
+from common import (Parser, UserError, add_common_args, data_file, fraction, load_model,
                     non_negative_float, non_negative_int, peak_memory_mb, pick_device, positive_float, positive_int,
                     read_prompts, run_cli, run_info, save_model_dir, seed_everything, truncate_prompts, write_jsonl)
 from metrics import refusal_rate
 from parallel import World, load_checkpoint, save_checkpoint, unsharded
 from lean_losses import collapsed_kl, full_kl, partial_kl, rest_term
-from steering import Teacher, completion_logits, decode_completions, load_teacher, sample
+from directions import recompute_direction
+from steering import Teacher, completion_logits, decode_completions, load_teacher, sample, swapped_weights
 
 
 def parse_args(argv=None):
@@ -75,6 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--loss", choices=["collapsed", "partial", "full"], default="collapsed")
     p.add_argument("--loss-impl", choices=["lean", "formula"], default="lean",
                    help="lean: hand-written backward, no [positions, V] temporaries; formula: plain autograd")
+    p.add_argument("--refresh-every", type=positive_int, metavar="N", help="every N steps πt becomes the current "
+                   "student + c·r, r measured again on it at Stage 1's block (authors' ref_model_sync_steps)")
     p.add_argument("--skip-tokens", type=non_negative_int, default=0, help="K: no loss on the first K positions")
     p.add_argument("--keep-tokens", type=positive_int, help="M: loss on positions [K, K + M) only")
     p.add_argument("--random-tokens", action="store_true", help="replace S by a seeded random set of the same size")
@@ -258,24 +263,6 @@ def log_losses(stats, part, ls, lt, mask, s_ids, share, weight, anchor: bool) ->
 
 # ----------------------------------------------------------------------------- setup and checkpoints
 
-def load_safety_tokens(path: Path, tok, model, random_tokens: bool, seed: int) -> tuple[torch.Tensor, dict]:
-    """S from Stage 2, refused if it was made for another tokenizer; or a random set of the same size."""
-    meta = load_json(path)
-    ids = meta.get("token_ids")
-    if not isinstance(ids, list) or not ids:
-        raise UserError(f"{path}: no token_ids")
-    if meta.get("vocab_size") != len(tok) or meta.get("tokenizer_fingerprint") != tokenizer_fingerprint(tok):
-        raise UserError(f"{path}: made for another tokenizer (vocabulary size {meta.get('vocab_size')} vs "
-                        f"{len(tok)}, or fingerprint differs)")
-    vocab = model.config.get_text_config().vocab_size
-    if max(ids) >= vocab or min(ids) < 0:
-        raise UserError(f"{path}: token id {max(ids)} is outside the model's vocabulary of {vocab}")
-    if random_tokens:  # the ablation: same |S|, tokens drawn at random from the non-special vocabulary
-        special = set(special_token_ids(tok))
-        ids = sorted(random.Random(seed).sample([i for i in range(len(tok)) if i not in special], len(ids)))
-    return torch.tensor(ids, dtype=torch.long), meta
-
-
 def build_student(args, device):
     """π0 as the student starts: float32 weights, or (LoRA) π0 in bf16 on CUDA with float32 adapters (peft)."""
     lora_bf16 = args.lora_rank and device.type == "cuda"
@@ -312,6 +299,19 @@ def trainable(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def refresh_teacher(student, tok, teacher: Teacher, dmeta: dict) -> Teacher:
+    """πt := the student as it is now + c·r, r measured again on it by Stage 1's rule at its block (authors'
+    update_refusal_vector). What trains is copied now and swapped in whenever πt runs, so πt stays fixed until
+    the next refresh; π0 (anchoring's target) never changes."""
+    params = trainable(student)
+    snapshot = {n: p.detach().clone() for n, p in params.items()}
+    training = student.training
+    vec = recompute_direction(student.eval(), tok, dmeta) if teacher.kind == "hook" else None
+    student.train(training)
+    return Teacher(student, teacher.kind, vec, teacher.layer, teacher.coefficient, teacher.system,
+                   base_context=lambda: swapped_weights(student, params, snapshot))
+
+
 def step_prompts(prompts: list[str], per_step: int, epochs: int, seed: int) -> list[list[str]]:
     """The prompts of every step: a seeded shuffle per epoch, cut into groups of P (the last may be short)."""
     steps = []
@@ -344,6 +344,8 @@ def main(argv=None):
         if not args.overwrite:
             raise UserError(f"{work} holds an unfinished run; pass --resume to continue it or --overwrite to restart")
         shutil.rmtree(work)
+    if args.refresh_every and args.checkpoint_every % args.refresh_every:  # a resumed run rebuilds πt from the student
+        raise UserError("--checkpoint-every must be a multiple of --refresh-every")
     if args.system and not Path(args.system).is_file():
         raise UserError(f"{args.system}: system prompt file not found")
     device = pick_device(args.device)
@@ -374,6 +376,8 @@ def main(argv=None):
     sched = get_cosine_schedule_with_warmup(opt, math.ceil(args.warmup * len(plan)), len(plan))
     work.mkdir(parents=True, exist_ok=True)
     start, log = (load_checkpoint(work / "checkpoint.pt", student, opt, sched, gen, world) if args.resume else (0, []))
+    if args.refresh_every and start >= args.refresh_every:  # checkpoints fall on refresh steps
+        teacher = refresh_teacher(student, tok, teacher, dmeta)
     n_train = sum(p.numel() for p in trainable(student).values())
     say = print if world.main else (lambda *a, **k: None)
     say(f"distilling {len(plan)} steps x {args.prompts_per_step} prompts x {args.samples} samples, loss "
@@ -391,6 +395,9 @@ def main(argv=None):
     for step in bar:
         rec = {"step": step + 1, **train_step(student, tok, world.share(plan[step], required=True),
                                               world.share(anchor_plan[step]), **knobs)}
+        if args.refresh_every and (step + 1) % args.refresh_every == 0 and step + 1 < len(plan):
+            knobs["teacher"] = refresh_teacher(student, tok, knobs["teacher"], dmeta)
+            rec["teacher_refreshed"] = knobs["teacher"].describe()
         log.append(rec)
         if world.main:
             write_jsonl(work / "train_log.jsonl", log)
@@ -402,7 +409,7 @@ def main(argv=None):
             "s_tokens": [tok.decode([i]) for i in s_ids.tolist()], "tokens_file": str(tokens_file),
             "teacher": {"kind": args.teacher, "file": str(args.direction or out / "direction.safetensors"),
                         "layer": dmeta["layer"], "coefficient": teacher.coefficient, "system": teacher.system},
-            "base_model": args.model, "steps": len(plan), "lora_rank": args.lora_rank, "world_size": world.size,
+            "refresh_every": args.refresh_every, "base_model": args.model, "steps": len(plan), "lora_rank": args.lora_rank, "world_size": world.size,
             "args": vars(args), "seconds": round(time.time() - t0, 1), **run_info()}
     if world.sharded:  # rank 0 gathers the slices into a plain model to save
         student = unsharded(student, world, lambda: build_student(args, torch.device("cpu"))[0])

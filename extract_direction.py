@@ -23,6 +23,7 @@ model answers both, their difference of means carries topic, not refusal. Instea
 residual stream over a prefilled refusal and over a prefilled compliance to the same harmful prompts
 (contrastive activation addition, Rimsky et al. 2023): r[l] = mean over response tokens, refusal - compliance.
 The teacher is still π0 steered by its own activations; candidates are one per layer, scored as above.
+The means themselves are computed in directions.py, which Stage 3's --refresh-every uses too.
 
 Reads   data/harmful_train, harmless_train (means), harmful_val, harmless_val (scores)
 Writes  OUT/direction.safetensors  tensor "direction" [hidden], float32, the raw r[p*, l*]
@@ -43,7 +44,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from chat import SENTINEL, encode_chats, render_chat, stop_token_ids
+from chat import encode_chats, post_instruction_ids, stop_token_ids
+from directions import PromptBatches, candidate_directions, response_directions
 from common import (Parser, UserError, add_common_args, data_file, load_model, pick_device, positive_float, positive_int,
                     non_negative_int, prepare_out_dir, read_prompts, run_cli, run_info, save_tensors, seed_everything,
                     truncate_prompts, write_json)
@@ -96,80 +98,6 @@ def parse_args(argv=None):
     return args
 
 
-# ----------------------------------------------------------------------------- where r is read
-
-def post_instruction_ids(tok) -> list[int]:
-    """Token ids the template appends after the user's text: the positions where r[p, l] is read.
-
-    ChatML: `<|im_end|>\\n<|im_start|>assistant\\n` (Qwen3 with thinking off adds `<think>\\n\\n</think>\\n\\n`);
-    Llama-3: `<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n`; Gemma: `<end_of_turn>\\n<start_of_turn>model\\n`.
-    Found by rendering around a sentinel; with left padding they are the last n positions of every row.
-    """
-    text = render_chat(tok, SENTINEL)
-    suffix = text[text.index(SENTINEL) + len(SENTINEL):]
-    ids = tok(suffix, add_special_tokens=False).input_ids
-    full = tok(text, add_special_tokens=False).input_ids
-    if not ids or full[-len(ids):] != ids:
-        raise UserError("could not locate the chat template's post-instruction tokens")
-    return ids
-
-
-# ----------------------------------------------------------------------------- batching with a shared prefix
-
-class PromptBatches:
-    """Prompts tokenised once, split into the template prefix they all share and length-sorted batches.
-
-    Every chat prompt opens with the same template tokens (SmolLM2: a 24-token default system turn, about
-    half of each prompt). Its keys and values are computed once per forward and reused for every row: the
-    result is the plain forward's, with far less work. Sorting by length keeps padding small.
-    """
-
-    def __init__(self, tok, prompts: list[str], batch_size: int, device):
-        rows = [tok(render_chat(tok, p), add_special_tokens=False).input_ids for p in prompts]
-        n = 0  # longest common prefix, keeping at least one token per row
-        while all(len(r) > n + 1 and r[n] == rows[0][n] for r in rows):
-            n += 1
-        self.prefix = torch.tensor(rows[0][:n], device=device)
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-        self.batches = []  # (row indices, ids [b, s], mask [b, s]), left-padded
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            width = max(len(rows[i]) - n for i in idx)
-            ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for j, i in enumerate(idx):
-                rest = rows[i][n:]
-                ids[j, width - len(rest):] = torch.tensor(rest)
-                mask[j, width - len(rest):] = 1
-            self.batches.append((idx, ids.to(device), mask.to(device)))
-        self.n = len(rows)
-
-    @torch.no_grad()
-    def forward(self, model, hidden_states: bool = False):
-        """Yield (row indices, last-position logits [b, vocab] float32, block inputs or None) per batch."""
-        for idx, ids, mask in self.batches:
-            b, plen = ids.shape[0], self.prefix.numel()
-            cache = None
-            if plen:
-                cache = model(input_ids=self.prefix[None], use_cache=True).past_key_values
-                cache.batch_repeat_interleave(b)
-            full_mask = torch.cat([mask.new_ones(b, plen), mask], dim=1)
-            positions = (plen + mask.cumsum(-1) - 1).clamp(min=0)
-            out = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
-                        use_cache=cache is not None, logits_to_keep=1, output_hidden_states=hidden_states)
-            # hidden_states[l] is the input of block l for l < L (the last entry is the final output)
-            yield idx, out.logits[:, -1].float(), (out.hidden_states[:-1] if hidden_states else None)
-
-    def last_logits(self, model) -> torch.Tensor:
-        """Last-position logits of every prompt, in the original order: [n, vocab]."""
-        result = None
-        for idx, logits, _ in self.forward(model):
-            if result is None:
-                result = logits.new_empty(self.n, logits.shape[-1])
-            result[idx] = logits
-        return result
-
-
 # ----------------------------------------------------------------------------- the math of Stage 1
 
 def refusal_token_ids(tok, words) -> list[int]:
@@ -202,37 +130,6 @@ def kl_last(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def candidate_directions(model, harmful: PromptBatches, harmless: PromptBatches, n_pos: int) -> torch.Tensor:
-    """r[p, l] = mean harmful - mean harmless block input, float64: [n_pos, L, hidden]."""
-    means = []
-    for batches in (harmful, harmless):
-        total = None
-        for idx, _, hidden in batches.forward(model, hidden_states=True):
-            h = torch.stack(hidden, dim=0)[:, :, -n_pos:].double()  # [L, b, n_pos, hidden]
-            s = h.sum(dim=1).transpose(0, 1)  # [n_pos, L, hidden]
-            total = s if total is None else total + s
-        means.append(total / batches.n)
-    return means[0] - means[1]
-
-
-@torch.no_grad()
-def response_directions(model, tok, prompts: list[str], refusal: str, comply: str, batch_size: int) -> torch.Tensor:
-    """r[l] = mean block-l input over the tokens of a prefilled refusal minus a prefilled compliance, on the
-    same prompts, float64: [1, L, hidden] (one "position": the mean over the response)."""
-    device = next(model.parameters()).device
-    means = []
-    for answer in (refusal, comply):
-        n_ans = len(tok(answer, add_special_tokens=False).input_ids)
-        total = 0
-        for i in range(0, len(prompts), batch_size):
-            texts = [render_chat(tok, p) + answer for p in prompts[i:i + batch_size]]
-            enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt", padding_side="left").to(device)
-            hidden = model(**enc, output_hidden_states=True, logits_to_keep=1).hidden_states[:-1]
-            total = total + torch.stack(hidden)[:, :, -n_ans:].double().mean(2).sum(1)  # [L, hidden]
-        means.append(total / len(prompts))
-    return (means[0] - means[1])[None]
-
-
 @torch.no_grad()
 def score_candidates(model, r: torch.Tensor, cands: list[tuple[int, int]], harmful_val: PromptBatches,
                      harmless_val: PromptBatches, refusal_ids: list[int], pos_names: list[str]) -> list[dict]:

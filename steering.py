@@ -181,6 +181,27 @@ class Teacher:
         return "safety system prompt" if self.kind == "prompt" else "π0 (no steering)"
 
 
+@contextlib.contextmanager
+def swapped_weights(model, params: dict, values: dict):
+    """Run `model` (in eval mode) with `values` in place of its parameters `params`, then swap back. A swap
+    is its own inverse, done one tensor at a time: a frozen snapshot of a model that keeps training costs one
+    copy of what trains (the refreshed teacher of distill.py --refresh-every)."""
+    def swap():
+        with torch.no_grad():
+            for name, p in params.items():
+                held = p.detach().clone()
+                p.copy_(values[name])
+                values[name].copy_(held)
+    training = model.training
+    swap()
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
+        swap()
+
+
 def load_teacher(model, direction_path, kind: str = "hook", coefficient: float | None = None,
                  system: str | None = None, base_context=contextlib.nullcontext) -> tuple[Teacher, dict]:
     """Teacher from Stage 1's files. c is direction.json's coefficient unless one is given (the one place

@@ -131,7 +131,6 @@ def child(spec: dict) -> None:
 def validate(tmp: Path) -> list[dict]:
     import torch
     import common
-    from steering import decoder_layers  # noqa: F401
     rows = []
     cases = [("smollm2-135m", None), ("smollm2-135m", 16), ("tiny", None), ("tiny", 8)]
     for model, lora in cases:

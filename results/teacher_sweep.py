@@ -21,8 +21,8 @@ import common  # noqa: E402
 import chat  # noqa: E402
 import metrics  # noqa: E402
 import steering  # noqa: E402
-from extract_direction import (COMPLY_TEXT, REFUSAL_TEXT, PromptBatches, candidate_directions,  # noqa: E402
-                               response_directions)
+from directions import PromptBatches, candidate_directions, response_directions  # noqa: E402
+from extract_direction import COMPLY_TEXT, REFUSAL_TEXT  # noqa: E402
 
 
 def refusal_rate(model, tok, prompts, layer, vec, c, tokens):
@@ -46,7 +46,7 @@ def main():
     p.add_argument("--tokens", type=int, default=32)
     a = p.parse_args()
     model, tok = common.load_model(a.model)
-    post = ed.post_instruction_ids(tok)
+    post = chat.post_instruction_ids(tok)
     read = lambda n: common.read_prompts(common.data_file(n))
     if a.kind == "response":
         r = response_directions(model, tok, read("harmful_train"), REFUSAL_TEXT, COMPLY_TEXT, 16)

@@ -29,7 +29,7 @@ def load(family_dir):
 def test_post_instruction_tokens_are_what_the_template_adds(family_dir):
     name, model, tok = load(family_dir)
     expected = tok(FAMILIES[name][7], add_special_tokens=False).input_ids
-    ids = ed.post_instruction_ids(tok)
+    ids = chat.post_instruction_ids(tok)
     assert ids == expected, (name, tok.decode(ids))
     full, _ = chat.encode_chats(tok, ["short", "a much longer question here"])
     assert full[:, -len(ids):].tolist() == [ids, ids]  # left padding puts them at the end of every row
@@ -135,7 +135,7 @@ def test_every_stage_runs_and_the_student_reloads(family_dir, tmp_path):
 
 def test_llama3_template_from_the_conftest():
     tok = make_tokenizer(LLAMA3)
-    ids = ed.post_instruction_ids(tok)
+    ids = chat.post_instruction_ids(tok)
     assert tok.decode(ids) == "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
 
 

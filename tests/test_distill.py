@@ -399,7 +399,6 @@ def test_token_file_for_another_tokenizer(model_dir, tok, tmp_path):
 def test_lora_teacher_base_and_student_share_one_copy(model_dir, tok, tmp_path):
     """With --lora-rank the teacher is the student's own base weights with the adapters off and the hook on:
     its logits equal a separately built steered copy of π0, the base weights exist once, and only adapters train."""
-    from types import SimpleNamespace
     out = tmp_path / "run"
     make_run(out, model_dir, tok)
     a = dl.parse_args(args_for(model_dir, out, "--lora-rank", "4"))

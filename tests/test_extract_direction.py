@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 
 import chat
 import common
+import directions
 import steering
 import extract_direction as ed
 from common import UserError
@@ -28,8 +29,8 @@ def block_inputs_one_prompt(model, tok, prompt):
 
 
 def test_shared_prefix_batches_equal_plain_forward(tok, model):
-    post = ed.post_instruction_ids(tok)
-    pb = ed.PromptBatches(tok, PROMPTS_A + PROMPTS_B, batch_size=4, device="cpu")
+    post = chat.post_instruction_ids(tok)
+    pb = directions.PromptBatches(tok, PROMPTS_A + PROMPTS_B, batch_size=4, device="cpu")
     assert pb.prefix.numel() > 0
     for idx, ids, mask in pb.batches:  # the template suffix ends every left-padded row
         assert all(row[-len(post):].tolist() == post for row in ids)
@@ -40,9 +41,9 @@ def test_shared_prefix_batches_equal_plain_forward(tok, model):
 
 
 def test_mean_difference_equals_brute_force(tok, model):
-    n_pos = len(ed.post_instruction_ids(tok))
-    r = ed.candidate_directions(model, ed.PromptBatches(tok, PROMPTS_A, 2, "cpu"),
-                                ed.PromptBatches(tok, PROMPTS_B, 2, "cpu"), n_pos)
+    n_pos = len(chat.post_instruction_ids(tok))
+    r = directions.candidate_directions(model, directions.PromptBatches(tok, PROMPTS_A, 2, "cpu"),
+                                directions.PromptBatches(tok, PROMPTS_B, 2, "cpu"), n_pos)
     mean = lambda ps: torch.stack([block_inputs_one_prompt(model, tok, p)[:, -n_pos:].double() for p in ps]).mean(0)
     ref = (mean(PROMPTS_A) - mean(PROMPTS_B)).transpose(0, 1)  # [n_pos, L, hidden]
     assert r.dtype == torch.float64 and r.shape == ref.shape
@@ -61,7 +62,7 @@ def test_refusal_score_and_kl_brute_force():
 
 def test_scores_equal_hand_computation(tok, model):
     R = [5, 7, 9]
-    hv, sv = ed.PromptBatches(tok, PROMPTS_B, 2, "cpu"), ed.PromptBatches(tok, PROMPTS_A, 2, "cpu")
+    hv, sv = directions.PromptBatches(tok, PROMPTS_B, 2, "cpu"), directions.PromptBatches(tok, PROMPTS_A, 2, "cpu")
     r = torch.randn(2, 4, model.config.hidden_size, dtype=torch.float64) * 3
     rows = ed.score_candidates(model, r, [(1, 2)], sv, hv, R, ["a", "b"])
     vec = r[1, 2].float()
@@ -148,7 +149,7 @@ def test_forced_candidate_and_bad_layer(model_dir, tmp_path):
 
 def test_response_direction_equals_brute_force(tok, model):
     ref_text, comp_text = "no way", "sure thing, here"
-    r = ed.response_directions(model, tok, PROMPTS_A, ref_text, comp_text, batch_size=2)
+    r = directions.response_directions(model, tok, PROMPTS_A, ref_text, comp_text, batch_size=2)
 
     def mean_over_answer(answer):
         rows = []

@@ -1,0 +1,123 @@
+"""Where r comes from: mean differences of the residual stream, shared by Stage 1 and Stage 3's refresh.
+
+    PromptBatches          prompts tokenised once, the template prefix they share run once per batch (KV cache)
+    candidate_directions   r[p, l] = mean harmful - mean harmless input of block l at post-instruction token p
+    response_directions    r[l] = mean over a prefilled refusal - the same over a prefilled compliance (ours)
+    recompute_direction    Stage 1's r at its chosen block, measured again on another model (distill.py
+                           --refresh-every: the teacher becomes the current student + c·r)
+
+Stage 1 (extract_direction.py) scores and chooses among the candidates; the means themselves are here so that
+Stage 3 can measure them again without importing a stage.
+"""
+from __future__ import annotations
+
+import torch
+
+from chat import post_instruction_ids, render_chat
+from common import UserError, read_prompts
+
+
+class PromptBatches:
+    """Prompts tokenised once, split into the template prefix they all share and length-sorted batches.
+
+    Every chat prompt opens with the same template tokens (SmolLM2: a 24-token default system turn, about
+    half of each prompt). Its keys and values are computed once per forward and reused for every row: the
+    result is the plain forward's, with far less work. Sorting by length keeps padding small.
+    """
+
+    def __init__(self, tok, prompts: list[str], batch_size: int, device):
+        rows = [tok(render_chat(tok, p), add_special_tokens=False).input_ids for p in prompts]
+        n = 0  # longest common prefix, keeping at least one token per row
+        while all(len(r) > n + 1 and r[n] == rows[0][n] for r in rows):
+            n += 1
+        self.prefix = torch.tensor(rows[0][:n], device=device)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        self.batches = []  # (row indices, ids [b, s], mask [b, s]), left-padded
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            width = max(len(rows[i]) - n for i in idx)
+            ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for j, i in enumerate(idx):
+                rest = rows[i][n:]
+                ids[j, width - len(rest):] = torch.tensor(rest)
+                mask[j, width - len(rest):] = 1
+            self.batches.append((idx, ids.to(device), mask.to(device)))
+        self.n = len(rows)
+
+    @torch.no_grad()
+    def forward(self, model, hidden_states: bool = False):
+        """Yield (row indices, last-position logits [b, vocab] float32, block inputs or None) per batch."""
+        for idx, ids, mask in self.batches:
+            b, plen = ids.shape[0], self.prefix.numel()
+            cache = None
+            if plen:
+                cache = model(input_ids=self.prefix[None], use_cache=True).past_key_values
+                cache.batch_repeat_interleave(b)
+            full_mask = torch.cat([mask.new_ones(b, plen), mask], dim=1)
+            positions = (plen + mask.cumsum(-1) - 1).clamp(min=0)
+            out = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
+                        use_cache=cache is not None, logits_to_keep=1, output_hidden_states=hidden_states)
+            # hidden_states[l] is the input of block l for l < L (the last entry is the final output)
+            yield idx, out.logits[:, -1].float(), (out.hidden_states[:-1] if hidden_states else None)
+
+    def last_logits(self, model) -> torch.Tensor:
+        """Last-position logits of every prompt, in the original order: [n, vocab]."""
+        result = None
+        for idx, logits, _ in self.forward(model):
+            if result is None:
+                result = logits.new_empty(self.n, logits.shape[-1])
+            result[idx] = logits
+        return result
+
+
+def candidate_directions(model, harmful: PromptBatches, harmless: PromptBatches, n_pos: int) -> torch.Tensor:
+    """r[p, l] = mean harmful - mean harmless block input, float64: [n_pos, L, hidden]."""
+    means = []
+    for batches in (harmful, harmless):
+        total = None
+        for idx, _, hidden in batches.forward(model, hidden_states=True):
+            h = torch.stack(hidden, dim=0)[:, :, -n_pos:].double()  # [L, b, n_pos, hidden]
+            s = h.sum(dim=1).transpose(0, 1)  # [n_pos, L, hidden]
+            total = s if total is None else total + s
+        means.append(total / batches.n)
+    return means[0] - means[1]
+
+
+@torch.no_grad()
+def response_directions(model, tok, prompts: list[str], refusal: str, comply: str, batch_size: int) -> torch.Tensor:
+    """r[l] = mean block-l input over the tokens of a prefilled refusal minus a prefilled compliance, on the
+    same prompts, float64: [1, L, hidden] (one "position": the mean over the response)."""
+    device = next(model.parameters()).device
+    means = []
+    for answer in (refusal, comply):
+        n_ans = len(tok(answer, add_special_tokens=False).input_ids)
+        total = 0
+        for i in range(0, len(prompts), batch_size):
+            texts = [render_chat(tok, p) + answer for p in prompts[i:i + batch_size]]
+            enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt", padding_side="left").to(device)
+            hidden = model(**enc, output_hidden_states=True, logits_to_keep=1).hidden_states[:-1]
+            total = total + torch.stack(hidden)[:, :, -n_ans:].double().mean(2).sum(1)  # [L, hidden]
+        means.append(total / len(prompts))
+    return (means[0] - means[1])[None]
+
+
+def recompute_direction(model, tok, meta: dict, batch_size: int = 16) -> torch.Tensor:
+    """r at direction.json's block (and position), by its rule (kind, prompts, prefilled texts), on `model`
+    as it is now: float32 [hidden]."""
+    data = meta.get("data") or {}
+    if not {"kind", "seed"} <= meta.keys() or not {"harmful", "n_harmful"} <= data.keys():
+        raise UserError("direction.json lacks kind, seed or data (made by an older extract_direction.py?): "
+                        "cannot measure r again")
+    if meta.get("filter"):
+        raise UserError("the direction was made with --filter, which measuring it again does not redo")
+    layer, device = int(meta["layer"]), next(model.parameters()).device
+    harmful = read_prompts(data["harmful"], data["n_harmful"], meta["seed"])
+    if meta["kind"] == "response":
+        texts = meta["response_texts"]
+        return response_directions(model, tok, harmful, texts["refusal"], texts["comply"], batch_size)[0, layer].float()
+    harmless = read_prompts(data["harmless"], data["n_harmless"], meta["seed"])
+    n_pos = len(post_instruction_ids(tok))
+    r = candidate_directions(model, PromptBatches(tok, harmful, batch_size, device),
+                             PromptBatches(tok, harmless, batch_size, device), n_pos)
+    return r[n_pos + int(meta["position"]), layer].float()

@@ -1,0 +1,88 @@
+"""distill.py --refresh-every N: every N steps πt becomes the current student + c·r, with r measured again on that
+student by Stage 1's rule at Stage 1's block; π0 stays the anchor."""
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_distill import args_for, make_run
+
+import common
+import distill as dl
+import extract_direction as ed
+import steering
+from common import UserError
+
+
+def stage1(model_dir, out, kind):
+    """Stage 1 at a forced block and position (a tiny model has no meaningful choice), c = 2."""
+    ed.main(["--model", str(model_dir), "--out", str(out), "--kind", kind, "--layer", "1", "--position", "-1",
+             "--coefficient", "2.0", "--n-train", "6", "--n-val", "2", "--check-prompts", "0", "--overwrite"])
+
+
+@pytest.mark.parametrize("kind", ["response", "prompt"])
+def test_refreshed_teacher_equals_stage1_on_the_saved_student(model_dir, tok, tmp_path, monkeypatch, kind):
+    """Run A trains 1 step and saves the student; Stage 1 is run by hand on it. Run B trains 2 steps with
+    --refresh-every 1. B's teacher after step 1, used after step 2 has moved the student, must give the logits of
+    the hand-built teacher (A's student + c·r by Stage 1), and leave B's student as it was."""
+    out = tmp_path / "run"
+    make_run(out, model_dir, tok)
+    stage1(model_dir, out, kind)
+    argv = args_for(model_dir, out, "--warmup", "0")  # no warm-up: step 1 is the same in a 1- and a 2-step run
+    dl.main(argv + ["--max-steps", "1", "--student", "one"])
+    made = []
+    real = dl.refresh_teacher
+    monkeypatch.setattr(dl, "refresh_teacher", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    dl.main(argv + ["--max-steps", "2", "--refresh-every", "1", "--student", "two"])
+    assert len(made) == 1  # after step 1; none after the last step
+
+    hand = tmp_path / "hand"
+    stage1(out / "one", hand, kind)
+    saved, _ = common.load_model(str(out / "one"))
+    ref, _ = steering.load_teacher(saved, hand / "direction.safetensors")
+    refreshed = made[0]
+    assert refreshed.coefficient == ref.coefficient == 2.0 and refreshed.layer == ref.layer == 1
+    torch.testing.assert_close(refreshed.vector, ref.vector, rtol=1e-5, atol=1e-5)
+
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    mask, comp = torch.ones_like(ids), torch.tensor([[13, 14, 15], [16, 17, 18]])
+    live = {n: p.detach().clone() for n, p in refreshed.model.named_parameters()}
+    assert any(not torch.equal(live[n], p) for n, p in saved.named_parameters())  # step 2 moved the student
+    with torch.no_grad():
+        with refreshed.steer():
+            got = steering.completion_logits(refreshed.model, ids, mask, comp)
+        with ref.steer():
+            want = steering.completion_logits(saved, ids, mask, comp)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(live[n], p) for n, p in refreshed.model.named_parameters())  # swapped back
+    assert common.load_json(out / "two" / "safesteer.json")["refresh_every"] == 1
+
+
+def test_resume_with_refresh_equals_uninterrupted(model_dir, tok, tmp_path, monkeypatch):
+    """Checkpoints fall on refresh steps, so a resumed run rebuilds πt from the resumed student exactly."""
+    out = tmp_path / "run"
+    make_run(out, model_dir, tok)
+    stage1(model_dir, out, "response")
+    argv = args_for(model_dir, out, "--refresh-every", "2", "--checkpoint-every", "2")
+    dl.main(argv + ["--student", "straight"])
+    real_step, calls = dl.train_step, {"n": 0}
+
+    def dying_step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:  # killed during step 4, after the checkpoint (and the refresh) of step 2
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+    monkeypatch.setattr(dl, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        dl.main(argv + ["--student", "resumed"])
+    monkeypatch.setattr(dl, "train_step", real_step)
+    dl.main(argv + ["--student", "resumed", "--resume"])
+    a, b = load_file(out / "straight" / "model.safetensors"), load_file(out / "resumed" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(UserError, match="multiple of --refresh-every"):
+        dl.main(args_for(model_dir, out, "--refresh-every", "3", "--checkpoint-every", "2", "--student", "x"))
+
+
+def test_refresh_needs_stage1_metadata(model_dir, tok, tmp_path):
+    out = tmp_path / "run"
+    make_run(out, model_dir, tok)  # a hand-written direction.json without Stage 1's rule
+    with pytest.raises(UserError, match="cannot measure r again"):
+        dl.main(args_for(model_dir, out, "--refresh-every", "1", "--student", "x"))
