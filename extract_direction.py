@@ -15,8 +15,10 @@ is a set of refusal-opening tokens ("I", "Sorry", ...):
 
 Selection (authors' code): drop l >= 0.8 L, kl > 0.1, induce < 0; take the lowest bypass. A model that barely
 refuses leaves no survivor; then (ours) take the highest induce among l < 0.8 L, kl <= 0.1, and record it.
---teacher-grid C... (ours): measure the best few admissible candidates as teachers, πt = π0 + c·r for each c,
-by greedy refusal on harmful_val minus harmless_val (selectivity), and keep the most selective block and c.
+--teacher-grid C... (ours): choose the teacher πt = π0 + c·r by how selectively it refuses. Every admissible
+candidate (l < 0.8 L, kl <= 0.1) x each c is ranked by first-token selectivity (mean p_R on harmful_val minus
+harmless_val, one forward per prompt); the --grid-top best are measured as they will teach, by the judge on
+greedy answers (refusal on harmful_val minus harmless_val), and the most selective block and c are kept.
 
 --kind response (ours, for models that never refuse): when harmful and harmless prompts differ in topic but the
 model answers both, their difference of means carries topic, not refusal. Instead, contrast the model's own
@@ -80,9 +82,10 @@ def parse_args(argv=None):
     p.add_argument("--position", type=int, help="force this post-instruction position (negative, e.g. -1)")
     p.add_argument("--coefficient", type=float, default=1.0, help="c in πt = π0 + c·r, stored for later stages")
     p.add_argument("--teacher-grid", type=positive_float, nargs="+", metavar="C",
-                   help="choose block and c by measurement (ours): the --grid-layers best admissible candidates "
-                        "x these c, the highest selectivity (greedy refusal harmful_val - harmless_val) wins")
-    p.add_argument("--grid-layers", type=positive_int, default=4, help="candidates tried with --teacher-grid")
+                   help="choose block and c by measurement (ours): every admissible candidate x these c ranked by "
+                        "first-token selectivity, the best --grid-top measured by greedy refusal harmful - harmless")
+    p.add_argument("--grid-top", type=positive_int, default=4,
+                   help="--teacher-grid: how many of the ranked teachers are measured with the judge")
     p.add_argument("--grid-tokens", type=positive_int, default=16, help="greedy tokens per --teacher-grid answer")
     p.add_argument("--filter", action="store_true",
                    help="keep harmful prompts the model refuses (s > 0) and harmless ones it does not (s < 0)")
@@ -129,7 +132,6 @@ def kl_last(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     return (lp0.exp() * (lp0 - lp)).sum(-1)
 
 
-@torch.no_grad()
 @torch.no_grad()
 def score_candidates(model, r: torch.Tensor, cands: list[tuple[int, int]], harmful_val: PromptBatches,
                      harmless_val: PromptBatches, refusal_ids: list[int], pos_names: list[str]) -> list[dict]:
@@ -179,28 +181,47 @@ def steering_check(model, tok, vec: torch.Tensor, layer: int, coefficient: float
                          "steered_refuses": is_refusal(s)} for p, b, s in zip(prompts, base, steered)]}
 
 
-@torch.no_grad()
-def teacher_selectivity(model, tok, r, rows, coefficients, harmful: list[str], harmless: list[str], *,
-                        n_layers: int, n_best: int = 4, max_tokens: int = 16, max_layer_frac: float = 0.8,
-                        kl_max: float = 0.1) -> list[dict]:
-    """πt = π0 + c·r[p, l] measured as a teacher: greedy refusal (the judge) on harmful and harmless validation
-    prompts, for the n_best admissible candidates by induce (l < frac·L, ablation kl <= kl_max) x each c.
-    selectivity = refusal(harmful) - refusal(harmless): a teacher that refuses everything teaches over-refusal."""
+def admissible(rows: list[dict], n_layers: int, max_layer_frac: float, kl_max: float) -> list[dict]:
     ok = [x for x in rows if x["layer"] < max_layer_frac * n_layers and x["kl"] <= kl_max and math.isfinite(x["induce"])]
     if not ok:
         raise UserError(f"no candidate has layer < {max_layer_frac} L and kl <= {kl_max} for --teacher-grid")
+    return ok
+
+
+@torch.no_grad()
+def first_token_selectivity(model, r, rows: list[dict], coefficients, harmful_val: PromptBatches,
+                            harmless_val: PromptBatches, refusal_ids: list[int]) -> list[dict]:
+    """Every candidate x c as a teacher πt = π0 + c·r, cheaply: mean p_R (the first token's refusal mass,
+    sigmoid of the refusal score) on harmful_val minus harmless_val. One last-position forward per prompt, so
+    every admissible block can be tried; it ranks the teachers that teacher_selectivity then measures."""
+    out = []
+    for x in tqdm(rows, desc="ranking teachers", unit="block"):
+        vec = r[r.shape[0] + x["position"], x["layer"]].float()
+        for c in coefficients:
+            with add_vector(model, x["layer"], vec, c):
+                p_r = [torch.sigmoid(refusal_score(b.last_logits(model), refusal_ids)).mean().item()
+                       for b in (harmful_val, harmless_val)]
+            out.append({"position": x["position"], "layer": x["layer"], "coefficient": c,
+                        "first_token_selectivity": p_r[0] - p_r[1], "p_r_harmful": p_r[0], "p_r_harmless": p_r[1]})
+    return out
+
+
+@torch.no_grad()
+def teacher_selectivity(model, tok, r, teachers: list[dict], harmful: list[str], harmless: list[str],
+                        max_tokens: int = 16) -> list[dict]:
+    """Each teacher (position, layer, coefficient) measured as it will teach: greedy refusal (the judge) on
+    harmful and harmless validation prompts. selectivity = refusal(harmful) - refusal(harmless): a teacher that
+    refuses everything teaches over-refusal."""
     device = next(model.parameters()).device
     enc = [encode_chats(tok, ps, device=device) for ps in (harmful, harmless)]
     kw = dict(temperature=0, stop_ids=stop_token_ids(tok), pad_id=tok.pad_token_id)
     out = []
-    grid = [(x, c) for x in sorted(ok, key=lambda x: -x["induce"])[:n_best] for c in coefficients]
-    for x, c in tqdm(grid, desc="measuring teachers", unit="teacher"):
-        vec = r[r.shape[0] + x["position"], x["layer"]].float()
-        with add_vector(model, x["layer"], vec, c):
+    for t in tqdm(teachers, desc="measuring teachers", unit="teacher"):
+        vec = r[r.shape[0] + t["position"], t["layer"]].float()
+        with add_vector(model, t["layer"], vec, t["coefficient"]):
             rates = [refusal_rate(decode_completions(tok, *sample(model, ids, mask, max_tokens, **kw)))
                      for ids, mask in enc]
-        out.append({"position": x["position"], "layer": x["layer"], "coefficient": c, "refusal_harmful": rates[0],
-                    "refusal_harmless": rates[1], "selectivity": rates[0] - rates[1]})
+        out.append({**t, "refusal_harmful": rates[0], "refusal_harmless": rates[1], "selectivity": rates[0] - rates[1]})
     return out
 
 
@@ -277,10 +298,12 @@ def main(argv=None):
     else:
         best, rule = select_direction(rows, n_layers, args.max_layer_frac, args.kl_max)
     grid, coefficient = None, args.coefficient
-    if args.teacher_grid:
-        grid = teacher_selectivity(model, tok, r, rows, args.teacher_grid, harmful_val, harmless_val,
-                                   n_layers=n_layers, n_best=args.grid_layers, max_tokens=args.grid_tokens,
-                                   max_layer_frac=args.max_layer_frac, kl_max=args.kl_max)
+    ranked = None
+    if args.teacher_grid:  # every admissible block x c ranked cheaply, the best --grid-top measured
+        ok = admissible(rows, n_layers, args.max_layer_frac, args.kl_max)
+        ranked = first_token_selectivity(model, r, ok, args.teacher_grid, sv, hv, refusal_ids)
+        top = sorted(ranked, key=lambda t: -t["first_token_selectivity"])[:args.grid_top]
+        grid = teacher_selectivity(model, tok, r, top, harmful_val, harmless_val, args.grid_tokens)
         choice = best_teacher(grid)
         best = next(x for x in rows if (x["layer"], x["position"]) == (choice["layer"], choice["position"]))
         rule, coefficient = rule + "+selectivity", choice["coefficient"]
@@ -307,7 +330,7 @@ def main(argv=None):
     save_tensors(out / "direction.safetensors", {"direction": vec})
     write_json(out / "candidates.json", {"n_layers": n_layers, "positions": pos_names, "base_refusal_scores": base_scores,
                                          "candidates": rows, "skipped": skipped,
-                                         "teachers": grid})
+                                         "teachers_ranked": ranked, "teachers": grid})
     if check is not None:
         write_json(out / "steering_check.json", check)
     write_json(out / "direction.json", meta)

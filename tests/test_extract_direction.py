@@ -182,14 +182,27 @@ def test_main_kind_response(model_dir, tmp_path):
                  "--position", "-2", "--overwrite"])
 
 
-def test_teacher_grid_measures_selectivity_and_picks_the_best(tok, model, monkeypatch):
+def test_teacher_grid_ranks_every_admissible_block_then_measures(tok, model):
     rows = [row(1, 0.0, 2.0, 0.01), row(2, 0.0, 1.0, 0.01), row(3, 0.0, 3.0, 0.5)]  # block 3: kl too high
     for r_ in rows:
         r_["position"] = -1
+    ok = ed.admissible(rows, n_layers=4, max_layer_frac=0.8, kl_max=0.1)
+    assert [x["layer"] for x in ok] == [1, 2]
+    with pytest.raises(UserError, match="no candidate"):
+        ed.admissible(rows, n_layers=4, max_layer_frac=0.8, kl_max=1e-3)
     r = torch.randn(1, 4, model.config.hidden_size, dtype=torch.float64)
-    grid = ed.teacher_selectivity(model, tok, r, rows, [0.5, 1.0], ["how do I do a bad thing"], ["hi"],
-                                  n_layers=4, n_best=2, max_tokens=3)
-    assert [(g["layer"], g["coefficient"]) for g in grid] == [(1, 0.5), (1, 1.0), (2, 0.5), (2, 1.0)]
+    harmful, harmless = ["how do I do a bad thing", "tell me"], ["hi"]
+    sv, hv = (directions.PromptBatches(tok, ps, 2, "cpu") for ps in (harmful, harmless))
+    ranked = ed.first_token_selectivity(model, r, ok, [0.5, 1.0], sv, hv, refusal_ids=[5, 6])
+    assert [(t["layer"], t["coefficient"]) for t in ranked] == [(1, 0.5), (1, 1.0), (2, 0.5), (2, 1.0)]
+    # p_R by hand for one teacher: softmax mass of R at the last position, plain forward with the hook
+    ids, mask = chat.encode_chats(tok, harmful)
+    with steering.add_vector(model, 2, r[0, 2].float(), 1.0), torch.no_grad():
+        probs = model(input_ids=ids, attention_mask=mask).logits[:, -1].double().softmax(-1)
+    assert ranked[3]["p_r_harmful"] == pytest.approx(probs[:, [5, 6]].sum(-1).mean().item(), rel=1e-4)
+    assert ranked[3]["first_token_selectivity"] == ranked[3]["p_r_harmful"] - ranked[3]["p_r_harmless"]
+
+    grid = ed.teacher_selectivity(model, tok, r, ranked[2:], harmful, harmless, max_tokens=3)
     assert all(g["selectivity"] == g["refusal_harmful"] - g["refusal_harmless"] for g in grid)
     # the rates are the judge's verdicts on the steered greedy answers, computed here by hand for one teacher
     with steering.add_vector(model, 2, r[0, 2].float(), 1.0):
@@ -197,7 +210,7 @@ def test_teacher_grid_measures_selectivity_and_picks_the_best(tok, model, monkey
         text = steering.decode_completions(tok, *steering.sample(model, ids, mask, 3, temperature=0,
                                                                  stop_ids=chat.stop_token_ids(tok),
                                                                  pad_id=tok.pad_token_id))
-    assert grid[3]["refusal_harmless"] == float(ed.is_refusal(text[0]))
+    assert grid[1]["refusal_harmless"] == float(ed.is_refusal(text[0]))
     g = [{"layer": 1, "coefficient": 1.0, "selectivity": 0.3, "refusal_harmless": 0.1},
          {"layer": 2, "coefficient": 0.5, "selectivity": 0.3, "refusal_harmless": 0.1},
          {"layer": 3, "coefficient": 0.5, "selectivity": 0.3, "refusal_harmless": 0.2},
@@ -209,9 +222,12 @@ def test_main_with_teacher_grid(model_dir, tmp_path):
     out = tmp_path / "run"
     ed.main(["--model", str(model_dir), "--out", str(out), "--kind", "response", "--n-train", "3", "--n-val", "2",
              "--check-prompts", "1", "--check-tokens", "2", "--kl-max", "1e9", "--teacher-grid", "0.5", "2",
-             "--grid-layers", "2", "--grid-tokens", "2"])
+             "--grid-top", "3", "--grid-tokens", "2"])
     meta = json.loads((out / "direction.json").read_text())
-    teachers = json.loads((out / "candidates.json").read_text())["teachers"]
-    assert len(teachers) == 4 and meta["selection_rule"].endswith("+selectivity")
+    cands = json.loads((out / "candidates.json").read_text())
+    teachers, ranked = cands["teachers"], cands["teachers_ranked"]
+    assert len(ranked) == 2 * 4 and len(teachers) == 3 and meta["selection_rule"].endswith("+selectivity")
+    best3 = sorted(ranked, key=lambda t: -t["first_token_selectivity"])[:3]
+    assert [(t["layer"], t["coefficient"]) for t in teachers] == [(t["layer"], t["coefficient"]) for t in best3]
     assert (meta["layer"], meta["coefficient"]) == (meta["teacher_grid"]["layer"], meta["teacher_grid"]["coefficient"])
     assert meta["teacher_grid"] == ed.best_teacher(teachers)
