@@ -265,7 +265,7 @@ def load_spec(spec: str, default_model: str, device, chat_template=None, loaded=
 # ----------------------------------------------------------------------------- main
 
 def fmt(x: dict | None, kind: str = "rate") -> str:
-    if x is None:
+    if x is None or x.get(kind) is None:  # not measured, or an empty set (e.g. no risky-sounding prompts)
         return "–"
     if kind == "rate":
         return f"{x['rate']:.0%} [{x['lo']:.0%}, {x['hi']:.0%}]"

@@ -115,3 +115,12 @@ def test_check_model_spec(model_dir, tmp_path):
     for bad, message in ((str(tmp_path / "none"), "not found"), (str(tmp_path), "no config.json")):
         with pytest.raises(UserError, match=message):
             ev.check_model_spec(bad)
+
+
+def test_an_empty_subset_is_a_dash_not_a_crash():
+    """harmless_val has no risky-sounding prompts: that rate is over an empty set and must print as –."""
+    empty, some = ev.rate([]), ev.rate([True, False])
+    assert empty["rate"] is None and ev.fmt(empty) == "–" and ev.fmt(some) == "50% [9%, 91%]"
+    table = ev.to_markdown({"m": {"over_refusal": some, "over_refusal_risky": empty}},
+                           {"counts": {"harmless": 2}, "max_new_tokens": 1})
+    assert "| m | – | – | 50% [9%, 91%] | – |" in table

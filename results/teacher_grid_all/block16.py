@@ -1,0 +1,12 @@
+import torch, sys
+sys.path.insert(0, "/work/main")
+import common, extract_direction as ed
+from safetensors.torch import load_file
+torch.set_num_threads(1)
+model, tok = common.load_model("smollm2-135m", torch.device("cpu"))
+hv = common.read_prompts("data/harmless_val.jsonl"); sv = common.read_prompts("data/harmful_val.jsonl")
+for d in ["runs/demo"]:
+    vec = load_file(f"{d}/direction.safetensors")["direction"]
+    r = torch.zeros(1, 30, 576, dtype=torch.float64); r[0, 16] = vec.double()
+    g = ed.teacher_selectivity(model, tok, r, [{"position": -1, "layer": 16, "coefficient": c} for c in (0.5, 0.75)], sv, hv, 16)
+    for t in g: print(t)
