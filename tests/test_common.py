@@ -49,7 +49,7 @@ def test_read_prompts_errors(tmp_path, name, text, message):
 
 SIZES = {"harmful_train": 100, "harmful_val": 32, "harmless_train": 128, "harmless_val": 32,
          "harmful_test": 100, "harmless_test": 100, "general_qa": 60, "harmful_reform_test": 100,
-         "harmless_reform_test": 60}
+         "harmless_reform_test": 60, "harmful_train_reform": 40, "harmful_val_reform": 20}
 STYLES = {"short_question", "past_tense", "hypothetical", "third_person_story"}
 
 
@@ -71,10 +71,12 @@ def test_data_splits_sizes_and_disjoint():
         assert cats == harm, n
     risky = [l for l in common.data_file("harmless_test").read_text().splitlines() if "risky_sounding" in l]
     assert len(risky) >= 20
-    for n in ("harmful_reform_test", "harmless_reform_test"):  # every style, each well represented
+    for n, least in (("harmful_reform_test", 15), ("harmless_reform_test", 15), ("harmful_train_reform", 10),
+                     ("harmful_val_reform", 5)):  # every style, each well represented
         rows = [json.loads(l) for l in common.data_file(n).read_text().splitlines()]
         counts = {s: sum(r["style"] == s for r in rows) for s in STYLES}
-        assert set(r["style"] for r in rows) == STYLES and min(counts.values()) >= 15, (n, counts)
+        assert set(r["style"] for r in rows) == STYLES and min(counts.values()) >= least, (n, counts)
+        assert n.startswith("harmless") or {r["category"] for r in rows} == harm, n
 
 
 # ----------------------------------------------------------------------------- files and loading
