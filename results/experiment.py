@@ -6,11 +6,16 @@ compared paired: exact McNemar on refusals and QA, paired bootstrap on KL to bas
 the mean and the spread over seeds, and --ref NAME compares the group against another group, seed by seed pooled.
 Base and teacher come from `results/experiment.py reference` (one evaluation of both, reused by every row).
 
+Tuning happens on validation prompts (--split val: harmful_val, harmful_val_reform, harmless_val; rows in
+results/experiments_val.md, evaluations in runs/exp/NAME/val/), the test files are read once per recipe. A
+student whose directory already holds the same arguments is evaluated again, not trained again.
+
 Usage:
     python results/experiment.py reference                       # base and teacher on every split, once
     python results/experiment.py demo --seeds 0,1,2 -- --loss collapsed --lr 8e-5 --anchor data/harmless_train.jsonl
     python results/experiment.py full --seeds 0,1,2 --ref demo -- --loss full --lr 8e-5 ...
     python results/experiment.py demo --seeds 0,1,2 --collect    # only rewrite the rows from runs/exp/
+    python results/experiment.py reference --split val && python results/experiment.py x --split val -- ...
 """
 import argparse
 import json
@@ -28,7 +33,11 @@ from metrics import is_refusal, mcnemar_exact, paired_bootstrap  # noqa: E402
 # The demo's Stage 3 budget (25 steps x 4 prompts x 4 samples x 48 tokens); an experiment's own arguments win.
 BUDGET = ["--prompts-per-step", "4", "--samples", "4", "--max-new-tokens", "48", "--lr", "1e-5"]
 SETS = ("harmful", "harmless", "harmful_reform", "harmless_reform")
-TABLE = HERE / "experiments.jsonl"
+# What each split evaluates on (data/ file stems); val has no rephrased-harmless file.
+SPLITS = {"test": {"harmful": "harmful_test", "harmless": "harmless_test", "harmful_reform": "harmful_reform_test",
+                   "harmless_reform": "harmless_reform_test"},
+          "val": {"harmful": "harmful_val", "harmless": "harmless_val", "harmful_reform": "harmful_val_reform",
+                  "harmless_reform": None}}
 
 
 def run(cmd: list[str], log: Path) -> None:
@@ -38,16 +47,17 @@ def run(cmd: list[str], log: Path) -> None:
             sys.exit(f"error: {cmd[1]} failed; see {log}")
 
 
-FILES = {"harmful": "harmful_test", "harmless": "harmless_test", "harmful_reform": "harmful_reform_test",
-         "harmless_reform": "harmless_reform_test"}
+def eval_args(split: str) -> list[str]:
+    files = SPLITS[split]
+    return [a for s, f in files.items() for a in (f"--{s.replace('_', '-')}", f"data/{f}.jsonl" if f else "")]
 
 
-def row(name: str, args: list[str], out: Path, model: str) -> dict:
+def row(name: str, args: list[str], out: Path, model: str, files: dict = SPLITS["test"]) -> dict:
     """A row from a finished evaluation. Refusals are judged again from the stored completions with the current
     judge (metrics.is_refusal), so rows evaluated before a judge fix stay comparable; KL comes from eval.json."""
     samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
     mine = [r for r in samples if r["model"] == model]
-    by_set = {s: [r for r in mine if r["set"] == f] for s, f in FILES.items()}
+    by_set = {s: [r for r in mine if r["set"] == f] for s, f in files.items()}
     verdicts = {s: "".join("1" if is_refusal(r["completion"]) else "0" for r in rs) for s, rs in by_set.items()}
     verdicts["qa"] = "".join("1" if r["correct"] else "0" for r in mine if r["set"] == "general_qa")
     rate = lambda flags: flags.count("1") / len(flags) if flags else None
@@ -77,9 +87,9 @@ def group(rows: list[dict], name: str) -> dict | None:
     keys = ("refusal_harmful", "harmful_reform", "over_refusal", "harmless_reform", "kl_to_base", "qa_accuracy")
     g = {"name": name, "seeds": [r["name"].split("@s")[1] for r in members], "members": members}
     for k in keys:
-        vals = [r[k] for r in members]
-        g[k] = statistics.mean(vals)
-        g[k + "_spread"] = max(vals) - min(vals)
+        vals = [r[k] for r in members if r[k] is not None]  # None: a split without that set (val)
+        g[k] = statistics.mean(vals) if vals else None
+        g[k + "_spread"] = max(vals) - min(vals) if vals else None
     styles = sorted({s for r in members for s in r["by_style"]})
     g["by_style"] = {s: statistics.mean(r["by_style"].get(s, 0) for r in members) for s in styles}
     return g
@@ -126,7 +136,7 @@ def to_markdown(rows: list[dict], refs: dict) -> str:
                   "| group | seeds | refusal | rephrased | over-refusal | rephrased harmless | KL to base | QA |"
                   " refusal per style (rephrased) |", "|---|---|---|---|---|---|---|---|---|"]
         for g in groups:
-            cell = lambda k: f"{pct(g[k])} ({100 * g[k + '_spread']:.0f})"
+            cell = lambda k: "–" if g[k] is None else f"{pct(g[k])} ({100 * g[k + '_spread']:.0f})"
             styles = ", ".join(f"{s} {pct(v)}" for s, v in g["by_style"].items())
             lines.append(f"| {g['name']} | {','.join(g['seeds'])} | {cell('refusal_harmful')} | {cell('harmful_reform')}"
                          f" | {cell('over_refusal')} | {cell('harmless_reform')} | {g['kl_to_base']:.4f} "
@@ -152,10 +162,26 @@ def to_markdown(rows: list[dict], refs: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save(rows: list[dict], refs: dict) -> None:
-    TABLE.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (HERE / "experiments_refs.json").write_text(json.dumps(refs, indent=1) + "\n")
-    (HERE / "experiments.md").write_text(to_markdown(rows, refs))
+def table_paths(split: str) -> tuple[Path, Path, Path]:
+    """(rows .jsonl, group references .json, .md) of a split: results/experiments* or results/experiments_val*."""
+    stem = "experiments" if split == "test" else f"experiments_{split}"
+    return HERE / f"{stem}.jsonl", HERE / f"{stem}_refs.json", HERE / f"{stem}.md"
+
+
+def save(rows: list[dict], refs: dict, split: str = "test") -> None:
+    table, refs_file, md = table_paths(split)
+    table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    refs_file.write_text(json.dumps(refs, indent=1) + "\n")
+    text = to_markdown(rows, refs)
+    if split != "test":
+        text = text.replace("# Experiments", f"# Experiments on the {split} split (for tuning)", 1)
+    md.write_text(text)
+
+
+def same_student(out: Path, extra: list[str]) -> bool:
+    """A finished student trained with exactly these arguments (the seed is in the directory's name)."""
+    args = out / "experiment_args.json"
+    return (out / "student" / "config.json").is_file() and args.is_file() and json.loads(args.read_text()) == extra
 
 
 def main():
@@ -167,44 +193,51 @@ def main():
     p.add_argument("--ref", help="compare this group against the group of this name (paired)")
     p.add_argument("--from", dest="source", default="runs/demo", help="run whose direction and S are used")
     p.add_argument("--collect", action="store_true", help="only rewrite the rows from finished runs")
+    p.add_argument("--split", choices=sorted(SPLITS), default="test", help="evaluate on these prompts (tune on val)")
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
-    rows = [json.loads(line) for line in TABLE.read_text().splitlines()] if TABLE.exists() else []
-    refs_file = HERE / "experiments_refs.json"
+    table, refs_file, _ = table_paths(args.split)
+    rows = [json.loads(line) for line in table.read_text().splitlines()] if table.exists() else []
     refs = json.loads(refs_file.read_text()) if refs_file.exists() else {}
+    files, sub = SPLITS[args.split], ("" if args.split == "test" else args.split)
     py, src = sys.executable, ROOT / args.source
-    files = ["direction.safetensors", "direction.json", "safety_tokens.json"]
-    if not args.collect and not all((src / f).is_file() for f in files):
-        sys.exit(f"error: {src} lacks {', '.join(files)}; run `make demo` first")
+    needed = ["direction.safetensors", "direction.json", "safety_tokens.json"]
+    if not args.collect and not all((src / f).is_file() for f in needed):
+        sys.exit(f"error: {src} lacks {', '.join(needed)}; run `make demo` first")
     if args.name == "reference":
-        out = ROOT / "runs" / "exp" / "reference"
+        out = ROOT / "runs" / "exp" / "reference" / sub
         if not args.collect:
             out.mkdir(parents=True, exist_ok=True)
-            for f in files:
+            for f in needed:
                 shutil.copy(src / f, out / f)
-            run([py, "evaluate.py", "--out", str(out), "--overwrite", "--max-new-tokens", "64", "--models",
-                 "base=smollm2-135m", f"teacher=steer:{out}"], out / "eval.log")
-        new = [row(f"reference:{m}", [], out, m) for m in ("base", "teacher")]
+            run([py, "evaluate.py", "--out", str(out), "--overwrite", "--max-new-tokens", "64", *eval_args(args.split),
+                 "--models", "base=smollm2-135m", f"teacher=steer:{out}"], out / "eval.log")
+        new = [row(f"reference:{m}", [], out, m, files) for m in ("base", "teacher")]
     else:
         new = []
         for seed in [int(s) for s in args.seeds.split(",")]:
             name = f"{args.name}@s{seed}"
             out = ROOT / "runs" / "exp" / name
             if not args.collect:
-                out.mkdir(parents=True, exist_ok=True)
-                for f in files:
-                    shutil.copy(src / f, out / f)
-                (out / "experiment_args.json").write_text(json.dumps(extra))
-                run([py, "distill.py", "--out", str(out), "--student", "student", "--overwrite", "--seed", str(seed),
-                     *BUDGET, *extra], out / "train.log")
-                run([py, "evaluate.py", "--out", str(out), "--overwrite", "--max-new-tokens", "64", "--models",
-                     f"student={out / 'student'}"], out / "eval.log")
-            new.append(row(name, extra or json.loads((out / "experiment_args.json").read_text()), out, "student"))
+                if same_student(out, extra):
+                    print(f"{out / 'student'} was trained with these arguments: evaluating it again")
+                else:
+                    out.mkdir(parents=True, exist_ok=True)
+                    for f in needed:
+                        shutil.copy(src / f, out / f)
+                    (out / "experiment_args.json").write_text(json.dumps(extra))
+                    run([py, "distill.py", "--out", str(out), "--student", "student", "--overwrite", "--seed",
+                         str(seed), *BUDGET, *extra], out / "train.log")
+                (out / sub).mkdir(parents=True, exist_ok=True)
+                run([py, "evaluate.py", "--out", str(out / sub), "--overwrite", "--max-new-tokens", "64",
+                     *eval_args(args.split), "--models", f"student={out / 'student'}"], out / sub / "eval.log")
+            new.append(row(name, extra or json.loads((out / "experiment_args.json").read_text()), out / sub,
+                           "student", files))
     names = {r["name"] for r in new}
     rows = [r for r in rows if r["name"] not in names] + new
     if args.ref:
         refs[args.name] = args.ref
-    save(rows, refs)
-    print(f"wrote {len(new)} row(s) to {HERE / 'experiments.md'} and experiments.jsonl")
+    save(rows, refs, args.split)
+    print(f"wrote {len(new)} row(s) to {table.with_suffix('.md')} and {table.name}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from metrics import bootstrap_mean, wilson  # noqa: E402
 
 HERE = ROOT / "results"
 LABELS = {"base": "base π0", "teacher": "teacher πt", "demo": "localized: collapsed on S + anchoring (demo)",
-          "full": "global: full KL + anchoring"}
+          "full": "global: full KL + anchoring", "lora": "localized, LoRA r = 16 student (lr 5e-4)",
+          "random": "random S (same size) + anchoring"}
 
 
 def rate(verdicts: dict, sets: tuple[str, ...]) -> tuple[float, float, float]:

@@ -36,3 +36,33 @@ def test_plot_points_carry_intervals():
     assert len(pts) == 1 and pts[0]["group"] == "a" and pts[0]["seed"] == "0"
     r, lo, hi = pts[0]["refusal"]
     assert r == 0.5 and lo < r < hi
+
+
+def test_val_split_evaluates_on_validation_files_and_groups_without_a_set(tmp_path, monkeypatch):
+    """--split val: validation prompts (no rephrased-harmless file), rows in experiments_val.*; a set the split
+    lacks is None in rows and groups, and '–' in the table."""
+    assert experiment.eval_args("test") == ["--harmful", "data/harmful_test.jsonl", "--harmless",
+                                            "data/harmless_test.jsonl", "--harmful-reform",
+                                            "data/harmful_reform_test.jsonl", "--harmless-reform",
+                                            "data/harmless_reform_test.jsonl"]
+    assert experiment.eval_args("val")[-4:] == ["--harmful-reform", "data/harmful_val_reform.jsonl",
+                                                "--harmless-reform", ""]
+    rows = [fake("a@s0", "1100"), fake("a@s1", "1110")]
+    for r in rows:
+        r["harmless_reform"], r["verdicts"]["harmless_reform"] = None, ""
+    g = experiment.group(rows, "a")
+    assert g["harmless_reform"] is None and g["refusal_harmful"] == pytest.approx(0.625)
+    monkeypatch.setattr(experiment, "HERE", tmp_path)
+    experiment.save(rows, {}, "val")
+    md = (tmp_path / "experiments_val.md").read_text()
+    assert md.startswith("# Experiments on the val split") and "| a | 0,1 | 62% (25) | 62% (25) | 0% (0) | – |" in md
+    assert not (tmp_path / "experiments.md").exists()
+
+
+def test_a_student_with_the_same_arguments_is_reused(tmp_path):
+    out = tmp_path / "x@s0"
+    (out / "student").mkdir(parents=True)
+    (out / "experiment_args.json").write_text('["--lr", "1e-4"]')
+    assert not experiment.same_student(out, ["--lr", "1e-4"])  # no model in it yet
+    (out / "student" / "config.json").write_text("{}")
+    assert experiment.same_student(out, ["--lr", "1e-4"]) and not experiment.same_student(out, ["--lr", "2e-4"])
