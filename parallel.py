@@ -62,6 +62,8 @@ class World:
 
     def any(self, flag: bool) -> bool:
         """True if flag is true on some rank (the sampler's "is any row still decoding anywhere")."""
+        if self.size == 1:
+            return flag
         t = torch.tensor([int(flag)], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
