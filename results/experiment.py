@@ -151,7 +151,8 @@ def to_markdown(rows: list[dict], refs: dict) -> str:
             cell = lambda s: (f"+{p[s]['n10']}/-{p[s]['n01']}, p = {p[s]['p_value']:.3f}" if s in p else "–")
             kl = p.get("kl_diff")
             kl_cell = f"{kl['diff']:+.4f} [{kl['lo']:+.4f}, {kl['hi']:+.4f}]" if kl else "–"
-            lines.append(f"| {a} vs {b} ({p['seeds']} seeds) | {cell('harmful')} | {cell('harmful_reform')} | "
+            seeds = f"{p['seeds']} seed" + ("s" if p["seeds"] != 1 else "")
+            lines.append(f"| {a} vs {b} ({seeds}) | {cell('harmful')} | {cell('harmful_reform')} | "
                          f"{cell('harmless')} | {cell('harmless_reform')} | {cell('qa')} | {kl_cell} |")
         lines += ["", "+n/-m: prompts where the group does / does not refuse (or answer correctly) and the reference "
                   "does not / does."]
