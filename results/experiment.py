@@ -148,7 +148,8 @@ def to_markdown(rows: list[dict], refs: dict) -> str:
                   "rephrased harmless | QA | KL difference |", "|---|---|---|---|---|---|---|"]
         for a, b in pairs:
             p = paired_groups(group(rows, a), group(rows, b))
-            cell = lambda s: (f"+{p[s]['n10']}/-{p[s]['n01']}, p = {p[s]['p_value']:.3f}" if s in p else "–")
+            pv = lambda s: "p < 0.001" if p[s]["p_value"] < 0.001 else f"p = {p[s]['p_value']:.3f}"
+            cell = lambda s: (f"+{p[s]['n10']}/-{p[s]['n01']}, {pv(s)}" if s in p else "–")
             kl = p.get("kl_diff")
             kl_cell = f"{kl['diff']:+.4f} [{kl['lo']:+.4f}, {kl['hi']:+.4f}]" if kl else "–"
             seeds = f"{p['seeds']} seed" + ("s" if p["seeds"] != 1 else "")

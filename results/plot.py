@@ -72,7 +72,7 @@ def main():
         ax.set_xlabel(xlabel)
         ax.set_ylabel("refusal, held-out harmful + rephrased ↑")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower right")
+    axes[0].legend(fontsize=8, loc="upper center")
     fig.suptitle("SmolLM2-135M-Instruct: safety against its cost (95% intervals; small = one seed, diamond = mean)")
     fig.tight_layout()
     path = HERE / "safety_vs_cost.png"
