@@ -13,7 +13,7 @@ DIRECTION_ARGS ?= --kind response --layer 16 --position -1 --coefficient 0.5
 TOKENS_ARGS    ?= --score kl --prompts data/harmful_train.jsonl
 DISTILL_ARGS   ?= --prompts-per-step 4 --samples 4 --max-new-tokens 48 --lr 8e-5 \
                   --anchor data/harmless_train.jsonl --anchor-per-step 4 --anchor-weight 1.5
-EVAL_ARGS      ?= --max-new-tokens 64
+EVAL_ARGS      ?= --max-new-tokens 64 --batch-size 64  # same answers as batch 16, 1.6x faster here (bench/eval_batch.py)
 
 .PHONY: setup test test-fast demo ablate direction-full bench clean
 
@@ -55,6 +55,7 @@ bench: setup
 	$(PY) bench/distill_step.py phases --check
 	$(PY) bench/distill_step.py scaling
 	$(PY) bench/startup.py
+	$(PY) bench/eval_batch.py
 	$(PY) bench/memory_model.py --validate
 
 clean:

@@ -1,0 +1,50 @@
+"""Benchmark: Stage 4's greedy evaluation at several batch sizes, side by side, and whether the answers change.
+
+Greedy decoding of the same prompts with left padding should give the same tokens whatever the batch (the
+attention mask hides the padding, RoPE positions skip it); this checks it on the bundled model and measures what
+a larger batch buys on this CPU. Batch sizes are interleaved over the repeats, so the box's drift hits all alike.
+
+Usage:
+    python bench/eval_batch.py --prompts 64 --tokens 64 --batch-sizes 16 32 64 --repeats 2
+"""
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+import evaluate  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompts", type=int, default=64, help="first N prompts of data/harmful_test")
+    p.add_argument("--tokens", type=int, default=64, help="greedy new tokens (Stage 4's default)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--repeats", type=int, default=2)
+    args = p.parse_args()
+    model, tok = common.load_model("smollm2-135m", torch.device("cpu"))
+    prompts = common.read_prompts(common.data_file("harmful_test"))[:args.prompts]
+    seconds, texts = {b: [] for b in args.batch_sizes}, {}
+    for _ in range(args.repeats):
+        for b in args.batch_sizes:
+            t = time.perf_counter()
+            out, _ = evaluate.greedy(model, tok, prompts, args.tokens, b, contextlib.nullcontext, f"batch {b}")
+            seconds[b].append(time.perf_counter() - t)
+            texts.setdefault(b, out)
+    ref = args.batch_sizes[0]
+    print(f"{args.prompts} prompts x {args.tokens} greedy tokens, {torch.get_num_threads()} threads")
+    for b in args.batch_sizes:
+        med = statistics.median(seconds[b])
+        differ = sum(x != y for x, y in zip(texts[b], texts[ref]))
+        print(f"batch {b:>3}: {med:6.1f} s  ({statistics.median(seconds[ref]) / med:.2f}x batch {ref}); "
+              f"answers differing from batch {ref}: {differ} of {len(prompts)}")
+
+
+if __name__ == "__main__":
+    main()
