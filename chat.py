@@ -111,6 +111,7 @@ def post_instruction_ids(tok) -> list[int]:
 def load_safety_tokens(path, tok, model, random_tokens: bool = False, seed: int = 0):
     """S from Stage 2 as a LongTensor, and its file; refused if it was made for another tokenizer. random_tokens:
     a seeded random set of the same size instead (the ablation)."""
+    import torch  # the one function here that returns a tensor
     meta = load_json(path)
     ids = meta.get("token_ids")
     if not isinstance(ids, list) or not ids:
@@ -124,5 +125,4 @@ def load_safety_tokens(path, tok, model, random_tokens: bool = False, seed: int 
     if random_tokens:  # the ablation: same |S|, tokens drawn at random from the non-special vocabulary
         special = set(special_token_ids(tok))
         ids = sorted(random.Random(seed).sample([i for i in range(len(tok)) if i not in special], len(ids)))
-    import torch
     return torch.tensor(ids, dtype=torch.long), meta

@@ -59,7 +59,7 @@ from common import (Parser, UserError, add_common_args, data_file, fraction, loa
                     non_negative_float, non_negative_int, peak_memory_mb, pick_device, positive_float, positive_int,
                     read_prompts, run_cli, run_info, save_model_dir, seed_everything, truncate_prompts, write_jsonl)
 from metrics import refusal_rate
-from parallel import World, load_checkpoint, save_checkpoint, unsharded
+from parallel import World, load_checkpoint, save_checkpoint, trainable, unsharded
 from lean_losses import collapsed_kl, full_kl, partial_kl, rest_term
 from directions import recompute_direction
 from steering import Teacher, completion_logits, decode_completions, load_teacher, sample, swapped_weights
@@ -288,15 +288,12 @@ def build_models(args, out: Path, device, world: World | None = None):
         if device.type == "cuda":
             frozen.to(torch.bfloat16)
     if world is not None and world.sharded:
-        for m in {id(student): student, id(frozen): frozen}.values():
-            world.shard(m)
+        world.shard(student)
+        if frozen is not student:  # full fine-tuning's frozen copy (LoRA has none)
+            world.shard(frozen)
     teacher, dmeta = load_teacher(frozen, args.direction or out / "direction.safetensors", args.teacher,
                                   args.coefficient, system, base_ctx)
     return student, tok, teacher, Teacher(frozen, "base", base_context=base_ctx), dmeta
-
-
-def trainable(model) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 def refresh_teacher(student, tok, teacher: Teacher, dmeta: dict) -> Teacher:
@@ -409,7 +406,8 @@ def main(argv=None):
             "s_tokens": [tok.decode([i]) for i in s_ids.tolist()], "tokens_file": str(tokens_file),
             "teacher": {"kind": args.teacher, "file": str(args.direction or out / "direction.safetensors"),
                         "layer": dmeta["layer"], "coefficient": teacher.coefficient, "system": teacher.system},
-            "refresh_every": args.refresh_every, "base_model": args.model, "steps": len(plan), "lora_rank": args.lora_rank, "world_size": world.size,
+            "refresh_every": args.refresh_every, "base_model": args.model, "steps": len(plan),
+            "lora_rank": args.lora_rank, "world_size": world.size,
             "args": vars(args), "seconds": round(time.time() - t0, 1), **run_info()}
     if world.sharded:  # rank 0 gathers the slices into a plain model to save
         student = unsharded(student, world, lambda: build_student(args, torch.device("cpu"))[0])

@@ -109,11 +109,16 @@ class World:
 
 # ----------------------------------------------------------------------------- checkpoints
 
+def trainable(model) -> dict[str, torch.nn.Parameter]:
+    """What the optimiser updates, by name: every weight, or (LoRA) the adapters."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
 def full_state(model, opt, world: World):
     """The trainable weights and the optimizer state as whole tensors on rank 0 (sharded: gathered from the
     slices, keyed by parameter name, so a checkpoint resumes under any number of processes)."""
     if not world.sharded:
-        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, opt.state_dict()
+        return {n: p.detach() for n, p in trainable(model).items()}, opt.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     return get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                ignore_frozen_params=True))
@@ -121,7 +126,7 @@ def full_state(model, opt, world: World):
 
 def load_full_state(model, opt, weights: dict, opt_state: dict, world: World) -> None:
     if not world.sharded:
-        params = dict(model.named_parameters())
+        params = trainable(model)
         with torch.no_grad():
             for name, value in weights.items():
                 params[name].copy_(value)

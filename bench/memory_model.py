@@ -50,11 +50,19 @@ MODELS = {
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-def params(m: dict) -> int:
-    """Parameters of a Llama-style decoder: attention, gated MLP, two norms per block, embeddings."""
+def block_params(m: dict) -> int:
+    """One decoder block of a Llama-style model: attention, gated MLP, two norms."""
     attn = m["h"] * m["H"] * m["d"] * 2 + m["h"] * m["kv"] * m["d"] * 2
-    block = attn + 3 * m["h"] * m["I"] + 2 * m["h"]
-    return m["L"] * block + m["V"] * m["h"] * (1 if m["tied"] else 2) + m["h"]
+    return attn + 3 * m["h"] * m["I"] + 2 * m["h"]
+
+
+def root_params(m: dict) -> int:
+    """What is not in a block: embeddings (and an untied head), the final norm."""
+    return m["V"] * m["h"] * (1 if m["tied"] else 2) + m["h"]
+
+
+def params(m: dict) -> int:
+    return m["L"] * block_params(m) + root_params(m)
 
 
 def lora_params(m: dict, rank: int) -> int:
@@ -75,8 +83,7 @@ def predict(m: dict, *, lora_rank: int | None, c: int, rows: int, micro_batch: i
     else:
         resident = {"student fp32 + grad + AdamW": 16 * p / shard, "frozen π0/πt copy": c * p / shard}
     if shard > 1:  # gathered units: root + two blocks, in the student's dtype (float32 when fully fine-tuned)
-        root, block = m["V"] * m["h"] * (1 if m["tied"] else 2), (p - m["V"] * m["h"] * (1 if m["tied"] else 2)) / m["L"]
-        resident["gathered units"] = (root + 2 * block) * (c if lora_rank else 4)
+        resident["gathered units"] = (root_params(m) + 2 * block_params(m)) * (c if lora_rank else 4)
         rows, micro_batch = math.ceil(rows / shard), min(micro_batch, math.ceil(rows / shard))
     kv = 2 * m["L"] * rows * s * m["kv"] * m["d"] * c
     sampling = {"KV cache": kv, "last logits": rows * m["V"] * 4 * 2}

@@ -33,6 +33,8 @@ def main():
     base, _ = load_model("smollm2-135m")
     teacher, _ = load_teacher(base, run / "direction.safetensors")
     s = torch.tensor(json.loads((run / "safety_tokens.json").read_text())["token_ids"])
+    in_s = torch.zeros(base.config.get_text_config().vocab_size, dtype=torch.bool)  # the logits' width
+    in_s[s] = True
     gen = seed_everything(0)
     n = low4 = low5 = 0
     smallest, worst = 1.0, 0.0
@@ -42,8 +44,6 @@ def main():
                           pad_id=tok.pad_token_id)
         with torch.no_grad(), teacher.steer():
             lt = completion_logits(base, ids, mask, comp).float()[cm.bool()]  # [positions, V]
-        in_s = torch.zeros(lt.shape[-1], dtype=torch.bool)
-        in_s[s] = True
         lq_r = lt.double().log_softmax(-1)[:, ~in_s].logsumexp(-1)  # exact log q(R)
         lse = torch.logsumexp(lt, -1)
         old = torch.log((1 - (lt[:, s] - lse[:, None]).double().exp().sum(-1)).clamp_min(1e-12))  # by subtraction

@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 HERE = ROOT / "results"
 sys.path.insert(0, str(ROOT))
+from common import data_file  # noqa: E402
 from metrics import is_refusal, mcnemar_exact, paired_bootstrap  # noqa: E402
 
 # The demo's Stage 3 budget (25 steps x 4 prompts x 4 samples x 48 tokens); an experiment's own arguments win.
@@ -49,7 +50,7 @@ def run(cmd: list[str], log: Path) -> None:
 
 def eval_args(split: str) -> list[str]:
     files = SPLITS[split]
-    return [a for s, f in files.items() for a in (f"--{s.replace('_', '-')}", f"data/{f}.jsonl" if f else "")]
+    return [a for s, f in files.items() for a in (f"--{s.replace('_', '-')}", str(data_file(f)) if f else "")]
 
 
 def row(name: str, args: list[str], out: Path, model: str, files: dict = SPLITS["test"]) -> dict:
