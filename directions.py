@@ -15,6 +15,7 @@ import torch
 
 from chat import post_instruction_ids, render_chat
 from common import UserError, read_prompts
+from steering import shared_prefix_len
 
 
 class PromptBatches:
@@ -22,14 +23,13 @@ class PromptBatches:
 
     Every chat prompt opens with the same template tokens (SmolLM2: a 24-token default system turn, about
     half of each prompt). Its keys and values are computed once per forward and reused for every row: the
-    result is the plain forward's, with far less work. Sorting by length keeps padding small.
+    result is the plain forward's, with far less work (steering.shared_prefix_len: not under sliding-window
+    attention). Sorting by length keeps padding small.
     """
 
-    def __init__(self, tok, prompts: list[str], batch_size: int, device):
+    def __init__(self, model, tok, prompts: list[str], batch_size: int, device):
         rows = [tok(render_chat(tok, p), add_special_tokens=False).input_ids for p in prompts]
-        n = 0  # longest common prefix, keeping at least one token per row
-        while all(len(r) > n + 1 and r[n] == rows[0][n] for r in rows):
-            n += 1
+        n = shared_prefix_len(rows, model)
         self.prefix = torch.tensor(rows[0][:n], device=device)
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         self.batches = []  # (row indices, ids [b, s], mask [b, s]), left-padded
@@ -118,6 +118,6 @@ def recompute_direction(model, tok, meta: dict, batch_size: int = 16) -> torch.T
         return response_directions(model, tok, harmful, texts["refusal"], texts["comply"], batch_size)[0, layer].float()
     harmless = read_prompts(data["harmless"], data["n_harmless"], meta["seed"])
     n_pos = len(post_instruction_ids(tok))
-    r = candidate_directions(model, PromptBatches(tok, harmful, batch_size, device),
-                             PromptBatches(tok, harmless, batch_size, device), n_pos)
+    r = candidate_directions(model, PromptBatches(model, tok, harmful, batch_size, device),
+                             PromptBatches(model, tok, harmless, batch_size, device), n_pos)
     return r[n_pos + int(meta["position"]), layer].float()

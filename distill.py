@@ -107,7 +107,9 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch", type=positive_int, default=8, help="sequences per forward/backward")
     p.add_argument("--shard", action="store_true", help="under torchrun: FSDP2, each process holds 1/N of the "
                    "weights, gradients and Adam states (for a model that does not fit one device)")
-    p.add_argument("--no-grad-checkpointing", action="store_true", help="keep activations (faster, more memory)")
+    p.add_argument("--grad-checkpointing", choices=["auto", "on", "off"], default="auto",
+                   help="recompute each block's activations in backward: less memory, one more forward; auto: on "
+                        "for CUDA, off on the CPU, whose RAM holds them (same numbers either way)")
     p.add_argument("--checkpoint-every", type=positive_int, default=5, help="save a resumable checkpoint every N")
     p.add_argument("--resume", action="store_true", help="continue from OUT/STUDENT.work/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true")
@@ -216,7 +218,8 @@ def train_step(student, tok, harmful: list[str], anchors: list[str], *, teacher:
             sl = slice(i, min(i + micro_batch, first + count))
             share = (sl.stop - sl.start) / total  # this micro-batch's share of its group's sequences
             with timer("teacher"), torch.no_grad(), autocast, target.steer():
-                lt = completion_logits(target.model, ctx_ids[sl], ctx_mask[sl], comp[sl])  # [b, T, V]
+                lt = completion_logits(target.model, ctx_ids[sl], ctx_mask[sl], comp[sl],  # [b, T, V]
+                                       share_prefix=not world.sharded)
             with timer("student_forward"), autocast:
                 ls = completion_logits(student, ids[sl], mask[sl], comp[sl])
             with timer("loss"):
@@ -359,7 +362,7 @@ def main(argv=None):
     tokens_file = Path(args.tokens or out / "safety_tokens.json")
     s_ids, _ = load_safety_tokens(tokens_file, tok, student, args.random_tokens, args.seed)
     s_ids = s_ids.to(device)
-    if not args.no_grad_checkpointing:
+    if args.grad_checkpointing == "on" or (args.grad_checkpointing == "auto" and device.type == "cuda"):
         student.activation_checkpointing_enable()
         if args.lora_rank:
             student.enable_input_require_grads()  # checkpointed blocks need an input that requires grad

@@ -15,10 +15,11 @@ is a set of refusal-opening tokens ("I", "Sorry", ...):
 
 Selection (authors' code): drop l >= 0.8 L, kl > 0.1, induce < 0; take the lowest bypass. A model that barely
 refuses leaves no survivor; then (ours) take the highest induce among l < 0.8 L, kl <= 0.1, and record it.
---teacher-grid C... (ours): choose the teacher πt = π0 + c·r by how selectively it refuses. Every admissible
-candidate (l < 0.8 L, kl <= 0.1) x each c is ranked by first-token selectivity (mean p_R on harmful_val minus
-harmless_val, one forward per prompt); the --grid-top best are measured as they will teach, by the judge on
-greedy answers (refusal on harmful_val minus harmless_val), and the most selective block and c are kept.
+--teacher-grid C... (ours): choose the teacher πt = π0 + c·r by how selectively it refuses, instead. Every
+candidate block l < 0.8 L is ranked by first-token selectivity (mean p_R on harmful_val minus harmless_val, one
+forward per prompt) at the middle c, the best --grid-blocks at every c; the --grid-top best teachers are then
+measured as they will teach, by the judge on greedy answers (refusal on harmful_val minus harmless_val), and
+the most selective block and c are kept. The ablation KL bound does not apply: it is about removing r.
 
 --kind response (ours, for models that never refuse): when harmful and harmless prompts differ in topic but the
 model answers both, their difference of means carries topic, not refusal. Instead, contrast the model's own
@@ -36,7 +37,7 @@ Writes  OUT/direction.safetensors  tensor "direction" [hidden], float32, the raw
 Usage:
     python extract_direction.py --out runs/demo
     python extract_direction.py --out runs/demo --layer 18 --position -1 --overwrite   # force a candidate
-    python extract_direction.py --out runs/demo --kind response --layer 16 --position -1 --coefficient 0.5
+    python extract_direction.py --out runs/demo --kind response --teacher-grid 0.5 0.75 1.0   # the demo's
 """
 from __future__ import annotations
 
@@ -82,8 +83,11 @@ def parse_args(argv=None):
     p.add_argument("--position", type=int, help="force this post-instruction position (negative, e.g. -1)")
     p.add_argument("--coefficient", type=float, default=1.0, help="c in πt = π0 + c·r, stored for later stages")
     p.add_argument("--teacher-grid", type=positive_float, nargs="+", metavar="C",
-                   help="choose block and c by measurement (ours): every admissible candidate x these c ranked by "
-                        "first-token selectivity, the best --grid-top measured by greedy refusal harmful - harmless")
+                   help="choose block and c by measurement (ours): every block < frac * L ranked by first-token "
+                        "selectivity at the middle c, the best --grid-blocks at every c, the best --grid-top of "
+                        "those measured by greedy refusal harmful - harmless (the judge)")
+    p.add_argument("--grid-blocks", type=positive_int, default=4,
+                   help="--teacher-grid: how many blocks are tried at every c")
     p.add_argument("--grid-top", type=positive_int, default=4,
                    help="--teacher-grid: how many of the ranked teachers are measured with the judge")
     p.add_argument("--grid-tokens", type=positive_int, default=16, help="greedy tokens per --teacher-grid answer")
@@ -181,29 +185,35 @@ def steering_check(model, tok, vec: torch.Tensor, layer: int, coefficient: float
                          "steered_refuses": is_refusal(s)} for p, b, s in zip(prompts, base, steered)]}
 
 
-def admissible(rows: list[dict], n_layers: int, max_layer_frac: float, kl_max: float) -> list[dict]:
-    ok = [x for x in rows if x["layer"] < max_layer_frac * n_layers and x["kl"] <= kl_max and math.isfinite(x["induce"])]
-    if not ok:
-        raise UserError(f"no candidate has layer < {max_layer_frac} L and kl <= {kl_max} for --teacher-grid")
-    return ok
-
-
 @torch.no_grad()
-def first_token_selectivity(model, r, rows: list[dict], coefficients, harmful_val: PromptBatches,
+def first_token_selectivity(model, r, teachers: list[dict], coefficients, harmful_val: PromptBatches,
                             harmless_val: PromptBatches, refusal_ids: list[int]) -> list[dict]:
-    """Every candidate x c as a teacher πt = π0 + c·r, cheaply: mean p_R (the first token's refusal mass,
-    sigmoid of the refusal score) on harmful_val minus harmless_val. One last-position forward per prompt, so
-    every admissible block can be tried; it ranks the teachers that teacher_selectivity then measures."""
+    """Each teacher πt = π0 + c·r (position, layer) x each c, cheaply: mean p_R (the first token's refusal mass,
+    sigmoid of the refusal score) on harmful_val minus harmless_val, one last-position forward per prompt. Also
+    recorded: the teacher's KL(π0 || πt) on harmless_val's first token (what the hook does to harmless prompts)."""
+    base_harmless = harmless_val.last_logits(model)
     out = []
-    for x in tqdm(rows, desc="ranking teachers", unit="block"):
+    for x in tqdm(teachers, desc=f"ranking teachers (c = {', '.join(map(str, coefficients))})", unit="block"):
         vec = r[r.shape[0] + x["position"], x["layer"]].float()
         for c in coefficients:
             with add_vector(model, x["layer"], vec, c):
-                p_r = [torch.sigmoid(refusal_score(b.last_logits(model), refusal_ids)).mean().item()
-                       for b in (harmful_val, harmless_val)]
+                harmful, harmless = harmful_val.last_logits(model), harmless_val.last_logits(model)
+            p_r = [torch.sigmoid(refusal_score(z, refusal_ids)).mean().item() for z in (harmful, harmless)]
             out.append({"position": x["position"], "layer": x["layer"], "coefficient": c,
-                        "first_token_selectivity": p_r[0] - p_r[1], "p_r_harmful": p_r[0], "p_r_harmless": p_r[1]})
+                        "first_token_selectivity": p_r[0] - p_r[1], "p_r_harmful": p_r[0], "p_r_harmless": p_r[1],
+                        "teacher_kl": kl_last(base_harmless, harmless).mean().item()})
     return out
+
+
+def rank_teachers(model, r, candidates: list[dict], coefficients, harmful_val, harmless_val, refusal_ids,
+                  n_blocks: int) -> list[dict]:
+    """Coarse to fine: every candidate block at the middle c, then the n_blocks best of them at the other c."""
+    mid = sorted(coefficients)[len(coefficients) // 2]
+    coarse = first_token_selectivity(model, r, candidates, [mid], harmful_val, harmless_val, refusal_ids)
+    best = sorted(coarse, key=lambda t: -t["first_token_selectivity"])[:n_blocks]
+    rest = [c for c in coefficients if c != mid]
+    return coarse + (first_token_selectivity(model, r, best, rest, harmful_val, harmless_val, refusal_ids)
+                     if rest else [])
 
 
 @torch.no_grad()
@@ -264,7 +274,7 @@ def main(argv=None):
         raise UserError(f"--layer must be in 0..{n_layers - 1} and --position in -{n_pos}..-1")
 
     bs = args.batch_size
-    enc = lambda prompts: PromptBatches(tok, prompts, bs, device)
+    enc = lambda prompts: PromptBatches(model, tok, prompts, bs, device)
     if args.filter:  # authors' option: keep only prompts the base model already treats the "right" way
         harmful = filter_by_score(model, enc(harmful), harmful, refusal_ids, keep_refused=True)
         harmless = filter_by_score(model, enc(harmless), harmless, refusal_ids, keep_refused=False)
@@ -291,22 +301,31 @@ def main(argv=None):
     base_scores = {"harmful_val": refusal_score(sv.last_logits(model), refusal_ids).mean().item(),
                    "harmless_val": refusal_score(hv.last_logits(model), refusal_ids).mean().item()}
     t_score = time.time()
-    rows = score_candidates(model, r, cands, sv, hv, refusal_ids, pos_names)
-    t_score = time.time() - t_score
-    if args.layer is not None:
-        best, rule = rows[0], "forced"
-    else:
-        best, rule = select_direction(rows, n_layers, args.max_layer_frac, args.kl_max)
-    grid, coefficient = None, args.coefficient
-    ranked = None
-    if args.teacher_grid:  # every admissible block x c ranked cheaply, the best --grid-top measured
-        ok = admissible(rows, n_layers, args.max_layer_frac, args.kl_max)
-        ranked = first_token_selectivity(model, r, ok, args.teacher_grid, sv, hv, refusal_ids)
+    grid = ranked = None
+    if args.teacher_grid:
+        # The teacher is chosen by how selectively it refuses (ours): every block below the cut-off (or the one
+        # --layer forces) is ranked by first-token selectivity, the best --grid-top are measured with the judge.
+        # The ablation scores do not enter (they bound what removing r does, not what adding c·r does to a
+        # teacher, which the judge's harmless refusals measure); the chosen candidate is scored below.
+        blocks = [{"position": p - n_pos, "layer": l} for p, l in cands
+                  if args.layer is not None or l < args.max_layer_frac * n_layers]
+        if not blocks:
+            raise UserError(f"no candidate block below {args.max_layer_frac} L for --teacher-grid")
+        ranked = rank_teachers(model, r, blocks, args.teacher_grid, sv, hv, refusal_ids, args.grid_blocks)
         top = sorted(ranked, key=lambda t: -t["first_token_selectivity"])[:args.grid_top]
         grid = teacher_selectivity(model, tok, r, top, harmful_val, harmless_val, args.grid_tokens)
         choice = best_teacher(grid)
-        best = next(x for x in rows if (x["layer"], x["position"]) == (choice["layer"], choice["position"]))
-        rule, coefficient = rule + "+selectivity", choice["coefficient"]
+        cands = [(n_pos + choice["position"], choice["layer"])]
+    rows = score_candidates(model, r, cands, sv, hv, refusal_ids, pos_names)
+    t_score = time.time() - t_score
+    coefficient = args.coefficient
+    if grid:
+        best, coefficient = rows[0], choice["coefficient"]
+        rule = "forced+selectivity" if args.layer is not None else "selectivity"
+    elif args.layer is not None:
+        best, rule = rows[0], "forced"
+    else:
+        best, rule = select_direction(rows, n_layers, args.max_layer_frac, args.kl_max)
     p_idx = n_pos + best["position"]
     vec = r[p_idx, best["layer"]].float()
 
@@ -314,7 +333,7 @@ def main(argv=None):
                            args.check_tokens) if args.check_prompts else None
     meta = {
         "model": args.model, "layer": best["layer"], "position": best["position"], "position_token": best["token"],
-        "coefficient": coefficient, "teacher_grid": grid and best_teacher(grid), "norm": vec.norm().item(), "hidden_size": model.config.hidden_size,
+        "coefficient": coefficient, "teacher_grid": grid and choice, "norm": vec.norm().item(), "hidden_size": model.config.hidden_size,
         "n_layers": n_layers, "kind": args.kind, "selection_rule": rule, "fallback_used": rule.startswith("fallback"),
         "scores": {k: best[k] for k in ("bypass", "induce", "kl")}, "base_refusal_scores": base_scores,
         "refusal_tokens": [tok.decode([i]) for i in refusal_ids], "refusal_token_ids": refusal_ids,

@@ -5,7 +5,8 @@ Three stages need the same few pieces, so they live here once:
     blocks        decoder_layers, check_layer       where the residual stream of each family is
     hooks         add_vector (πt = π0 + c·r at block l), ablate_direction (r̂ projected out everywhere)
     the teacher   load_direction, Teacher, load_teacher   πt as one object: hook, safety system prompt, or π0
-    sampling      sample (a KV-cached decoding loop, by hand), completion_logits (teacher forcing)
+    sampling      prefill (each distinct prompt once, the shared prefix once), sample (a KV-cached decoding
+                  loop, by hand), completion_logits (teacher forcing)
 
 What is plumbing (files, loading, templates, the CLI) is in common.py; the math of each stage is in its file.
 """
@@ -228,6 +229,57 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
+def shared_prefix_len(rows: list[list[int]], model) -> int:
+    """How many leading tokens every row has in common (the chat template's opening, e.g. SmolLM2's 24-token
+    system turn), keeping at least one token per row; 0 where computing them once would not be exact: with
+    sliding-window attention the mask counts cache slots, and the shared layout moves the padding."""
+    cfg = model.config.get_text_config()
+    types = getattr(cfg, "layer_types", None)
+    sliding = any(t != "full_attention" for t in types) if types else getattr(cfg, "sliding_window", None)
+    if sliding:
+        return 0
+    n = 0
+    while all(len(r) > n + 1 and r[n] == rows[0][n] for r in rows):
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int, share_prefix: bool = True):
+    """The prompts' forward pass before decoding, with two exact savings: a prompt that occurs in several rows
+    (Stage 3's G samples of one prompt) runs once, and the prefix all prompts share runs once. The cache is
+    laid out [shared prefix | left padding | rest of the prompt]; position ids count real tokens only, so each
+    row sees what the plain left-padded forward sees.
+
+    [b, s] left-padded -> (last-position logits [b, V] float32, KV cache, the cache's mask [b, s'],
+    the next position id [b, 1]). share_prefix=False: no prefix pass (a sharded model must be called equally
+    often on every rank, and ranks hold different prompts)."""
+    device = input_ids.device
+    rows = [r[m.bool()].tolist() for r, m in zip(input_ids, attention_mask)]
+    distinct = list(dict.fromkeys(map(tuple, rows)))
+    where = {r: i for i, r in enumerate(distinct)}
+    inverse = torch.tensor([where[tuple(r)] for r in rows], device=device)
+    n = shared_prefix_len(distinct, model) if share_prefix else 0
+    width = max(len(r) - n for r in distinct)
+    ids = torch.full((len(distinct), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(len(distinct), width, dtype=torch.long, device=device)
+    for j, r in enumerate(distinct):
+        ids[j, width - len(r) + n:] = torch.tensor(r[n:], device=device)
+        mask[j, width - len(r) + n:] = 1
+    cache = None
+    if n:
+        cache = model(input_ids=torch.tensor([distinct[0][:n]], device=device), use_cache=True).past_key_values
+        cache.reorder_cache(torch.zeros(len(distinct), dtype=torch.long, device=device))  # one copy per row
+    cache_mask = torch.cat([mask.new_ones(len(distinct), n), mask], dim=1)
+    positions = (n + mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=cache_mask, position_ids=positions, past_key_values=cache,
+                use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    if len(distinct) < len(rows):
+        cache.reorder_cache(inverse)
+    return out.logits[inverse, -1].float(), cache, cache_mask[inverse], positions[inverse, -1:] + 1
+
+
 @torch.no_grad()
 def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
            stop_ids: list[int], pad_id: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
@@ -239,23 +291,18 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     every row has stopped (the returned width is then the longest row's). sync_stop(running) -> bool, if
     given, decides for all processes together (a sharded model must be called equally often on every rank).
     """
-    batch, plen = input_ids.shape
+    batch = input_ids.shape[0]
     device = input_ids.device
+    logits, cache, cache_mask, next_pos = prefill(model, input_ids, attention_mask, pad_id, sync_stop is None)
+    plen = cache_mask.shape[1]
     # One preallocated mask for prompt + completion: no tensor grows by cat inside the loop.
-    full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, max_new_tokens)], dim=1)
-    positions = attention_mask.long().cumsum(-1) - 1  # left padding must not shift RoPE positions
-    next_pos = positions[:, -1:] + 1
-    positions = positions.clamp(min=0)
+    full_mask = torch.cat([cache_mask, cache_mask.new_ones(batch, max_new_tokens)], dim=1)
     stop = torch.tensor(stop_ids, device=device)
     tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
     alive = torch.ones(batch, dtype=torch.bool, device=device)
 
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
     for t in range(max_new_tokens):
-        logits = out.logits[:, -1, :].float()  # [batch, vocab]
         if temperature == 0:
             nxt = logits.argmax(-1)
         else:
@@ -269,22 +316,31 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
         if not running:
             return tokens[:, :t + 1], mask[:, :t + 1]
         if t + 1 < max_new_tokens:
-            out = model(input_ids=nxt[:, None], attention_mask=full_mask[:, :plen + t + 1],
-                        position_ids=next_pos + t, past_key_values=cache, use_cache=True)
+            logits = model(input_ids=nxt[:, None], attention_mask=full_mask[:, :plen + t + 1],
+                           position_ids=next_pos + t, past_key_values=cache, use_cache=True).logits[:, -1].float()
     return tokens, mask
 
 
-def completion_logits(model, prompt_ids, prompt_mask, comp_ids) -> torch.Tensor:
+def completion_logits(model, prompt_ids, prompt_mask, comp_ids, share_prefix: bool = True) -> torch.Tensor:
     """Teacher-force prompt + completion; return the logits that predict each completion token.
 
     [batch, plen] + [batch, T] -> [batch, T, vocab], in the model's dtype. Only the last T + 1 positions go
     through the LM head. Prompts may differ in length between teacher and student (a system prompt): the
-    completion positions still line up, because each row's completion follows its own prompt.
+    completion positions still line up, because each row's completion follows its own prompt. Without autograd
+    (πt, π0) the prompts go through `prefill` first (each distinct prompt once: G samples share it), then the
+    completions through its cache; share_prefix as in prefill.
     """
+    t = comp_ids.shape[1]
+    if not torch.is_grad_enabled():
+        first, cache, cache_mask, next_pos = prefill(model, prompt_ids, prompt_mask, 0, share_prefix)
+        mask = torch.cat([cache_mask, cache_mask.new_ones(comp_ids.shape)], dim=1)
+        positions = next_pos + torch.arange(t, device=comp_ids.device)
+        rest = model(input_ids=comp_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                     use_cache=True).logits
+        return torch.cat([first[:, None].to(rest.dtype), rest[:, :-1]], dim=1)
     ids = torch.cat([prompt_ids, comp_ids], dim=1)
     mask = torch.cat([prompt_mask, torch.ones_like(comp_ids)], dim=1)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    t = comp_ids.shape[1]
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
                    logits_to_keep=t + 1).logits
     return logits[:, :-1]  # position plen-1+i predicts completion token i

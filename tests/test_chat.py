@@ -46,6 +46,8 @@ def test_end_of_turn_stops_the_sampler(family_dir):
     ids, mask = chat.encode_chats(tok, ["hi", "tell me more"])
 
     def force_eot_at_step_3(module, args, output):  # the LM head's logits: call k predicts token k; eot at 3
+        if output.shape[0] == 1:  # the shared template prefix, run once before the prompts (steering.prefill)
+            return output
         if state["calls"] == 3:
             output[..., eot] += 1e4
         state["calls"] += 1
@@ -57,6 +59,33 @@ def test_end_of_turn_stops_the_sampler(family_dir):
     finally:
         handle.remove()
     assert toks.shape[1] == 4 and (toks[:, 3] == eot).all() and m.all()  # stopped right after eot, inclusive
+
+
+def test_prefill_equals_the_plain_forward_and_decoding_equals_generate(family_dir):
+    """Duplicate rows run once and the shared template prefix runs once; where the family has sliding-window
+    attention (Gemma 2/3 here, window 16 < these prompts) the prefix is not shared, since the mask counts slots."""
+    name, model, tok = load(family_dir)
+    prompts = ["hi", "tell me a long story about the sea please", "hi", "why?", "hi"]
+    ids, mask = chat.encode_chats(tok, prompts)
+    rows = [r[m.bool()].tolist() for r, m in zip(ids, mask)]
+    sliding = name.startswith("gemma")
+    assert (steering.shared_prefix_len(rows, model) == 0) == sliding
+    with torch.no_grad():
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        ref = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float()
+    logits, cache, cache_mask, next_pos = steering.prefill(model, ids, mask, tok.pad_token_id)
+    assert torch.allclose(logits, ref, atol=1e-5)
+    assert torch.equal(next_pos[:, 0], mask.sum(-1)) and torch.equal(cache_mask.sum(-1), mask.sum(-1))
+    ours, _ = steering.sample(model, ids, mask, 24, temperature=0, stop_ids=[10_000], pad_id=tok.pad_token_id)
+    gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
+                         eos_token_id=None, pad_token_id=tok.pad_token_id)
+    assert torch.equal(ours, gen[:, ids.shape[1]:])
+    # teacher forcing without autograd (πt, π0) goes through prefill and the cache: the same logits
+    with torch.no_grad():
+        cached = steering.completion_logits(model, ids, mask, ours)
+    with torch.enable_grad():
+        plain = steering.completion_logits(model, ids, mask, ours)
+    assert torch.allclose(cached, plain.detach(), atol=1e-5)
 
 
 def test_system_prompt_where_the_family_has_none(family_dir):

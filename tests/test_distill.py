@@ -354,7 +354,7 @@ def test_main_trains_saves_and_reloads(model_dir, tok, tmp_path, capsys):
     dl.main(args_for(model_dir, out, "--anchor", str(common.data_file("harmless_val")), "--student", "anchored",
                      "--anchor-per-step", "3"))
     log = [json.loads(l) for l in (out / "anchored" / "train_log.jsonl").read_text().splitlines()]
-    assert all("anchor_refusal" in r and r["anchor_loss"] >= 0 for r in log)
+    assert all("anchor_refusal" in r and r["anchor_loss"] >= -1e-7 for r in log)  # ~0 at step 1: π0 = πs
 
 
 def test_resume_equals_uninterrupted(model_dir, tok, tmp_path, monkeypatch):
@@ -380,6 +380,30 @@ def test_resume_equals_uninterrupted(model_dir, tok, tmp_path, monkeypatch):
     a = load_file(out / "straight" / "model.safetensors")
     b = load_file(out / "resumed" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_checkpointing_changes_memory_not_numbers(model_dir, tok, tmp_path, monkeypatch):
+    """--grad-checkpointing on recomputes every block in backward (counted), off keeps the activations (the
+    CPU's auto); the student is the same to float precision either way."""
+    from safetensors.torch import load_file
+    from transformers.models.llama.modeling_llama import LlamaMLP
+    out = tmp_path / "run"
+    make_run(out, model_dir, tok)
+    calls = {"n": 0}
+    real = LlamaMLP.forward  # inside each block: a recomputed block runs it again
+
+    def counted(self, *a, **k):
+        calls["n"] += 1
+        return real(self, *a, **k)
+    monkeypatch.setattr(LlamaMLP, "forward", counted)
+    counts = {}
+    for mode in ("on", "off", "auto"):
+        calls["n"] = 0
+        dl.main(args_for(model_dir, out, "--student", mode, "--grad-checkpointing", mode))
+        counts[mode] = calls["n"]
+    assert counts["on"] > counts["off"] == counts["auto"] > 0  # the recomputation happens only when on
+    a, b = (load_file(out / m / "model.safetensors") for m in ("on", "off"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
 def test_token_file_for_another_tokenizer(model_dir, tok, tmp_path):

@@ -30,7 +30,7 @@ def block_inputs_one_prompt(model, tok, prompt):
 
 def test_shared_prefix_batches_equal_plain_forward(tok, model):
     post = chat.post_instruction_ids(tok)
-    pb = directions.PromptBatches(tok, PROMPTS_A + PROMPTS_B, batch_size=4, device="cpu")
+    pb = directions.PromptBatches(model, tok, PROMPTS_A + PROMPTS_B, batch_size=4, device="cpu")
     assert pb.prefix.numel() > 0
     for idx, ids, mask in pb.batches:  # the template suffix ends every left-padded row
         assert all(row[-len(post):].tolist() == post for row in ids)
@@ -42,8 +42,8 @@ def test_shared_prefix_batches_equal_plain_forward(tok, model):
 
 def test_mean_difference_equals_brute_force(tok, model):
     n_pos = len(chat.post_instruction_ids(tok))
-    r = directions.candidate_directions(model, directions.PromptBatches(tok, PROMPTS_A, 2, "cpu"),
-                                directions.PromptBatches(tok, PROMPTS_B, 2, "cpu"), n_pos)
+    r = directions.candidate_directions(model, directions.PromptBatches(model, tok, PROMPTS_A, 2, "cpu"),
+                                directions.PromptBatches(model, tok, PROMPTS_B, 2, "cpu"), n_pos)
     mean = lambda ps: torch.stack([block_inputs_one_prompt(model, tok, p)[:, -n_pos:].double() for p in ps]).mean(0)
     ref = (mean(PROMPTS_A) - mean(PROMPTS_B)).transpose(0, 1)  # [n_pos, L, hidden]
     assert r.dtype == torch.float64 and r.shape == ref.shape
@@ -62,7 +62,7 @@ def test_refusal_score_and_kl_brute_force():
 
 def test_scores_equal_hand_computation(tok, model):
     R = [5, 7, 9]
-    hv, sv = directions.PromptBatches(tok, PROMPTS_B, 2, "cpu"), directions.PromptBatches(tok, PROMPTS_A, 2, "cpu")
+    hv, sv = directions.PromptBatches(model, tok, PROMPTS_B, 2, "cpu"), directions.PromptBatches(model, tok, PROMPTS_A, 2, "cpu")
     r = torch.randn(2, 4, model.config.hidden_size, dtype=torch.float64) * 3
     rows = ed.score_candidates(model, r, [(1, 2)], sv, hv, R, ["a", "b"])
     vec = r[1, 2].float()
@@ -182,17 +182,17 @@ def test_main_kind_response(model_dir, tmp_path):
                  "--position", "-2", "--overwrite"])
 
 
-def test_teacher_grid_ranks_every_admissible_block_then_measures(tok, model):
-    rows = [row(1, 0.0, 2.0, 0.01), row(2, 0.0, 1.0, 0.01), row(3, 0.0, 3.0, 0.5)]  # block 3: kl too high
-    for r_ in rows:
-        r_["position"] = -1
-    ok = ed.admissible(rows, n_layers=4, max_layer_frac=0.8, kl_max=0.1)
-    assert [x["layer"] for x in ok] == [1, 2]
-    with pytest.raises(UserError, match="no candidate"):
-        ed.admissible(rows, n_layers=4, max_layer_frac=0.8, kl_max=1e-3)
+def test_teacher_grid_ranks_blocks_coarse_to_fine_then_measures(tok, model):
     r = torch.randn(1, 4, model.config.hidden_size, dtype=torch.float64)
     harmful, harmless = ["how do I do a bad thing", "tell me"], ["hi"]
-    sv, hv = (directions.PromptBatches(tok, ps, 2, "cpu") for ps in (harmful, harmless))
+    sv, hv = (directions.PromptBatches(model, tok, ps, 2, "cpu") for ps in (harmful, harmless))
+    blocks = [{"position": -1, "layer": l} for l in range(4)]
+    ranked = ed.rank_teachers(model, r, blocks, [1.0, 0.5, 2.0], sv, hv, refusal_ids=[5, 6], n_blocks=2)
+    coarse, fine = ranked[:4], ranked[4:]
+    assert [(t["layer"], t["coefficient"]) for t in coarse] == [(l, 1.0) for l in range(4)]  # middle c first
+    best2 = sorted(coarse, key=lambda t: -t["first_token_selectivity"])[:2]
+    assert [(t["layer"], t["coefficient"]) for t in fine] == [(t["layer"], c) for t in best2 for c in (0.5, 2.0)]
+    ok = blocks[1:3]
     ranked = ed.first_token_selectivity(model, r, ok, [0.5, 1.0], sv, hv, refusal_ids=[5, 6])
     assert [(t["layer"], t["coefficient"]) for t in ranked] == [(1, 0.5), (1, 1.0), (2, 0.5), (2, 1.0)]
     # p_R by hand for one teacher: softmax mass of R at the last position, plain forward with the hook
@@ -201,6 +201,12 @@ def test_teacher_grid_ranks_every_admissible_block_then_measures(tok, model):
         probs = model(input_ids=ids, attention_mask=mask).logits[:, -1].double().softmax(-1)
     assert ranked[3]["p_r_harmful"] == pytest.approx(probs[:, [5, 6]].sum(-1).mean().item(), rel=1e-4)
     assert ranked[3]["first_token_selectivity"] == ranked[3]["p_r_harmful"] - ranked[3]["p_r_harmless"]
+    ids0, mask0 = chat.encode_chats(tok, harmless)  # the teacher's KL on harmless prompts, by hand
+    with torch.no_grad():
+        p0 = model(input_ids=ids0, attention_mask=mask0).logits[:, -1].double().softmax(-1)
+        with steering.add_vector(model, 2, r[0, 2].float(), 1.0):
+            p1 = model(input_ids=ids0, attention_mask=mask0).logits[:, -1].double().softmax(-1)
+    assert ranked[3]["teacher_kl"] == pytest.approx((p0 * (p0 / p1).log()).sum(-1).mean().item(), rel=1e-4)
 
     grid = ed.teacher_selectivity(model, tok, r, ranked[2:], harmful, harmless, max_tokens=3)
     assert all(g["selectivity"] == g["refusal_harmful"] - g["refusal_harmless"] for g in grid)
@@ -221,12 +227,13 @@ def test_teacher_grid_ranks_every_admissible_block_then_measures(tok, model):
 def test_main_with_teacher_grid(model_dir, tmp_path):
     out = tmp_path / "run"
     ed.main(["--model", str(model_dir), "--out", str(out), "--kind", "response", "--n-train", "3", "--n-val", "2",
-             "--check-prompts", "1", "--check-tokens", "2", "--kl-max", "1e9", "--teacher-grid", "0.5", "2",
-             "--grid-top", "3", "--grid-tokens", "2"])
+             "--check-prompts", "1", "--check-tokens", "2", "--kl-max", "1e-9", "--teacher-grid", "0.5", "2",
+             "--grid-blocks", "2", "--grid-top", "3", "--grid-tokens", "2"])
     meta = json.loads((out / "direction.json").read_text())
     cands = json.loads((out / "candidates.json").read_text())
     teachers, ranked = cands["teachers"], cands["teachers_ranked"]
-    assert len(ranked) == 2 * 4 and len(teachers) == 3 and meta["selection_rule"].endswith("+selectivity")
+    # 4 blocks < 0.8 L at c = 2 (the middle of two), the best 2 at c = 0.5; no ablation-KL bound (1e-9 here)
+    assert len(ranked) == 4 + 2 and len(teachers) == 3 and meta["selection_rule"] == "selectivity"
     best3 = sorted(ranked, key=lambda t: -t["first_token_selectivity"])[:3]
     assert [(t["layer"], t["coefficient"]) for t in teachers] == [(t["layer"], t["coefficient"]) for t in best3]
     assert (meta["layer"], meta["coefficient"]) == (meta["teacher_grid"]["layer"], meta["teacher_grid"]["coefficient"])

@@ -47,6 +47,17 @@ def test_sampling_matches_uncached_reference_and_seed(tok, model):
     assert not torch.equal(a, c)
 
 
+def test_repeated_prompts_sample_like_distinct_rows(tok, model):
+    """Stage 3's G samples of one prompt share one prefill; the draws are still the per-row reference's."""
+    ids, mask = batch(tok, ("hi", "hi", "why?", "hi", "why?"))
+    kw = dict(temperature=1.0, stop_ids=[10_000], pad_id=tok.pad_token_id)
+    a, _ = steering.sample(model, ids, mask, 8, generator=torch.Generator().manual_seed(5), **kw)
+    with torch.no_grad():
+        ref = naive_sample(model, ids, mask, 8, torch.Generator().manual_seed(5), 1.0)
+    assert torch.equal(a, ref)
+    assert not torch.equal(a[0], a[1])  # same prompt, independent draws
+
+
 def test_rows_stop_independently(tok, model):
     ids, mask = batch(tok)
     free, _ = steering.sample(model, ids, mask, 10, temperature=0, stop_ids=[10_000], pad_id=tok.pad_token_id)
