@@ -300,7 +300,7 @@ def main(argv=None):
     hv, sv = enc(harmless_val), enc(harmful_val)
     base_scores = {"harmful_val": refusal_score(sv.last_logits(model), refusal_ids).mean().item(),
                    "harmless_val": refusal_score(hv.last_logits(model), refusal_ids).mean().item()}
-    t_score = time.time()
+    t_grid = time.time()
     grid = ranked = None
     if args.teacher_grid:
         # The teacher is chosen by how selectively it refuses (ours): every block below the cut-off (or the one
@@ -316,6 +316,7 @@ def main(argv=None):
         grid = teacher_selectivity(model, tok, r, top, harmful_val, harmless_val, args.grid_tokens)
         choice = best_teacher(grid)
         cands = [(n_pos + choice["position"], choice["layer"])]
+    t_grid, t_score = time.time() - t_grid, time.time()
     rows = score_candidates(model, r, cands, sv, hv, refusal_ids, pos_names)
     t_score = time.time() - t_score
     coefficient = args.coefficient
@@ -343,7 +344,8 @@ def main(argv=None):
                  "harmless_val": args.harmless_val, "n_harmful": len(harmful), "n_harmless": len(harmless),
                  "n_harmful_val": len(harmful_val), "n_harmless_val": len(harmless_val)},
         "steering_check": None if check is None else {k: check[k] for k in ("refusal_rate_base", "refusal_rate_steered")},
-        "seed": args.seed, "seconds": {"total": time.time() - t0, "scoring": t_score, "n_candidates": len(rows)},
+        "seed": args.seed, "seconds": {"total": time.time() - t0, "scoring": t_score, "n_candidates": len(rows),
+                                             "teacher_grid": t_grid},
         **run_info(),
     }
     save_tensors(out / "direction.safetensors", {"direction": vec})
@@ -363,7 +365,8 @@ def main(argv=None):
     if check is not None:
         print(f"steering check ({len(check['samples'])} harmful_val prompts, greedy): refusal "
               f"{check['refusal_rate_base']:.0%} base -> {check['refusal_rate_steered']:.0%} steered (c = {coefficient})")
-    print(f"scored {len(rows)} candidates in {t_score:.0f} s; total {time.time() - t0:.0f} s")
+    print((f"teacher grid in {t_grid:.0f} s; " if grid else "")
+          + f"scored {len(rows)} candidates in {t_score:.0f} s; total {time.time() - t0:.0f} s")
     print(f"wrote {out / 'direction.safetensors'}, {out / 'direction.json'}, {out / 'candidates.json'}"
           + (f", {out / 'steering_check.json'}" if check is not None else ""))
 

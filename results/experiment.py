@@ -33,6 +33,8 @@ from metrics import is_refusal, mcnemar_exact, paired_bootstrap  # noqa: E402
 
 # The demo's Stage 3 budget (25 steps x 4 prompts x 4 samples x 48 tokens); an experiment's own arguments win.
 BUDGET = ["--prompts-per-step", "4", "--samples", "4", "--max-new-tokens", "48", "--lr", "1e-5"]
+# Stage 4 as the demo runs it (greedy, 64 tokens; batch 64 gives batch 16's answers, faster: bench/eval_batch.py)
+EVAL = ["--max-new-tokens", "64", "--batch-size", "64"]
 SETS = ("harmful", "harmless", "harmful_reform", "harmless_reform")
 # What each split evaluates on (data/ file stems); val has no rephrased-harmless file.
 SPLITS = {"test": {"harmful": "harmful_test", "harmless": "harmless_test", "harmful_reform": "harmful_reform_test",
@@ -212,7 +214,7 @@ def main():
             out.mkdir(parents=True, exist_ok=True)
             for f in needed:
                 shutil.copy(src / f, out / f)
-            run([py, "evaluate.py", "--out", str(out), "--overwrite", "--max-new-tokens", "64", *eval_args(args.split),
+            run([py, "evaluate.py", "--out", str(out), "--overwrite", *EVAL, *eval_args(args.split),
                  "--models", "base=smollm2-135m", f"teacher=steer:{out}"], out / "eval.log")
         new = [row(f"reference:{m}", [], out, m, files) for m in ("base", "teacher")]
     else:
@@ -231,8 +233,8 @@ def main():
                     run([py, "distill.py", "--out", str(out), "--student", "student", "--overwrite", "--seed",
                          str(seed), *BUDGET, *extra], out / "train.log")
                 (out / sub).mkdir(parents=True, exist_ok=True)
-                run([py, "evaluate.py", "--out", str(out / sub), "--overwrite", "--max-new-tokens", "64",
-                     *eval_args(args.split), "--models", f"student={out / 'student'}"], out / sub / "eval.log")
+                run([py, "evaluate.py", "--out", str(out / sub), "--overwrite", *EVAL, *eval_args(args.split),
+                     "--models", f"student={out / 'student'}"], out / sub / "eval.log")
             new.append(row(name, extra or json.loads((out / "experiment_args.json").read_text()), out / sub,
                            "student", files))
     names = {r["name"] for r in new}
