@@ -117,7 +117,8 @@ def kl_to_base(model, base, ids, mask, comp, comp_mask, hook=contextlib.nullcont
     [b, plen] prompts, [b, T] completions -> (kl [n_valid], nll [n_valid]), float64."""
     with hook():
         lp = torch.log_softmax(completion_logits(model, ids, mask, comp).double(), -1)  # [b, T, V]
-    l0 = torch.log_softmax(completion_logits(base, ids, mask, comp).double(), -1)
+    unsteered_base = model is base and hook is contextlib.nullcontext
+    l0 = lp if unsteered_base else torch.log_softmax(completion_logits(base, ids, mask, comp).double(), -1)
     valid = comp_mask.bool()
     kl = (lp.exp() * (lp - l0)).sum(-1)[valid]
     nll = -lp.gather(-1, comp[..., None]).squeeze(-1)[valid]
