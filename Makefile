@@ -39,7 +39,7 @@ demo: setup
 	$(PY) evaluate.py          --out $(RUN) --overwrite $(EVAL_ARGS)
 
 # The paper's claim tested: three more students from the demo's direction and S (same budget), then all six
-# models side by side. Runs the demo first.
+# models side by side (base, teacher and the demo's student are reused from its eval.json). Runs the demo first.
 ablate: demo
 	$(PY) distill.py --out $(RUN) --overwrite $(DISTILL_ARGS) --loss partial   --student partial
 	$(PY) distill.py --out $(RUN) --overwrite $(DISTILL_ARGS) --loss full      --student full

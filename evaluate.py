@@ -19,7 +19,9 @@ is also written into eval.json). eval_samples.jsonl holds every generation with 
 Model specs (--models NAME=SPEC ...): a model name or directory (`smollm2-135m`, `runs/demo/student`), or
 `steer:DIR` for the teacher πt = π0 + c·r built from DIR/direction.safetensors and direction.json. Without
 --models: base (--model), teacher (steer:OUT) and every student directory in OUT. Every spec is checked
-(config, tokenizer, direction files) before any model runs.
+(config, tokenizer, direction files) before any model runs. With --overwrite, a model whose weights, prompts
+and settings are unchanged since OUT's last eval.json (fingerprint: a hash of all three) is reused, not run
+again: `make ablate` evaluates only its new students.
 
 Reads   data/harmful_test, harmless_test, general_qa, harmful_reform_test, harmless_reform_test; the models
 Writes  OUT/eval.json (metrics, intervals, paired tests), OUT/eval.md (the table), OUT/eval_samples.jsonl
@@ -31,6 +33,8 @@ Usage:
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import random
 import re
 import time
@@ -263,6 +267,50 @@ def load_spec(spec: str, default_model: str, device, chat_template=None, loaded=
     return model, tok, teacher.steer
 
 
+# ----------------------------------------------------------------------------- reuse (make ablate)
+
+def fingerprint(spec: str, settings: dict) -> str:
+    """Everything one model's evaluation depends on: its weights (a directory's config and safetensors, or the
+    direction files and the model they steer), the prompts, the settings and the judge. A model whose
+    fingerprint is in OUT/eval.json from an earlier run is not evaluated again (answers are deterministic)."""
+    h = hashlib.sha256(json.dumps({"spec": spec, **settings, "judge": list(REFUSAL_PHRASES)}, sort_keys=True).encode())
+    folders = []
+    if spec.startswith("steer:"):
+        folder = Path(spec[len("steer:"):])
+        folders.append((folder, ["direction.safetensors", "direction.json"]))
+        spec = load_json(folder / "direction.json").get("model", settings["base"])
+    if Path(spec).is_dir():
+        folders.append((Path(spec), ["config.json", *sorted(f.name for f in Path(spec).glob("*.safetensors"))]))
+    for folder, names in folders:
+        for name in names:
+            h.update(name.encode() + (folder / name).read_bytes())
+    return h.hexdigest()
+
+
+def earlier_evaluation(out: Path) -> tuple[dict, list[dict], dict]:
+    """(models, samples, π0's retention answers) of OUT's last evaluation, or empty ones."""
+    try:
+        old = load_json(out / "eval.json")
+        samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
+        return old["models"], samples, old.get("retention_answers") or {}
+    except (UserError, OSError, KeyError, ValueError):  # none yet, or unreadable: evaluate everything
+        return {}, [], {}
+
+
+def reuse(name: str, fp: str, old: dict, old_samples: list[dict], sets: dict, paths: dict):
+    """This model's row, samples and per-prompt results from the earlier run, if its fingerprint is unchanged."""
+    if (old.get(name) or {}).get("fingerprint") != fp:
+        return None
+    mine = [r for r in old_samples if r["model"] == name]
+    verdicts = {s: [r["refusal"] for r in mine if r["set"] == Path(paths[s]).stem] for s in SETS if s in sets}
+    qa_ok = [r["correct"] for r in mine if r["set"] == "general_qa"]
+    if any(len(v) != len(sets[s]) for s, v in verdicts.items()) or len(qa_ok) != len(sets["qa"]):
+        return None
+    ret = {"kl": old[name]["kl_sums"], "nll": old[name].get("nll_sums"), "tokens": old[name]["kl_tokens"]}
+    row = {k: v for k, v in old[name].items() if k != "paired"}
+    return row, mine, {"verdicts": verdicts, "qa_ok": qa_ok, "ret": ret}
+
+
 # ----------------------------------------------------------------------------- main
 
 def fmt(x: dict | None, kind: str = "rate") -> str:
@@ -320,12 +368,26 @@ def main(argv=None):
                                                paths[name])):
             r["prompt"] = p
     harmless_prompts = [r["prompt"] for r in sets["harmless"]]
+    settings = {"base": args.model, "sets": sets, "device": str(device), "seed": args.seed,
+                "max_new_tokens": args.max_new_tokens, "qa_tokens": args.qa_tokens, "chat_template": args.chat_template}
+    old_models, old_samples, old_answers = earlier_evaluation(out)
     # π0's own greedy answers to the harmless prompts: the text every model is scored on for retention; they are
-    # also the base model's harmless_test completions, so they are not generated twice.
-    base_texts, base_answers = greedy(base, base_tok, harmless_prompts, args.max_new_tokens, args.batch_size,
-                                      contextlib.nullcontext, "base answers (retention text)")
+    # also the base model's harmless_test completions, so they are not generated twice (nor again if unchanged).
+    base_fp = fingerprint(args.model, settings)
+    if old_answers.get("fingerprint") == base_fp:
+        base_texts, base_answers = old_answers["texts"], old_answers["tokens"]
+    else:
+        base_texts, base_answers = greedy(base, base_tok, harmless_prompts, args.max_new_tokens, args.batch_size,
+                                          contextlib.nullcontext, "base answers (retention text)")
     results, raw, samples = {}, {}, []
     for name, spec in tqdm(pairs, desc="models", unit="model"):
+        fp = fingerprint(spec, settings)
+        earlier = reuse(name, fp, old_models, old_samples, sets, paths)
+        if earlier:  # e.g. make ablate after make demo: base and teacher are as the demo evaluated them
+            results[name], mine, raw[name] = earlier
+            samples += mine
+            print(f"{name}: inputs unchanged since {out / 'eval.json'}: its evaluation is reused")
+            continue
         t = time.time()
         model, tok, hook = load_spec(spec, args.model, device, args.chat_template, {args.model: (base, base_tok)},
                                       args.device_map)
@@ -345,7 +407,7 @@ def main(argv=None):
         ret = retention(model, hook, base, tok, harmless_prompts, base_answers, args.batch_size)
         raw[name] = {"verdicts": verdicts, "qa_ok": qa_ok, "ret": ret}
         results[name] = {"spec": spec, **summarize(verdicts, sets, qa_ok, ret, args.seed),
-                         "kl_sums": [round(x, 6) for x in ret["kl"]], "kl_tokens": ret["tokens"],
+                         "kl_sums": ret["kl"], "nll_sums": ret["nll"], "kl_tokens": ret["tokens"], "fingerprint": fp,
                          "seconds": round(time.time() - t, 1)}
         for s, x in texts.items():
             samples += [{"model": name, "set": Path(paths[s]).stem, "category": r["category"], "style": r["style"],
@@ -363,6 +425,7 @@ def main(argv=None):
             "qa_tokens": args.qa_tokens, "base_model": args.model, "data": paths, "seed": args.seed,
             "judge_phrases": list(REFUSAL_PHRASES), "seconds": round(time.time() - t0, 1), **run_info()}
     meta["counts"]["risky"] = sum(r["category"] == "risky_sounding" for r in sets["harmless"])
+    meta["retention_answers"] = {"fingerprint": base_fp, "texts": base_texts, "tokens": base_answers}
     write_json(out / "eval.json", {"models": results, **meta})
     write_jsonl(out / "eval_samples.jsonl", samples)
     table = to_markdown(results, meta)

@@ -124,3 +124,38 @@ def test_an_empty_subset_is_a_dash_not_a_crash():
     table = ev.to_markdown({"m": {"over_refusal": some, "over_refusal_risky": empty}},
                            {"counts": {"harmless": 2}, "max_new_tokens": 1})
     assert "| m | – | – | 50% [9%, 91%] | – |" in table
+
+
+def test_unchanged_models_are_reused_and_changed_ones_evaluated(model_dir, tmp_path, monkeypatch):
+    """make ablate after make demo: base, teacher and the unchanged student come from the earlier eval.json;
+    a student whose weights changed, or a changed setting, is evaluated again."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.manual_seed(0)
+    hidden = json.loads((model_dir / "config.json").read_text())["hidden_size"]
+    common.save_tensors(out / "direction.safetensors", {"direction": torch.randn(hidden) * 4})
+    common.write_json(out / "direction.json", {"layer": 1, "coefficient": 1.0, "hidden_size": hidden,
+                                               "model": str(model_dir)})
+    shutil.copytree(model_dir, out / "student")
+    (out / "student" / "safesteer.json").write_text("{}")
+    argv = ["--model", str(model_dir), "--out", str(out), "--n", "3", "--max-new-tokens", "4", "--qa-tokens", "3",
+            "--overwrite"]
+    ev.main(argv)
+    first = json.loads((out / "eval.json").read_text())
+    calls = []
+    real = ev.greedy
+    monkeypatch.setattr(ev, "greedy", lambda model, tok, prompts, *a: calls.append(a[-1]) or real(model, tok, prompts, *a))
+    ev.main(argv)
+    again = json.loads((out / "eval.json").read_text())
+    assert calls == [] and again["models"] == first["models"]  # nothing generated, the same rows and paired tests
+    weights = load_file(out / "student" / "model.safetensors")
+    weights = {k: v + 0.01 if v.dim() == 2 else v for k, v in weights.items()}
+    save_file(weights, out / "student" / "model.safetensors", metadata={"format": "pt"})
+    ev.main(argv)
+    assert calls and all(c.startswith("student") for c in calls)  # only the changed student ran
+    assert json.loads((out / "eval.json").read_text())["models"]["base"] == first["models"]["base"]
+    calls.clear()
+    ev.main(argv[:7] + ["5"] + argv[8:])  # another --max-new-tokens: every model again
+    assert any(c.startswith("base") for c in calls) and any(c.startswith("teacher") for c in calls)
