@@ -107,9 +107,8 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch", type=positive_int, default=8, help="sequences per forward/backward")
     p.add_argument("--shard", action="store_true", help="under torchrun: FSDP2, each process holds 1/N of the "
                    "weights, gradients and Adam states (for a model that does not fit one device)")
-    p.add_argument("--grad-checkpointing", choices=["auto", "on", "off"], default="auto",
-                   help="recompute each block's activations in backward: less memory, one more forward; auto: on "
-                        "for CUDA, off on the CPU, whose RAM holds them (same numbers either way)")
+    p.add_argument("--no-grad-checkpointing", action="store_true",
+                   help="keep activations instead of recomputing them in backward (more memory, same numbers)")
     p.add_argument("--checkpoint-every", type=positive_int, default=5, help="save a resumable checkpoint every N")
     p.add_argument("--resume", action="store_true", help="continue from OUT/STUDENT.work/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true")
@@ -362,7 +361,7 @@ def main(argv=None):
     tokens_file = Path(args.tokens or out / "safety_tokens.json")
     s_ids, _ = load_safety_tokens(tokens_file, tok, student, args.random_tokens, args.seed)
     s_ids = s_ids.to(device)
-    if args.grad_checkpointing == "on" or (args.grad_checkpointing == "auto" and device.type == "cuda"):
+    if not args.no_grad_checkpointing:
         student.activation_checkpointing_enable()
         if args.lora_rank:
             student.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
