@@ -52,6 +52,9 @@ from steering import completion_logits, decode_completions, load_teacher, sample
 
 OUTPUTS = ["eval.json", "eval.md", "eval_samples.jsonl"]
 SETS = ("harmful", "harmless", "harmful_reform", "harmless_reform")  # judged for refusal
+# Retention holds [batch, tokens, vocab] float64 log-probabilities of two models: 16 prompts x 64 tokens x 49k
+# vocabulary is ~0.8 GB. Teacher forcing gains nothing from larger batches here, decoding does (--batch-size).
+RETENTION_BATCH = 16
 
 
 def parse_args(argv=None):
@@ -404,7 +407,7 @@ def main(argv=None):
                           f"{name}: qa")
         verdicts = {s: judge_refusal(x) for s, x in texts.items()}
         qa_ok = [qa_correct(a, r["answers"]) for a, r in zip(q_txt, sets["qa"])]
-        ret = retention(model, hook, base, tok, harmless_prompts, base_answers, args.batch_size)
+        ret = retention(model, hook, base, tok, harmless_prompts, base_answers, min(args.batch_size, RETENTION_BATCH))
         raw[name] = {"verdicts": verdicts, "qa_ok": qa_ok, "ret": ret}
         results[name] = {"spec": spec, **summarize(verdicts, sets, qa_ok, ret, args.seed),
                          "kl_sums": ret["kl"], "nll_sums": ret["nll"], "kl_tokens": ret["tokens"], "fingerprint": fp,
