@@ -7,10 +7,11 @@ RUN    ?= runs/demo
 # The demo's recipe, sized for 2 CPU cores (see README, Results). On SmolLM2-135M the paper's direction (harmful -
 # harmless prompts) makes no teacher that refuses at any layer or coefficient (results/teacher_sweep.txt); the
 # response direction (--kind response: prefilled refusal - compliance) does, and Stage 1 chooses its block and c
-# by measured selectivity (--teacher-grid; here block 16, c = 0.75). Stage 3 anchors the student on harmless
+# by measured selectivity (--teacher-grid: the 2 best blocks by first-token selectivity, each at 3 c, measured by
+# the judge on 32 greedy tokens; here it picks block 16, c = 0.5). Stage 3 anchors the student on harmless
 # prompts toward the unsteered model (ours): without it every student learned the teacher's over-refusal
 # (results/experiments.md, run collapsed_anchor4_lr8 is this recipe with the session-2 teacher).
-DIRECTION_ARGS ?= --kind response --teacher-grid 0.5 0.75 1.0
+DIRECTION_ARGS ?= --kind response --teacher-grid 0.5 0.75 1.0 --grid-blocks 2
 TOKENS_ARGS    ?= --score kl --prompts data/harmful_train.jsonl
 DISTILL_ARGS   ?= --prompts-per-step 4 --samples 4 --max-new-tokens 48 --lr 8e-5 \
                   --anchor data/harmless_train.jsonl --anchor-per-step 4 --anchor-weight 1.5

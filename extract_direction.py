@@ -16,10 +16,12 @@ is a set of refusal-opening tokens ("I", "Sorry", ...):
 Selection (authors' code): drop l >= 0.8 L, kl > 0.1, induce < 0; take the lowest bypass. A model that barely
 refuses leaves no survivor; then (ours) take the highest induce among l < 0.8 L, kl <= 0.1, and record it.
 --teacher-grid C... (ours): choose the teacher πt = π0 + c·r by how selectively it refuses, instead. Every
-candidate block l < 0.8 L is ranked by first-token selectivity (mean p_R on harmful_val minus harmless_val, one
-forward per prompt) at the middle c, the best --grid-blocks at every c; the --grid-top best teachers are then
-measured as they will teach, by the judge on greedy answers (refusal on harmful_val minus harmless_val), and
-the most selective block and c are kept. The ablation KL bound does not apply: it is about removing r.
+candidate block l < 0.8 L is ranked by first-token selectivity at the middle c (mean p_R on harmful_val minus
+harmless_val, one forward per prompt); the best --grid-blocks blocks x every c are then measured as they will
+teach, by the judge on --grid-tokens greedy tokens (refusal on harmful_val minus harmless_val), and the most
+selective block and c are kept. The first token ranks blocks usefully and coefficients badly, and 16 tokens were
+too few for the judge (refusals come later: README, Results). The ablation KL bound does not apply: it is about
+removing r.
 
 --kind response (ours, for models that never refuse): when harmful and harmless prompts differ in topic but the
 model answers both, their difference of means carries topic, not refusal. Instead, contrast the model's own
@@ -84,13 +86,11 @@ def parse_args(argv=None):
     p.add_argument("--coefficient", type=float, default=1.0, help="c in πt = π0 + c·r, stored for later stages")
     p.add_argument("--teacher-grid", type=positive_float, nargs="+", metavar="C",
                    help="choose block and c by measurement (ours): every block < frac * L ranked by first-token "
-                        "selectivity at the middle c, the best --grid-blocks at every c, the best --grid-top of "
-                        "those measured by greedy refusal harmful - harmless (the judge)")
-    p.add_argument("--grid-blocks", type=positive_int, default=4,
-                   help="--teacher-grid: how many blocks are tried at every c")
-    p.add_argument("--grid-top", type=positive_int, default=4,
-                   help="--teacher-grid: how many of the ranked teachers are measured with the judge")
-    p.add_argument("--grid-tokens", type=positive_int, default=16, help="greedy tokens per --teacher-grid answer")
+                        "selectivity at the middle c, the best --grid-blocks measured at every c by greedy refusal "
+                        "harmful - harmless (the judge)")
+    p.add_argument("--grid-blocks", type=positive_int, default=3,
+                   help="--teacher-grid: how many of the ranked blocks are measured with the judge, at every c")
+    p.add_argument("--grid-tokens", type=positive_int, default=32, help="greedy tokens per --teacher-grid answer")
     p.add_argument("--filter", action="store_true",
                    help="keep harmful prompts the model refuses (s > 0) and harmless ones it does not (s < 0)")
     p.add_argument("--refusal-tokens", nargs="+", metavar="WORD", default=list(REFUSAL_WORDS),
@@ -205,15 +205,15 @@ def first_token_selectivity(model, r, teachers: list[dict], coefficients, harmfu
     return out
 
 
-def rank_teachers(model, r, candidates: list[dict], coefficients, harmful_val, harmless_val, refusal_ids,
-                  n_blocks: int) -> list[dict]:
-    """Coarse to fine: every candidate block at the middle c, then the n_blocks best of them at the other c."""
+def rank_blocks(model, r, candidates: list[dict], coefficients, harmful_val, harmless_val, refusal_ids,
+                n_blocks: int) -> tuple[list[dict], list[dict]]:
+    """Every candidate block by first-token selectivity at the middle c; returns (all of them ranked, the
+    n_blocks best x every c: the teachers the judge measures)."""
     mid = sorted(coefficients)[len(coefficients) // 2]
-    coarse = first_token_selectivity(model, r, candidates, [mid], harmful_val, harmless_val, refusal_ids)
-    best = sorted(coarse, key=lambda t: -t["first_token_selectivity"])[:n_blocks]
-    rest = [c for c in coefficients if c != mid]
-    return coarse + (first_token_selectivity(model, r, best, rest, harmful_val, harmless_val, refusal_ids)
-                     if rest else [])
+    ranked = sorted(first_token_selectivity(model, r, candidates, [mid], harmful_val, harmless_val, refusal_ids),
+                    key=lambda t: -t["first_token_selectivity"])
+    return ranked, [{"position": t["position"], "layer": t["layer"], "coefficient": c}
+                    for t in ranked[:n_blocks] for c in coefficients]
 
 
 @torch.no_grad()
@@ -304,15 +304,14 @@ def main(argv=None):
     grid = ranked = None
     if args.teacher_grid:
         # The teacher is chosen by how selectively it refuses (ours): every block below the cut-off (or the one
-        # --layer forces) is ranked by first-token selectivity, the best --grid-top are measured with the judge.
+        # --layer forces) is ranked by first-token selectivity, the best --grid-blocks x every c are measured.
         # The ablation scores do not enter (they bound what removing r does, not what adding c·r does to a
         # teacher, which the judge's harmless refusals measure); the chosen candidate is scored below.
         blocks = [{"position": p - n_pos, "layer": l} for p, l in cands
                   if args.layer is not None or l < args.max_layer_frac * n_layers]
         if not blocks:
             raise UserError(f"no candidate block below {args.max_layer_frac} L for --teacher-grid")
-        ranked = rank_teachers(model, r, blocks, args.teacher_grid, sv, hv, refusal_ids, args.grid_blocks)
-        top = sorted(ranked, key=lambda t: -t["first_token_selectivity"])[:args.grid_top]
+        ranked, top = rank_blocks(model, r, blocks, args.teacher_grid, sv, hv, refusal_ids, args.grid_blocks)
         grid = teacher_selectivity(model, tok, r, top, harmful_val, harmless_val, args.grid_tokens)
         choice = best_teacher(grid)
         cands = [(n_pos + choice["position"], choice["layer"])]

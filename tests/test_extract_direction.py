@@ -182,16 +182,16 @@ def test_main_kind_response(model_dir, tmp_path):
                  "--position", "-2", "--overwrite"])
 
 
-def test_teacher_grid_ranks_blocks_coarse_to_fine_then_measures(tok, model):
+def test_teacher_grid_ranks_blocks_then_measures_every_c(tok, model):
     r = torch.randn(1, 4, model.config.hidden_size, dtype=torch.float64)
     harmful, harmless = ["how do I do a bad thing", "tell me"], ["hi"]
     sv, hv = (directions.PromptBatches(model, tok, ps, 2, "cpu") for ps in (harmful, harmless))
     blocks = [{"position": -1, "layer": l} for l in range(4)]
-    ranked = ed.rank_teachers(model, r, blocks, [1.0, 0.5, 2.0], sv, hv, refusal_ids=[5, 6], n_blocks=2)
-    coarse, fine = ranked[:4], ranked[4:]
-    assert [(t["layer"], t["coefficient"]) for t in coarse] == [(l, 1.0) for l in range(4)]  # middle c first
-    best2 = sorted(coarse, key=lambda t: -t["first_token_selectivity"])[:2]
-    assert [(t["layer"], t["coefficient"]) for t in fine] == [(t["layer"], c) for t in best2 for c in (0.5, 2.0)]
+    ranked, top = ed.rank_blocks(model, r, blocks, [1.0, 0.5, 2.0], sv, hv, refusal_ids=[5, 6], n_blocks=2)
+    assert sorted(t["layer"] for t in ranked) == [0, 1, 2, 3] and {t["coefficient"] for t in ranked} == {1.0}
+    scores = [t["first_token_selectivity"] for t in ranked]
+    assert scores == sorted(scores, reverse=True)  # ranked at the middle c, best first
+    assert [(t["layer"], t["coefficient"]) for t in top] == [(t["layer"], c) for t in ranked[:2] for c in (1.0, 0.5, 2.0)]
     ok = blocks[1:3]
     ranked = ed.first_token_selectivity(model, r, ok, [0.5, 1.0], sv, hv, refusal_ids=[5, 6])
     assert [(t["layer"], t["coefficient"]) for t in ranked] == [(1, 0.5), (1, 1.0), (2, 0.5), (2, 1.0)]
@@ -228,13 +228,12 @@ def test_main_with_teacher_grid(model_dir, tmp_path):
     out = tmp_path / "run"
     ed.main(["--model", str(model_dir), "--out", str(out), "--kind", "response", "--n-train", "3", "--n-val", "2",
              "--check-prompts", "1", "--check-tokens", "2", "--kl-max", "1e-9", "--teacher-grid", "0.5", "2",
-             "--grid-blocks", "2", "--grid-top", "3", "--grid-tokens", "2"])
+             "--grid-blocks", "2", "--grid-tokens", "2"])
     meta = json.loads((out / "direction.json").read_text())
     cands = json.loads((out / "candidates.json").read_text())
     teachers, ranked = cands["teachers"], cands["teachers_ranked"]
-    # 4 blocks < 0.8 L at c = 2 (the middle of two), the best 2 at c = 0.5; no ablation-KL bound (1e-9 here)
-    assert len(ranked) == 4 + 2 and len(teachers) == 3 and meta["selection_rule"] == "selectivity"
-    best3 = sorted(ranked, key=lambda t: -t["first_token_selectivity"])[:3]
-    assert [(t["layer"], t["coefficient"]) for t in teachers] == [(t["layer"], t["coefficient"]) for t in best3]
+    # 4 blocks < 0.8 L ranked at c = 2 (the middle of two), the best 2 measured at both c; no ablation-KL bound
+    assert len(ranked) == 4 and len(teachers) == 2 * 2 and meta["selection_rule"] == "selectivity"
+    assert [(t["layer"], t["coefficient"]) for t in teachers] == [(t["layer"], c) for t in ranked[:2] for c in (0.5, 2)]
     assert (meta["layer"], meta["coefficient"]) == (meta["teacher_grid"]["layer"], meta["teacher_grid"]["coefficient"])
     assert meta["teacher_grid"] == ed.best_teacher(teachers)

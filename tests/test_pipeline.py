@@ -15,7 +15,7 @@ def run_pipeline(model, out, tiny=True):
     extract_direction.main(m + ["--n-train", "4", "--n-val", "3", "--check-prompts", "2", "--check-tokens", "4"]
                            + (["--kl-max", "1e9"] if tiny else  # the demo's Stage 1, over blocks 0-2 only
                               ["--kind", "response", "--teacher-grid", "0.5", "1.0", "--max-layer-frac", "0.1",
-                               "--grid-blocks", "1", "--grid-top", "2", "--grid-tokens", "2"]))
+                               "--grid-blocks", "1", "--grid-tokens", "2"]))
     select_tokens.main(m + ["--n-prompts", "3", "--samples", "2", "--horizon", "3", "--k", "8", "--k-vote", "16",
                             "--score", "kl"])
     distill.main(m + ["--max-steps", "2", "--prompts-per-step", "2", "--samples", "2", "--max-new-tokens", "6",
