@@ -58,6 +58,7 @@ bench: setup
 	$(PY) bench/distill_step.py scaling
 	$(PY) bench/startup.py
 	$(PY) bench/eval_batch.py
+	$(PY) bench/prefill.py
 	$(PY) bench/memory_model.py --validate
 
 clean:
