@@ -326,12 +326,13 @@ def completion_logits(model, prompt_ids, prompt_mask, comp_ids, share_prefix: bo
 
     [batch, plen] + [batch, T] -> [batch, T, vocab], in the model's dtype. Only the last T + 1 positions go
     through the LM head. Prompts may differ in length between teacher and student (a system prompt): the
-    completion positions still line up, because each row's completion follows its own prompt. Without autograd
-    (πt, π0) the prompts go through `prefill` first (each distinct prompt once: G samples share it), then the
-    completions through its cache; share_prefix as in prefill.
+    completion positions still line up, because each row's completion follows its own prompt. Without autograd,
+    in eval mode (πt, π0) the prompts go through `prefill` first (each distinct prompt once: G samples share it),
+    then the completions through its cache; share_prefix as in prefill. (A LoRA student's own weights serve as πt
+    and π0 in train mode, where checkpointed blocks keep no cache: the plain forward then.)
     """
     t = comp_ids.shape[1]
-    if not torch.is_grad_enabled():
+    if not torch.is_grad_enabled() and not model.training:
         first, cache, cache_mask, next_pos = prefill(model, prompt_ids, prompt_mask, 0, share_prefix)
         mask = torch.cat([cache_mask, cache_mask.new_ones(comp_ids.shape)], dim=1)
         positions = next_pos + torch.arange(t, device=comp_ids.device)
