@@ -333,7 +333,8 @@ def main(argv=None):
                            args.check_tokens) if args.check_prompts else None
     meta = {
         "model": args.model, "layer": best["layer"], "position": best["position"], "position_token": best["token"],
-        "coefficient": coefficient, "teacher_grid": grid and choice, "norm": vec.norm().item(), "hidden_size": model.config.hidden_size,
+        "coefficient": coefficient, "teacher_grid": grid and choice, "norm": vec.norm().item(),
+        "hidden_size": model.config.hidden_size,
         "n_layers": n_layers, "kind": args.kind, "selection_rule": rule, "fallback_used": rule.startswith("fallback"),
         "scores": {k: best[k] for k in ("bypass", "induce", "kl")}, "base_refusal_scores": base_scores,
         "refusal_tokens": [tok.decode([i]) for i in refusal_ids], "refusal_token_ids": refusal_ids,

@@ -146,7 +146,10 @@ def test_unchanged_models_are_reused_and_changed_ones_evaluated(model_dir, tmp_p
     first = json.loads((out / "eval.json").read_text())
     calls = []
     real = ev.greedy
-    monkeypatch.setattr(ev, "greedy", lambda model, tok, prompts, *a: calls.append(a[-1]) or real(model, tok, prompts, *a))
+    def counted(model, tok, prompts, *a):
+        calls.append(a[-1])  # the progress label names the model
+        return real(model, tok, prompts, *a)
+    monkeypatch.setattr(ev, "greedy", counted)
     ev.main(argv)
     again = json.loads((out / "eval.json").read_text())
     assert calls == [] and again["models"] == first["models"]  # nothing generated, the same rows and paired tests

@@ -62,7 +62,7 @@ def test_refusal_score_and_kl_brute_force():
 
 def test_scores_equal_hand_computation(tok, model):
     R = [5, 7, 9]
-    hv, sv = directions.PromptBatches(model, tok, PROMPTS_B, 2, "cpu"), directions.PromptBatches(model, tok, PROMPTS_A, 2, "cpu")
+    hv, sv = (directions.PromptBatches(model, tok, ps, 2, "cpu") for ps in (PROMPTS_B, PROMPTS_A))
     r = torch.randn(2, 4, model.config.hidden_size, dtype=torch.float64) * 3
     rows = ed.score_candidates(model, r, [(1, 2)], sv, hv, R, ["a", "b"])
     vec = r[1, 2].float()
@@ -191,7 +191,8 @@ def test_teacher_grid_ranks_blocks_then_measures_every_c(tok, model):
     assert sorted(t["layer"] for t in ranked) == [0, 1, 2, 3] and {t["coefficient"] for t in ranked} == {1.0}
     scores = [t["first_token_selectivity"] for t in ranked]
     assert scores == sorted(scores, reverse=True)  # ranked at the middle c, best first
-    assert [(t["layer"], t["coefficient"]) for t in top] == [(t["layer"], c) for t in ranked[:2] for c in (1.0, 0.5, 2.0)]
+    expected = [(t["layer"], c) for t in ranked[:2] for c in (1.0, 0.5, 2.0)]
+    assert [(t["layer"], t["coefficient"]) for t in top] == expected
     ok = blocks[1:3]
     ranked = ed.first_token_selectivity(model, r, ok, [0.5, 1.0], sv, hv, refusal_ids=[5, 6])
     assert [(t["layer"], t["coefficient"]) for t in ranked] == [(1, 0.5), (1, 1.0), (2, 0.5), (2, 1.0)]
