@@ -218,7 +218,7 @@ def rank_blocks(model, r, candidates: list[dict], coefficients, harmful_val, har
 
 @torch.no_grad()
 def teacher_selectivity(model, tok, r, teachers: list[dict], harmful: list[str], harmless: list[str],
-                        max_tokens: int = 16) -> list[dict]:
+                        max_tokens: int = 32) -> list[dict]:
     """Each teacher (position, layer, coefficient) measured as it will teach: greedy refusal (the judge) on
     harmful and harmless validation prompts. selectivity = refusal(harmful) - refusal(harmless): a teacher that
     refuses everything teaches over-refusal."""
