@@ -22,7 +22,8 @@ from metrics import bootstrap_mean, wilson  # noqa: E402
 HERE = ROOT / "results"
 LABELS = {"base": "base π0", "teacher": "teacher πt", "demo": "localized: collapsed on S + anchoring (demo)",
           "full": "global: full KL + anchoring", "lora": "localized, LoRA r = 16 student (lr 5e-4)",
-          "random": "random S (same size) + anchoring"}
+          "random": "random S (same size) + anchoring", "window": "demo + loss window [0, 16)",
+          "refresh": "demo + teacher refresh every 5 steps", "prompt_teacher": "demo with the prompt teacher"}
 
 
 def rate(verdicts: dict, sets: tuple[str, ...]) -> tuple[float, float, float]:
@@ -56,7 +57,7 @@ def main():
         sys.exit("error: no rows with per-prompt verdicts in results/experiments.jsonl; run results/experiment.py")
     groups = list(dict.fromkeys(p["group"] for p in pts))
     colors = {g: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(groups)}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.5))
     for ax, (xkey, xlabel) in zip(axes, (("kl", "KL to base on π0's answers (drift) ↓"),
                                         ("over", "over-refusal, harmless + rephrased harmless ↓"))):
         for g in groups:
@@ -72,9 +73,10 @@ def main():
         ax.set_xlabel(xlabel)
         ax.set_ylabel("refusal, held-out harmful + rephrased ↑")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="upper center")
+    handles, labels = axes[0].get_legend_handles_labels()  # below both panels: the points fill the corners
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3)
     fig.suptitle("SmolLM2-135M-Instruct: safety against its cost (95% intervals; small = one seed, diamond = mean)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.15, 1, 1))
     path = HERE / "safety_vs_cost.png"
     fig.savefig(path, dpi=120)
     print(f"wrote {path} ({len(pts)} points, {len(groups)} groups)")
