@@ -285,8 +285,9 @@ def fingerprint(spec: str, settings: dict) -> str:
     if Path(spec).is_dir():
         folders.append((Path(spec), ["config.json", *sorted(f.name for f in Path(spec).glob("*.safetensors"))]))
     for folder, names in folders:
-        for name in names:
-            h.update(name.encode() + (folder / name).read_bytes())
+        for name in names:  # streamed: an 8B student's 16 GB of weights never sit in memory at once
+            with open(folder / name, "rb") as f:
+                h.update(name.encode() + hashlib.file_digest(f, "sha256").digest())
     return h.hexdigest()
 
 
