@@ -109,7 +109,9 @@ def parse_args(argv=None):
                    "weights, gradients and Adam states (for a model that does not fit one device)")
     p.add_argument("--no-grad-checkpointing", action="store_true",
                    help="keep activations instead of recomputing them in backward (more memory, same numbers)")
-    p.add_argument("--checkpoint-every", type=positive_int, default=5, help="save a resumable checkpoint every N")
+    p.add_argument("--checkpoint-every", type=positive_int,
+                   help="save a resumable checkpoint every N steps (default: 5; with --refresh-every, its first "
+                        "multiple >= 5)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/STUDENT.work/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true")
     return p.parse_args(argv)
@@ -343,7 +345,9 @@ def main(argv=None):
         if not args.overwrite:
             raise UserError(f"{work} holds an unfinished run; pass --resume to continue it or --overwrite to restart")
         shutil.rmtree(work)
-    if args.refresh_every and args.checkpoint_every % args.refresh_every:  # a resumed run rebuilds πt from the student
+    if args.checkpoint_every is None:  # a resumed run rebuilds πt from the student: checkpoint at refreshes only
+        args.checkpoint_every = -(-5 // args.refresh_every) * args.refresh_every if args.refresh_every else 5
+    if args.refresh_every and args.checkpoint_every % args.refresh_every:
         raise UserError("--checkpoint-every must be a multiple of --refresh-every")
     if args.system and not Path(args.system).is_file():
         raise UserError(f"{args.system}: system prompt file not found")

@@ -79,6 +79,17 @@ def test_data_splits_sizes_and_disjoint():
         assert n.startswith("harmless") or {r["category"] for r in rows} == harm, n
 
 
+def test_mixed_distillation_prompts_are_train_prompts():
+    """harmful_train_mixed: the first 6 direct requests of each category and all 40 rephrased train prompts,
+    100 in all, nothing from another split (so the seen-check above need not cover it)."""
+    rows = lambda n: [json.loads(l) for l in common.data_file(n).read_text().splitlines()]
+    mixed, plain, reform = rows("harmful_train_mixed"), rows("harmful_train"), rows("harmful_train_reform")
+    cats = list(dict.fromkeys(r["category"] for r in plain))
+    expected = [r for c in cats for r in [p for p in plain if p["category"] == c][:6]
+                + [p for p in reform if p["category"] == c]]
+    assert mixed == expected and len(mixed) == 100
+
+
 # ----------------------------------------------------------------------------- files and loading
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):

@@ -63,6 +63,10 @@ def test_resume_with_refresh_equals_uninterrupted(model_dir, tok, tmp_path, monk
     stage1(model_dir, out, "response")
     argv = args_for(model_dir, out, "--refresh-every", "2", "--checkpoint-every", "2")
     dl.main(argv + ["--student", "straight"])
+    default = args_for(model_dir, out, "--refresh-every", "3", "--max-steps", "1", "--student", "default")
+    i = default.index("--checkpoint-every")
+    dl.main(default[:i] + default[i + 2:])  # no --checkpoint-every: the first multiple of 3 from 5
+    assert common.load_json(out / "default" / "safesteer.json")["args"]["checkpoint_every"] == 6  # not 5
     real_step, calls = dl.train_step, {"n": 0}
 
     def dying_step(*a, **k):
