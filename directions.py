@@ -1,6 +1,6 @@
 """Where r comes from: mean differences of the residual stream, shared by Stage 1 and Stage 3's refresh.
 
-    PromptBatches          prompts tokenised once, the template prefix they share run once per batch (KV cache)
+    PromptBatches          prompts tokenised once in length-sorted batches, run through steering.prefill
     candidate_directions   r[p, l] = mean harmful - mean harmless input of block l at post-instruction token p
     response_directions    r[l] = mean over a prefilled refusal - the same over a prefilled compliance (ours)
     recompute_direction    Stage 1's r at its chosen block, measured again on another model (distill.py
@@ -15,51 +15,40 @@ import torch
 
 from chat import post_instruction_ids, render_chat
 from common import UserError, read_prompts
-from steering import shared_prefix_len
+from steering import prefill
 
 
 class PromptBatches:
-    """Prompts tokenised once, split into the template prefix they all share and length-sorted batches.
+    """Prompts tokenised once and cut into length-sorted, left-padded batches (sorting keeps padding small).
 
-    Every chat prompt opens with the same template tokens (SmolLM2: a 24-token default system turn, about
-    half of each prompt). Its keys and values are computed once per forward and reused for every row: the
-    result is the plain forward's, with far less work (steering.shared_prefix_len: not under sliding-window
-    attention). Sorting by length keeps padding small.
+    forward runs each batch through steering.prefill: the template prefix every chat prompt opens with (SmolLM2:
+    a 24-token default system turn, about half of each prompt) runs once per batch, with the plain forward's
+    result (steering.shared_prefix_len: not under sliding-window attention).
     """
 
     def __init__(self, model, tok, prompts: list[str], batch_size: int, device):
         rows = [tok(render_chat(tok, p), add_special_tokens=False).input_ids for p in prompts]
-        n = shared_prefix_len(rows, model)
-        self.prefix = torch.tensor(rows[0][:n], device=device)
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        self.pad_id = tok.pad_token_id
         self.batches = []  # (row indices, ids [b, s], mask [b, s]), left-padded
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            width = max(len(rows[i]) - n for i in idx)
-            ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
+            width = max(len(rows[i]) for i in idx)
+            ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
             mask = torch.zeros((len(idx), width), dtype=torch.long)
             for j, i in enumerate(idx):
-                rest = rows[i][n:]
-                ids[j, width - len(rest):] = torch.tensor(rest)
-                mask[j, width - len(rest):] = 1
+                ids[j, width - len(rows[i]):] = torch.tensor(rows[i])
+                mask[j, width - len(rows[i]):] = 1
             self.batches.append((idx, ids.to(device), mask.to(device)))
         self.n = len(rows)
 
     @torch.no_grad()
-    def forward(self, model, hidden_states: bool = False):
-        """Yield (row indices, last-position logits [b, vocab] float32, block inputs or None) per batch."""
+    def forward(self, model, last_hidden: int = 0):
+        """Yield (row indices, last-position logits [b, vocab] float32, block inputs or None) per batch; the
+        block inputs: at the last `last_hidden` positions, one [b, last_hidden, hidden] per block."""
         for idx, ids, mask in self.batches:
-            b, plen = ids.shape[0], self.prefix.numel()
-            cache = None
-            if plen:
-                cache = model(input_ids=self.prefix[None], use_cache=True).past_key_values
-                cache.batch_repeat_interleave(b)
-            full_mask = torch.cat([mask.new_ones(b, plen), mask], dim=1)
-            positions = (plen + mask.cumsum(-1) - 1).clamp(min=0)
-            out = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
-                        use_cache=cache is not None, logits_to_keep=1, output_hidden_states=hidden_states)
-            # hidden_states[l] is the input of block l for l < L (the last entry is the final output)
-            yield idx, out.logits[:, -1].float(), (out.hidden_states[:-1] if hidden_states else None)
+            out = prefill(model, ids, mask, self.pad_id, last_hidden=last_hidden)
+            yield idx, out.logits, out.hidden
 
     def last_logits(self, model) -> torch.Tensor:
         """Last-position logits of every prompt, in the original order: [n, vocab]."""
@@ -76,8 +65,8 @@ def candidate_directions(model, harmful: PromptBatches, harmless: PromptBatches,
     means = []
     for batches in (harmful, harmless):
         total = None
-        for idx, _, hidden in batches.forward(model, hidden_states=True):
-            h = torch.stack(hidden, dim=0)[:, :, -n_pos:].double()  # [L, b, n_pos, hidden]
+        for idx, _, hidden in batches.forward(model, last_hidden=n_pos):
+            h = torch.stack(hidden, dim=0).double()  # [L, b, n_pos, hidden]
             s = h.sum(dim=1).transpose(0, 1)  # [n_pos, L, hidden]
             total = s if total is None else total + s
         means.append(total / batches.n)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -229,9 +230,9 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
-def shared_prefix_len(rows: list[list[int]], model) -> int:
+def shared_prefix_len(rows: list[list[int]], model, keep: int = 1) -> int:
     """How many leading tokens every row has in common (the chat template's opening, e.g. SmolLM2's 24-token
-    system turn), keeping at least one token per row; 0 where computing them once would not be exact: with
+    system turn), leaving at least `keep` tokens of each row after it; 0 where computing them once would not be exact: with
     sliding-window attention the mask counts cache slots, and the shared layout moves the padding."""
     cfg = model.config.get_text_config()
     types = getattr(cfg, "layer_types", None)
@@ -239,27 +240,35 @@ def shared_prefix_len(rows: list[list[int]], model) -> int:
     if sliding:
         return 0
     n = 0
-    while all(len(r) > n + 1 and r[n] == rows[0][n] for r in rows):
+    while all(len(r) > n + keep and r[n] == rows[0][n] for r in rows):
         n += 1
     return n
 
 
-@torch.no_grad()
-def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int, share_prefix: bool = True):
-    """The prompts' forward pass before decoding, with two exact savings: a prompt that occurs in several rows
-    (Stage 3's G samples of one prompt) runs once, and the prefix all prompts share runs once. The cache is
-    laid out [shared prefix | left padding | rest of the prompt]; position ids count real tokens only, so each
-    row sees what the plain left-padded forward sees.
+class Prefilled(NamedTuple):
+    logits: torch.Tensor       # [b, V] float32: the last prompt position's, which predicts the first new token
+    cache: object              # the KV cache, laid out [shared prefix | left padding | rest of the prompt]
+    cache_mask: torch.Tensor   # [b, s'] the cache's attention mask
+    next_pos: torch.Tensor     # [b, 1] the position id of the first new token
+    hidden: tuple | None       # last_hidden=k: the input of each block at the last k positions, [b, k, hidden]
 
-    [b, s] left-padded -> (last-position logits [b, V] float32, KV cache, the cache's mask [b, s'],
-    the next position id [b, 1]). share_prefix=False: no prefix pass (a sharded model must be called equally
-    often on every rank, and ranks hold different prompts)."""
+
+@torch.no_grad()
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int, share_prefix: bool = True,
+            last_hidden: int = 0) -> Prefilled:
+    """The prompts' forward pass before decoding, with two exact savings: a prompt that occurs in several rows
+    (Stage 3's G samples of one prompt) runs once, and the prefix all prompts share runs once. Position ids count
+    real tokens only, so each row sees what the plain left-padded forward sees.
+
+    input_ids, attention_mask: [b, s] left-padded. share_prefix=False: no prefix pass (a sharded model must be
+    called equally often on every rank, and ranks hold different prompts). last_hidden=k also returns each
+    block's input at the last k positions (Stage 1's means; the shared prefix then stops k tokens short)."""
     device = input_ids.device
     rows = [r[m.bool()].tolist() for r, m in zip(input_ids, attention_mask)]
     distinct = list(dict.fromkeys(map(tuple, rows)))
     where = {r: i for i, r in enumerate(distinct)}
     inverse = torch.tensor([where[tuple(r)] for r in rows], device=device)
-    n = shared_prefix_len(distinct, model) if share_prefix else 0
+    n = shared_prefix_len(distinct, model, max(last_hidden, 1)) if share_prefix else 0
     width = max(len(r) - n for r in distinct)
     ids = torch.full((len(distinct), width), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros(len(distinct), width, dtype=torch.long, device=device)
@@ -273,11 +282,13 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id
     cache_mask = torch.cat([mask.new_ones(len(distinct), n), mask], dim=1)
     positions = (n + mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=cache_mask, position_ids=positions, past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
+                use_cache=True, logits_to_keep=1, output_hidden_states=last_hidden > 0)
     cache = out.past_key_values
     if len(distinct) < len(rows):
         cache.reorder_cache(inverse)
-    return out.logits[inverse, -1].float(), cache, cache_mask[inverse], positions[inverse, -1:] + 1
+    # hidden_states[l] is the input of block l for l < L (the last entry is the final output)
+    hidden = tuple(h[inverse, -last_hidden:] for h in out.hidden_states[:-1]) if last_hidden else None
+    return Prefilled(out.logits[inverse, -1].float(), cache, cache_mask[inverse], positions[inverse, -1:] + 1, hidden)
 
 
 @torch.no_grad()
@@ -293,7 +304,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     """
     batch = input_ids.shape[0]
     device = input_ids.device
-    logits, cache, cache_mask, next_pos = prefill(model, input_ids, attention_mask, pad_id, sync_stop is None)
+    logits, cache, cache_mask, next_pos, _ = prefill(model, input_ids, attention_mask, pad_id, sync_stop is None)
     plen = cache_mask.shape[1]
     # One preallocated mask for prompt + completion: no tensor grows by cat inside the loop.
     full_mask = torch.cat([cache_mask, cache_mask.new_ones(batch, max_new_tokens)], dim=1)
@@ -333,7 +344,7 @@ def completion_logits(model, prompt_ids, prompt_mask, comp_ids, share_prefix: bo
     """
     t = comp_ids.shape[1]
     if not torch.is_grad_enabled() and not model.training:
-        first, cache, cache_mask, next_pos = prefill(model, prompt_ids, prompt_mask, 0, share_prefix)
+        first, cache, cache_mask, next_pos, _ = prefill(model, prompt_ids, prompt_mask, 0, share_prefix)
         mask = torch.cat([cache_mask, cache_mask.new_ones(comp_ids.shape)], dim=1)
         positions = next_pos + torch.arange(t, device=comp_ids.device)
         rest = model(input_ids=comp_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,

@@ -73,8 +73,12 @@ def test_prefill_equals_the_plain_forward_and_decoding_equals_generate(family_di
     with torch.no_grad():
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         ref = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float()
-    logits, cache, cache_mask, next_pos = steering.prefill(model, ids, mask, tok.pad_token_id)
+        hidden = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True).hidden_states
+    logits, cache, cache_mask, next_pos, ours = steering.prefill(model, ids, mask, tok.pad_token_id, last_hidden=3)
     assert torch.allclose(logits, ref, atol=1e-5)
+    assert len(ours) == len(hidden) - 1  # the input of each block, at the last positions (Stage 1's means)
+    for h, want in zip(ours, hidden):
+        assert h.shape[1] == 3 and torch.allclose(h, want[:, -3:], atol=1e-4)
     assert torch.equal(next_pos[:, 0], mask.sum(-1)) and torch.equal(cache_mask.sum(-1), mask.sum(-1))
     ours, _ = steering.sample(model, ids, mask, 24, temperature=0, stop_ids=[10_000], pad_id=tok.pad_token_id)
     gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False,

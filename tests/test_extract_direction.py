@@ -31,9 +31,9 @@ def block_inputs_one_prompt(model, tok, prompt):
 def test_shared_prefix_batches_equal_plain_forward(tok, model):
     post = chat.post_instruction_ids(tok)
     pb = directions.PromptBatches(model, tok, PROMPTS_A + PROMPTS_B, batch_size=4, device="cpu")
-    assert pb.prefix.numel() > 0
-    for idx, ids, mask in pb.batches:  # the template suffix ends every left-padded row
+    for idx, ids, mask in pb.batches:  # the template suffix ends every left-padded row; the opening is shared
         assert all(row[-len(post):].tolist() == post for row in ids)
+        assert steering.shared_prefix_len([r[m.bool()].tolist() for r, m in zip(ids, mask)], model) > 0
     ids, mask = chat.encode_chats(tok, PROMPTS_A + PROMPTS_B)
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask).logits[:, -1]
