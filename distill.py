@@ -83,7 +83,9 @@ def parse_args(argv=None):
     p.add_argument("--skip-tokens", type=non_negative_int, default=0, help="K: no loss on the first K positions")
     p.add_argument("--keep-tokens", type=positive_int, help="M: loss on positions [K, K + M) only")
     p.add_argument("--random-tokens", action="store_true", help="replace S by a seeded random set of the same size")
-    p.add_argument("--anchor", help="harmless prompts whose samples are pulled toward the unsteered π0 on S (ours)")
+    p.add_argument("--anchor", nargs="+", metavar="FILE",
+                   help="harmless prompts whose samples are pulled toward the unsteered π0 on S (ours); several "
+                        "files are pooled")
     p.add_argument("--anchor-per-step", type=positive_int, default=2, help="anchor prompts per step (with --anchor)")
     p.add_argument("--anchor-weight", type=non_negative_float, default=0.5,
                    help="λ: loss = L(harmful, πt) + λ·L(anchor, π0)")
@@ -358,10 +360,10 @@ def main(argv=None):
         gen.manual_seed(args.seed * 1_000_003 + world.rank)
     t0 = time.time()
     prompts = read_prompts(args.prompts)
-    anchors = read_prompts(args.anchor) if args.anchor else []
+    anchors = [a for f in args.anchor or [] for a in read_prompts(f)]
     student, tok, teacher, base, dmeta = build_models(args, out, device, world)
     prompts = truncate_prompts(tok, prompts, args.max_prompt_tokens, args.prompts)
-    anchors = truncate_prompts(tok, anchors, args.max_prompt_tokens, args.anchor) if anchors else []
+    anchors = truncate_prompts(tok, anchors, args.max_prompt_tokens, "anchor prompts") if anchors else []
     tokens_file = Path(args.tokens or out / "safety_tokens.json")
     s_ids, _ = load_safety_tokens(tokens_file, tok, student, args.random_tokens, args.seed)
     s_ids = s_ids.to(device)

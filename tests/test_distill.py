@@ -355,6 +355,12 @@ def test_main_trains_saves_and_reloads(model_dir, tok, tmp_path, capsys):
                      "--anchor-per-step", "3"))
     log = [json.loads(l) for l in (out / "anchored" / "train_log.jsonl").read_text().splitlines()]
     assert all("anchor_refusal" in r and r["anchor_loss"] >= -1e-7 for r in log)  # ~0 at step 1: π0 = πs
+    pooled, real = [], dl.anchor_steps  # several anchor files are pooled, in order
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dl, "anchor_steps", lambda anchors, *a: pooled.append(anchors) or real(anchors, *a))
+        files = [common.data_file(n) for n in ("harmless_val", "harmless_train_reform")]
+        dl.main(args_for(model_dir, out, "--anchor", *map(str, files), "--student", "pooled", "--max-steps", "1"))
+    assert pooled == [[p for f in files for p in common.read_prompts(f)]]
 
 
 def test_resume_equals_uninterrupted(model_dir, tok, tmp_path, monkeypatch):
