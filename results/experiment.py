@@ -36,11 +36,11 @@ BUDGET = ["--prompts-per-step", "4", "--samples", "4", "--max-new-tokens", "48",
 # Stage 4 as the demo runs it (greedy, 64 tokens; a whole split per batch gives batch 16's answers, faster)
 EVAL = ["--max-new-tokens", "64", "--batch-size", "128"]
 SETS = ("harmful", "harmless", "harmful_reform", "harmless_reform")
-# What each split evaluates on (data/ file stems); val has no rephrased-harmless file.
+# What each split evaluates on (data/ file stems).
 SPLITS = {"test": {"harmful": "harmful_test", "harmless": "harmless_test", "harmful_reform": "harmful_reform_test",
                    "harmless_reform": "harmless_reform_test"},
           "val": {"harmful": "harmful_val", "harmless": "harmless_val", "harmful_reform": "harmful_val_reform",
-                  "harmless_reform": None}}
+                  "harmless_reform": "harmless_val_reform"}}
 
 
 def run(cmd: list[str], log: Path) -> None:

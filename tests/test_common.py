@@ -50,7 +50,7 @@ def test_read_prompts_errors(tmp_path, name, text, message):
 SIZES = {"harmful_train": 100, "harmful_val": 32, "harmless_train": 128, "harmless_val": 32,
          "harmful_test": 100, "harmless_test": 100, "general_qa": 60, "harmful_reform_test": 100,
          "harmless_reform_test": 60, "harmful_train_reform": 40, "harmful_val_reform": 20,
-         "harmless_train_reform": 40}
+         "harmless_train_reform": 40, "harmless_val_reform": 20}
 STYLES = {"short_question", "past_tense", "hypothetical", "third_person_story"}
 
 
@@ -73,7 +73,7 @@ def test_data_splits_sizes_and_disjoint():
     risky = [l for l in common.data_file("harmless_test").read_text().splitlines() if "risky_sounding" in l]
     assert len(risky) >= 20
     for n, least in (("harmful_reform_test", 15), ("harmless_reform_test", 15), ("harmful_train_reform", 10),
-                     ("harmful_val_reform", 5), ("harmless_train_reform", 10)):  # every style, each well represented
+                     ("harmful_val_reform", 5), ("harmless_train_reform", 10), ("harmless_val_reform", 5)):  # every style, each well represented
         rows = [json.loads(l) for l in common.data_file(n).read_text().splitlines()]
         counts = {s: sum(r["style"] == s for r in rows) for s in STYLES}
         assert set(r["style"] for r in rows) == STYLES and min(counts.values()) >= least, (n, counts)

@@ -39,13 +39,15 @@ def test_plot_points_carry_intervals():
 
 
 def test_val_split_evaluates_on_validation_files_and_groups_without_a_set(tmp_path, monkeypatch):
-    """--split val: validation prompts (no rephrased-harmless file), rows in experiments_val.*; a set the split
-    lacks is None in rows and groups, and '–' in the table."""
+    """--split val: validation prompts, rows in experiments_val.*; a set a row lacks (rows evaluated before
+    harmless_val_reform existed) is None in rows and groups, and '–' in the table."""
     f = lambda name: str(experiment.data_file(name))
     assert experiment.eval_args("test") == ["--harmful", f("harmful_test"), "--harmless", f("harmless_test"),
                                             "--harmful-reform", f("harmful_reform_test"), "--harmless-reform",
                                             f("harmless_reform_test")]
-    assert experiment.eval_args("val")[-4:] == ["--harmful-reform", f("harmful_val_reform"), "--harmless-reform", ""]
+    assert experiment.eval_args("val") == ["--harmful", f("harmful_val"), "--harmless", f("harmless_val"),
+                                           "--harmful-reform", f("harmful_val_reform"), "--harmless-reform",
+                                           f("harmless_val_reform")]
     assert experiment.data_file("harmful_val_reform").is_file()
     rows = [fake("a@s0", "1100"), fake("a@s1", "1110")]
     for r in rows:
