@@ -23,7 +23,8 @@ HERE = ROOT / "results"
 LABELS = {"base": "base π0", "teacher": "teacher πt", "demo": "localized: collapsed on S + anchoring (demo)",
           "full": "global: full KL + anchoring", "lora": "localized, LoRA r = 16 student (lr 5e-4)",
           "random": "random S (same size) + anchoring", "window": "demo + loss window [0, 16)",
-          "refresh": "demo + teacher refresh every 5 steps", "prompt_teacher": "demo with the prompt teacher"}
+          "refresh": "demo + teacher refresh every 5 steps", "prompt_teacher": "demo with the prompt teacher",
+          "refresh_aw4": "demo + refresh every 5 steps, anchor weight 4"}
 
 
 def rate(verdicts: dict, sets: tuple[str, ...]) -> tuple[float, float, float]:
