@@ -21,7 +21,7 @@ gradient p_u (a_u - ā) written by hand that never build a second [positions, V]
 default (--loss-impl lean): bench/loss_memory.py measures it 5x leaner in memory and ~3x faster at a 152k
 vocabulary; on the bundled model's 49k vocabulary it is ~1% of a step either way.
 
-Anchoring (ours, --anchor FILE): each step the student also samples answers to a few harmless prompts, and those
+Anchoring (ours, --anchor FILE...): each step the student also samples answers to a few harmless prompts, and those
 are pulled toward the *unsteered* π0 with the same loss on S and weight λ. From harmful prompts alone it learns
 the teacher's over-refusal too. --teacher prompt: πt is π0 behind a safety system prompt (authors' variant).
 --refresh-every N (authors' ref_model_sync_steps): every N steps πt becomes the student as it is then + c·r,
@@ -83,9 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--skip-tokens", type=non_negative_int, default=0, help="K: no loss on the first K positions")
     p.add_argument("--keep-tokens", type=positive_int, help="M: loss on positions [K, K + M) only")
     p.add_argument("--random-tokens", action="store_true", help="replace S by a seeded random set of the same size")
-    p.add_argument("--anchor", nargs="+", metavar="FILE",
-                   help="harmless prompts whose samples are pulled toward the unsteered π0 on S (ours); several "
-                        "files are pooled")
+    p.add_argument("--anchor", nargs="+", metavar="FILE", help="harmless prompts (several files are pooled) whose "
+                   "samples are pulled toward the unsteered π0 on S (ours)")
     p.add_argument("--anchor-per-step", type=positive_int, default=2, help="anchor prompts per step (with --anchor)")
     p.add_argument("--anchor-weight", type=non_negative_float, default=0.5,
                    help="λ: loss = L(harmful, πt) + λ·L(anchor, π0)")
@@ -111,9 +110,8 @@ def parse_args(argv=None):
                    "weights, gradients and Adam states (for a model that does not fit one device)")
     p.add_argument("--no-grad-checkpointing", action="store_true",
                    help="keep activations instead of recomputing them in backward (more memory, same numbers)")
-    p.add_argument("--checkpoint-every", type=positive_int,
-                   help="save a resumable checkpoint every N steps (default: 5; with --refresh-every, its first "
-                        "multiple >= 5)")
+    p.add_argument("--checkpoint-every", type=positive_int, help="save a resumable checkpoint every N steps "
+                   "(default: 5, or with --refresh-every the first multiple of it from 5)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/STUDENT.work/checkpoint.pt")
     p.add_argument("--overwrite", action="store_true")
     return p.parse_args(argv)
@@ -363,10 +361,9 @@ def main(argv=None):
     anchors = [a for f in args.anchor or [] for a in read_prompts(f)]
     student, tok, teacher, base, dmeta = build_models(args, out, device, world)
     prompts = truncate_prompts(tok, prompts, args.max_prompt_tokens, args.prompts)
-    anchors = truncate_prompts(tok, anchors, args.max_prompt_tokens, "anchor prompts") if anchors else []
+    anchors = truncate_prompts(tok, anchors, args.max_prompt_tokens, "the anchor files")
     tokens_file = Path(args.tokens or out / "safety_tokens.json")
-    s_ids, _ = load_safety_tokens(tokens_file, tok, student, args.random_tokens, args.seed)
-    s_ids = s_ids.to(device)
+    s_ids = load_safety_tokens(tokens_file, tok, student, args.random_tokens, args.seed)[0].to(device)
     if not args.no_grad_checkpointing:
         student.activation_checkpointing_enable()
         if args.lora_rank:
@@ -414,9 +411,8 @@ def main(argv=None):
             "s_tokens": [tok.decode([i]) for i in s_ids.tolist()], "tokens_file": str(tokens_file),
             "teacher": {"kind": args.teacher, "file": str(args.direction or out / "direction.safetensors"),
                         "layer": dmeta["layer"], "coefficient": teacher.coefficient, "system": teacher.system},
-            "refresh_every": args.refresh_every, "base_model": args.model, "steps": len(plan),
-            "lora_rank": args.lora_rank, "world_size": world.size,
-            "args": vars(args), "seconds": round(time.time() - t0, 1), **run_info()}
+            "refresh_every": args.refresh_every, "steps": len(plan), "lora_rank": args.lora_rank, "world_size": world.size,
+            "base_model": args.model, "args": vars(args), "seconds": round(time.time() - t0, 1), **run_info()}
     if world.sharded:  # rank 0 gathers the slices into a plain model to save
         student = unsharded(student, world, lambda: build_student(args, torch.device("cpu"))[0])
     world.barrier()
