@@ -1,6 +1,6 @@
 """Where r comes from: mean differences of the residual stream, shared by Stage 1 and Stage 3's refresh.
 
-    PromptBatches          prompts tokenised once in length-sorted batches, run through steering.prefill
+    PromptBatches          prompts in length-sorted batches, run through steering.prefill
     candidate_directions   r[p, l] = mean harmful - mean harmless input of block l at post-instruction token p
     response_directions    r[l] = mean over a prefilled refusal - the same over a prefilled compliance (ours)
     recompute_direction    Stage 1's r at its chosen block, measured again on another model (distill.py
@@ -13,34 +13,28 @@ from __future__ import annotations
 
 import torch
 
-from chat import post_instruction_ids, render_chat
+from chat import encode_chats, post_instruction_ids, render_chat
 from common import UserError, read_prompts
 from steering import prefill
 
 
 class PromptBatches:
-    """Prompts tokenised once and cut into length-sorted, left-padded batches (sorting keeps padding small).
+    """Prompts in length-sorted, left-padded batches (chat.encode_chats; sorting keeps padding small).
 
     forward runs each batch through steering.prefill: the template prefix every chat prompt opens with (SmolLM2:
     a 24-token default system turn, about half of each prompt) runs once per batch, with the plain forward's
     result (steering.shared_prefix_len: not under sliding-window attention).
     """
 
-    def __init__(self, model, tok, prompts: list[str], batch_size: int, device):
-        rows = [tok(render_chat(tok, p), add_special_tokens=False).input_ids for p in prompts]
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    def __init__(self, tok, prompts: list[str], batch_size: int, device):
+        lengths = [len(tok(render_chat(tok, p), add_special_tokens=False).input_ids) for p in prompts]
+        order = sorted(range(len(prompts)), key=lengths.__getitem__)
         self.pad_id = tok.pad_token_id
         self.batches = []  # (row indices, ids [b, s], mask [b, s]), left-padded
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            width = max(len(rows[i]) for i in idx)
-            ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for j, i in enumerate(idx):
-                ids[j, width - len(rows[i]):] = torch.tensor(rows[i])
-                mask[j, width - len(rows[i]):] = 1
-            self.batches.append((idx, ids.to(device), mask.to(device)))
-        self.n = len(rows)
+            self.batches.append((idx, *encode_chats(tok, [prompts[i] for i in idx], device=device)))
+        self.n = len(prompts)
 
     @torch.no_grad()
     def forward(self, model, last_hidden: int = 0):
@@ -107,6 +101,6 @@ def recompute_direction(model, tok, meta: dict, batch_size: int = 16) -> torch.T
         return response_directions(model, tok, harmful, texts["refusal"], texts["comply"], batch_size)[0, layer].float()
     harmless = read_prompts(data["harmless"], data["n_harmless"], meta["seed"])
     n_pos = len(post_instruction_ids(tok))
-    r = candidate_directions(model, PromptBatches(model, tok, harmful, batch_size, device),
-                             PromptBatches(model, tok, harmless, batch_size, device), n_pos)
+    r = candidate_directions(model, PromptBatches(tok, harmful, batch_size, device),
+                             PromptBatches(tok, harmless, batch_size, device), n_pos)
     return r[n_pos + int(meta["position"]), layer].float()

@@ -274,7 +274,7 @@ def main(argv=None):
         raise UserError(f"--layer must be in 0..{n_layers - 1} and --position in -{n_pos}..-1")
 
     bs = args.batch_size
-    enc = lambda prompts: PromptBatches(model, tok, prompts, bs, device)
+    enc = lambda prompts: PromptBatches(tok, prompts, bs, device)
     if args.filter:  # authors' option: keep only prompts the base model already treats the "right" way
         harmful = filter_by_score(model, enc(harmful), harmful, refusal_ids, keep_refused=True)
         harmless = filter_by_score(model, enc(harmless), harmless, refusal_ids, keep_refused=False)

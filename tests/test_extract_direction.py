@@ -30,7 +30,7 @@ def block_inputs_one_prompt(model, tok, prompt):
 
 def test_shared_prefix_batches_equal_plain_forward(tok, model):
     post = chat.post_instruction_ids(tok)
-    pb = directions.PromptBatches(model, tok, PROMPTS_A + PROMPTS_B, batch_size=4, device="cpu")
+    pb = directions.PromptBatches(tok, PROMPTS_A + PROMPTS_B, batch_size=4, device="cpu")
     for idx, ids, mask in pb.batches:  # the template suffix ends every left-padded row; the opening is shared
         assert all(row[-len(post):].tolist() == post for row in ids)
         assert steering.shared_prefix_len([r[m.bool()].tolist() for r, m in zip(ids, mask)], model) > 0
@@ -42,8 +42,8 @@ def test_shared_prefix_batches_equal_plain_forward(tok, model):
 
 def test_mean_difference_equals_brute_force(tok, model):
     n_pos = len(chat.post_instruction_ids(tok))
-    r = directions.candidate_directions(model, directions.PromptBatches(model, tok, PROMPTS_A, 2, "cpu"),
-                                directions.PromptBatches(model, tok, PROMPTS_B, 2, "cpu"), n_pos)
+    r = directions.candidate_directions(model, directions.PromptBatches(tok, PROMPTS_A, 2, "cpu"),
+                                directions.PromptBatches(tok, PROMPTS_B, 2, "cpu"), n_pos)
     mean = lambda ps: torch.stack([block_inputs_one_prompt(model, tok, p)[:, -n_pos:].double() for p in ps]).mean(0)
     ref = (mean(PROMPTS_A) - mean(PROMPTS_B)).transpose(0, 1)  # [n_pos, L, hidden]
     assert r.dtype == torch.float64 and r.shape == ref.shape
@@ -62,7 +62,7 @@ def test_refusal_score_and_kl_brute_force():
 
 def test_scores_equal_hand_computation(tok, model):
     R = [5, 7, 9]
-    hv, sv = (directions.PromptBatches(model, tok, ps, 2, "cpu") for ps in (PROMPTS_B, PROMPTS_A))
+    hv, sv = (directions.PromptBatches(tok, ps, 2, "cpu") for ps in (PROMPTS_B, PROMPTS_A))
     r = torch.randn(2, 4, model.config.hidden_size, dtype=torch.float64) * 3
     rows = ed.score_candidates(model, r, [(1, 2)], sv, hv, R, ["a", "b"])
     vec = r[1, 2].float()
@@ -185,7 +185,7 @@ def test_main_kind_response(model_dir, tmp_path):
 def test_teacher_grid_ranks_blocks_then_measures_every_c(tok, model):
     r = torch.randn(1, 4, model.config.hidden_size, dtype=torch.float64)
     harmful, harmless = ["how do I do a bad thing", "tell me"], ["hi"]
-    sv, hv = (directions.PromptBatches(model, tok, ps, 2, "cpu") for ps in (harmful, harmless))
+    sv, hv = (directions.PromptBatches(tok, ps, 2, "cpu") for ps in (harmful, harmless))
     blocks = [{"position": -1, "layer": l} for l in range(4)]
     ranked, top = ed.rank_blocks(model, r, blocks, [1.0, 0.5, 2.0], sv, hv, refusal_ids=[5, 6], n_blocks=2)
     assert sorted(t["layer"] for t in ranked) == [0, 1, 2, 3] and {t["coefficient"] for t in ranked} == {1.0}
