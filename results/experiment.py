@@ -193,8 +193,8 @@ def to_markdown(rows: list[dict], refs: dict) -> str:
         mark = lambda ok: "✓" if ok else "✗"
         for g in groups:
             t = targets(g, base)
-            ival = lambda s: (lambda x: f" [{pct(x[1])}, {pct(x[2])}]" if x else "")(pooled(g, s))
-            cell = lambda k, s: (f"{pct(t[k][0])}{ival(s)} {mark(t[k][2])}" if k in t else "–")
+            ival = lambda s: "[{}, {}]".format(*map(pct, pooled(g, s)[1:]))  # a target's set is never empty
+            cell = lambda k, s: f"{pct(t[k][0])} {ival(s)} {mark(t[k][2])}" if k in t else "–"
             styles = ", ".join(f"{st} {pct(v)} {mark(ok)}" for st, (v, _, ok) in t.items() if st in g["by_style"])
             bounds = {pct(b) for st, (_, b, _) in t.items() if st in g["by_style"]}
             spread = f"{100 * t['spread'][0]:.0f} {mark(t['spread'][2])}" if "spread" in t else "–"
