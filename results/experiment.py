@@ -121,6 +121,49 @@ def targets(g: dict, base: dict) -> dict:
     return out
 
 
+def recipe(args: str) -> tuple[str, float, tuple]:
+    """(loss, lr, every other distill.py argument) of a row's arguments; defaults as distill.py's and BUDGET's."""
+    flags, key = {}, None
+    for t in args.split():
+        if t.startswith("--"):
+            key = t
+            flags[key] = []
+        else:
+            flags[key].append(t)
+    loss, lr = flags.pop("--loss", ["collapsed"]), flags.pop("--lr", ["1e-5"])
+    return loss[0], float(lr[0]), tuple(sorted((k, " ".join(v)) for k, v in flags.items()))
+
+
+def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """y at x on the piecewise-linear curve through the (x, y) points; None outside their range."""
+    pts = sorted(points)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:] or pts):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def frontier(groups: list[dict], base: dict, anchor: str = "demo") -> list[dict]:
+    """The groups that run the anchor's recipe with only --loss and --lr changed, each as a point with its
+    refusal gained over base per 0.01 of KL to base, and every other loss's refusal interpolated at the same
+    over-refusal and at the same KL (None where the point lies outside that loss's range)."""
+    ref = next((g for g in groups if g["name"] == anchor), None)
+    if ref is None:
+        return []
+    rest = recipe(ref["members"][0]["args"])[2]
+    points = []
+    for g in groups:
+        loss, lr, other = recipe(g["members"][0]["args"])
+        if other == rest:
+            gain = (g["refusal_harmful"] - base["refusal_harmful"]) / (g["kl_to_base"] / 0.01)
+            points.append(dict(g, loss=loss, lr=lr, gain=gain))
+    for p in points:
+        for x in ("over_refusal", "kl_to_base"):
+            p["at_" + x] = {q: interpolate([(o[x], o["refusal_harmful"]) for o in points if o["loss"] == q], p[x])
+                            for q in sorted({o["loss"] for o in points} - {p["loss"]})}
+    return sorted(points, key=lambda p: (p["loss"], p["lr"]))
+
+
 def paired_groups(a: dict, b: dict) -> dict:
     """a vs b over the seeds both have, each seed's prompts paired with the same seed's (pooled)."""
     pairs = [(x, y) for x in a["members"] for y in b["members"] if x["name"].split("@s")[1] == y["name"].split("@s")[1]]
@@ -201,6 +244,20 @@ def to_markdown(rows: list[dict], refs: dict) -> str:
             lines.append(f"| {g['name']} | {','.join(g['seeds'])} | {styles} (≥ {', '.join(sorted(bounds))}) | "
                          f"{cell('over_refusal', 'harmless')} | {cell('harmless_reform', 'harmless_reform')} | "
                          f"{cell('qa_accuracy', 'qa')} | {spread} | {mark(all(ok for _, _, ok in t.values()))} |")
+    points = frontier(groups, base) if base else []
+    if points:
+        lines += ["", "## Frontier (issue 21): the demo's recipe with only --loss and --lr changed", "",
+                  "Gain: refusal gained over base π0, in points per 0.01 of KL to base (refusal per unit of drift). "
+                  "The last two columns interpolate the other loss's refusal linearly between its learning rates "
+                  "at this point's over-refusal and at its KL (– outside that loss's range).", "",
+                  "| loss | lr | group | seeds | refusal | rephrased | over-refusal | KL to base | gain "
+                  "| other loss, same over-refusal | other loss, same KL |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        at = lambda d: ", ".join(f"{q} {pct(v)}" for q, v in d.items())
+        for p in points:
+            lines.append(f"| {p['loss']} | {p['lr']:g} | {p['name']} | {','.join(p['seeds'])} | "
+                         f"{pct(p['refusal_harmful'])} | {pct(p['harmful_reform'])} | {pct(p['over_refusal'])} | "
+                         f"{p['kl_to_base']:.4f} | {100 * p['gain']:.1f} | {at(p['at_over_refusal'])} | "
+                         f"{at(p['at_kl_to_base'])} |")
     if base:
         lines += ["", f"Base π0 for the targets: refusal {pct(base['refusal_harmful'])}, rephrased "
                   f"{pct(base.get('harmful_reform'))}, over-refusal {pct(base['over_refusal'])}, QA "

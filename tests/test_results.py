@@ -84,3 +84,28 @@ def test_targets_against_base_by_hand():
     assert not experiment.targets(experiment.group(rows, "a"), base)["past_tense"][2]
     md = experiment.to_markdown(rows + [base], {})
     assert "| a | 0,1 | past_tense 50% ✗ (≥ 55%) | 0% [0%, 32%] ✓ |" in md and md.count("| ✗ |") == 1
+
+
+def test_frontier_points_and_matched_interpolation_by_hand():
+    """Only --loss/--lr may differ from the demo's recipe; the other loss is read off linearly at the same x."""
+    def point(name, args, refusal, over, kl):
+        return dict(fake(name, "1000", kl), args=args, refusal_harmful=refusal, over_refusal=over, kl_to_base=kl)
+    rows = [point("demo@s0", "--loss collapsed --lr 8e-5 --anchor a.jsonl", 0.30, 0.04, 0.04),
+            point("c16@s0", "--lr 1.6e-4 --anchor a.jsonl", 0.50, 0.10, 0.06),  # --loss defaults to collapsed
+            point("full@s0", "--anchor a.jsonl --loss full --lr 8e-5", 0.35, 0.09, 0.03),  # order does not matter
+            point("f4@s0", "--loss full --lr 4e-5 --anchor a.jsonl", 0.15, 0.03, 0.02),
+            point("other@s0", "--loss full --lr 8e-5 --anchor b.jsonl", 0.90, 0.05, 0.05)]  # another recipe
+    base = dict(fake("reference:base", "0000"), refusal_harmful=0.10)
+    groups = [experiment.group(rows, n) for n in ("demo", "c16", "full", "f4", "other")]
+    pts = {p["name"]: p for p in experiment.frontier(groups, base)}
+    assert list(pts) == ["demo", "c16", "f4", "full"]  # sorted by loss, then lr
+    assert pts["demo"]["gain"] == pytest.approx((0.30 - 0.10) / 4)  # points per 0.01 KL, as a fraction
+    # full's curve through (0.03, 0.15) and (0.09, 0.35): at over-refusal 0.04, 0.15 + 0.20 / 6
+    assert pts["demo"]["at_over_refusal"] == {"full": pytest.approx(0.15 + 0.20 / 6)}
+    assert pts["c16"]["at_over_refusal"] == {"full": None}  # 0.10 lies beyond full's range
+    # collapsed's curve through (0.04, 0.30) and (0.06, 0.50) by KL: full's KLs 0.02, 0.03 lie outside it
+    assert pts["full"]["at_kl_to_base"] == {"collapsed": None}
+    assert pts["full"]["at_over_refusal"] == {"collapsed": pytest.approx(0.30 + 0.20 * 5 / 6)}
+    assert experiment.interpolate([(0.1, 0.5)], 0.1) == 0.5 and experiment.interpolate([(0.1, 0.5)], 0.2) is None
+    md = experiment.to_markdown(rows + [base], {})
+    assert "| collapsed | 8e-05 | demo | 0 | 30% | 25% | 4% | 0.0400 | 5.0 | full 18% | full – |" in md
