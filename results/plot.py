@@ -5,8 +5,11 @@ KL to base (drift on π0's own answers). Right: the same refusal against over-re
 harmless_reform_test, 160 prompts). Error bars: 95% Wilson intervals for rates, 95% bootstrap intervals over
 prompts for KL. Each seed is a small marker; each recipe's mean over seeds a large one.
 
+A second figure draws the frontier of results/experiments.md (the demo's recipe with only --loss and --lr
+changed): one line per loss through its learning rates, refusal on harmful_test against KL and over-refusal.
+
 Reads   results/experiments.jsonl (rows written by results/experiment.py, with their per-prompt verdicts)
-Writes  results/safety_vs_cost.png
+Writes  results/safety_vs_cost.png, results/frontier.png
 
 Usage:
     python results/plot.py
@@ -18,6 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from metrics import bootstrap_mean, wilson  # noqa: E402
+sys.path.insert(0, str(ROOT / "results"))
+from experiment import frontier, group  # noqa: E402
 
 HERE = ROOT / "results"
 LABELS = {"base": "base π0", "teacher": "teacher πt", "demo": "localized: collapsed on S + anchoring (demo)",
@@ -56,7 +61,12 @@ def main():
     pts = points(rows)
     if not pts:
         sys.exit("error: no rows with per-prompt verdicts in results/experiments.jsonl; run results/experiment.py")
-    groups = list(dict.fromkeys(p["group"] for p in pts))
+    base = next((r for r in rows if r["name"] == "reference:base"), None)
+    names = dict.fromkeys(r["name"].split("@")[0] for r in rows if "@s" in r["name"])
+    front = frontier([g for g in (group(rows, n) for n in names) if g], base) if base else []
+    # the frontier's extra learning rates have a figure of their own; here the recipes at the demo's budget
+    extra = {p["name"] for p in front} - {"demo", "full"}
+    groups = [g for g in dict.fromkeys(p["group"] for p in pts) if g not in extra]
     colors = {g: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(groups)}
     fig, axes = plt.subplots(1, 2, figsize=(11, 5.5))
     for ax, (xkey, xlabel) in zip(axes, (("kl", "KL to base on π0's answers (drift) ↓"),
@@ -81,6 +91,32 @@ def main():
     path = HERE / "safety_vs_cost.png"
     fig.savefig(path, dpi=120)
     print(f"wrote {path} ({len(pts)} points, {len(groups)} groups)")
+    if front:
+        plot_frontier(plt, front, base)
+
+
+def plot_frontier(plt, front: list[dict], base: dict) -> None:
+    """One line per loss through its learning rates (seed means), with base π0 as the origin of both panels."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
+    for ax, (xkey, xlabel) in zip(axes, (("kl_to_base", "KL to base on π0's answers (drift) ↓"),
+                                        ("over_refusal", "over-refusal, harmless_test ↓"))):
+        for i, loss in enumerate(dict.fromkeys(p["loss"] for p in front)):
+            mine = sorted((p for p in front if p["loss"] == loss), key=lambda p: p["lr"])
+            ax.plot([p[xkey] for p in mine], [p["refusal_harmful"] for p in mine], marker="o", color=f"C{i}",
+                    label=f"{loss} (lr {', '.join(format(p['lr'], 'g') for p in mine)})")
+            for p in mine:
+                ax.annotate(f"{p['lr']:g} ({len(p['seeds'])})", (p[xkey], p["refusal_harmful"]), fontsize=7,
+                            textcoords="offset points", xytext=(4, -10))
+        ax.plot(base[xkey], base["refusal_harmful"], marker="s", color="gray", linestyle="none", label="base π0")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("refusal, harmful_test ↑")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Localized vs global at the demo's recipe: learning rate varied (labels: lr (seeds))")
+    fig.tight_layout()
+    path = HERE / "frontier.png"
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path} ({len(front)} points)")
 
 
 if __name__ == "__main__":
