@@ -158,9 +158,12 @@ def frontier(groups: list[dict], base: dict, anchor: str = "demo") -> list[dict]
             gain = (g["refusal_harmful"] - base["refusal_harmful"]) / (g["kl_to_base"] / 0.01)
             points.append(dict(g, loss=loss, lr=lr, gain=gain))
     for p in points:
-        for x in ("over_refusal", "kl_to_base"):
-            p["at_" + x] = {q: interpolate([(o[x], o["refusal_harmful"]) for o in points if o["loss"] == q], p[x])
-                            for q in sorted({o["loss"] for o in points} - {p["loss"]})}
+        others = sorted({o["loss"] for o in points} - {p["loss"]})
+        curve = lambda q, x, y: interpolate([(o[x], o[y]) for o in points if o["loss"] == q], p[x])
+        p["at_kl_to_base"] = {q: curve(q, "kl_to_base", "refusal_harmful") for q in others}
+        # at matched over-refusal both refusal and its gain per unit of drift (issue 21's last target)
+        p["at_over_refusal"] = {q: curve(q, "over_refusal", "refusal_harmful") for q in others}
+        p["gain_at_over_refusal"] = {q: curve(q, "over_refusal", "gain") for q in others}
     return sorted(points, key=lambda p: (p["loss"], p["lr"]))
 
 
@@ -248,15 +251,18 @@ def to_markdown(rows: list[dict], refs: dict) -> str:
     if points:
         lines += ["", "## Frontier (issue 21): the demo's recipe with only --loss and --lr changed", "",
                   "Gain: refusal gained over base π0, in points per 0.01 of KL to base (refusal per unit of drift). "
-                  "The last two columns interpolate the other loss's refusal linearly between its learning rates "
-                  "at this point's over-refusal and at its KL (– outside that loss's range).", "",
+                  "The last two columns interpolate the other loss's refusal (and gain) linearly between its "
+                  "learning rates at this point's over-refusal and at its KL (– outside that loss's range).", "",
                   "| loss | lr | group | seeds | refusal | rephrased | over-refusal | KL to base | gain "
                   "| other loss, same over-refusal | other loss, same KL |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         at = lambda d: ", ".join(f"{q} {pct(v)}" for q, v in d.items())
+        at_gain = lambda p: ", ".join(f"{q} {pct(v)}" + ("" if p["gain_at_over_refusal"][q] is None else
+                                      f" (gain {100 * p['gain_at_over_refusal'][q]:.1f})")
+                                      for q, v in p["at_over_refusal"].items())
         for p in points:
             lines.append(f"| {p['loss']} | {p['lr']:g} | {p['name']} | {','.join(p['seeds'])} | "
                          f"{pct(p['refusal_harmful'])} | {pct(p['harmful_reform'])} | {pct(p['over_refusal'])} | "
-                         f"{p['kl_to_base']:.4f} | {100 * p['gain']:.1f} | {at(p['at_over_refusal'])} | "
+                         f"{p['kl_to_base']:.4f} | {100 * p['gain']:.1f} | {at_gain(p)} | "
                          f"{at(p['at_kl_to_base'])} |")
     if base:
         lines += ["", f"Base π0 for the targets: refusal {pct(base['refusal_harmful'])}, rephrased "

@@ -106,6 +106,9 @@ def test_frontier_points_and_matched_interpolation_by_hand():
     # collapsed's curve through (0.04, 0.30) and (0.06, 0.50) by KL: full's KLs 0.02, 0.03 lie outside it
     assert pts["full"]["at_kl_to_base"] == {"collapsed": None}
     assert pts["full"]["at_over_refusal"] == {"collapsed": pytest.approx(0.30 + 0.20 * 5 / 6)}
+    # gains: demo (0.30 - 0.10) / 4 = 0.05, c16 (0.50 - 0.10) / 6; at over-refusal 0.09, 5/6 of the way
+    assert pts["full"]["gain_at_over_refusal"] == {"collapsed": pytest.approx(0.05 + (0.4 / 6 - 0.05) * 5 / 6)}
     assert experiment.interpolate([(0.1, 0.5)], 0.1) == 0.5 and experiment.interpolate([(0.1, 0.5)], 0.2) is None
     md = experiment.to_markdown(rows + [base], {})
-    assert "| collapsed | 8e-05 | demo | 0 | 30% | 25% | 4% | 0.0400 | 5.0 | full 18% | full – |" in md
+    # full's gains 0.025 (f4) and 0.25 / 3 (full): at over-refusal 0.04, 0.025 + (0.25 / 3 - 0.025) / 6
+    assert "| collapsed | 8e-05 | demo | 0 | 30% | 25% | 4% | 0.0400 | 5.0 | full 18% (gain 3.5) | full – |" in md
