@@ -155,7 +155,7 @@ def frontier(groups: list[dict], base: dict, anchor: str = "demo") -> list[dict]
     for g in groups:
         loss, lr, other = recipe(g["members"][0]["args"])
         if other == rest:
-            gain = (g["refusal_harmful"] - base["refusal_harmful"]) / (g["kl_to_base"] / 0.01)
+            gain = (g["refusal_harmful"] - base["refusal_harmful"]) / max(g["kl_to_base"] / 0.01, 1e-12)
             points.append(dict(g, loss=loss, lr=lr, gain=gain))
     for p in points:
         others = sorted({o["loss"] for o in points} - {p["loss"]})
@@ -255,15 +255,14 @@ def to_markdown(rows: list[dict], refs: dict) -> str:
                   "learning rates at this point's over-refusal and at its KL (– outside that loss's range).", "",
                   "| loss | lr | group | seeds | refusal | rephrased | over-refusal | KL to base | gain "
                   "| other loss, same over-refusal | other loss, same KL |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-        at = lambda d: ", ".join(f"{q} {pct(v)}" for q, v in d.items())
-        at_gain = lambda p: ", ".join(f"{q} {pct(v)}" + ("" if p["gain_at_over_refusal"][q] is None else
-                                      f" (gain {100 * p['gain_at_over_refusal'][q]:.1f})")
-                                      for q, v in p["at_over_refusal"].items())
         for p in points:
+            gain = lambda q: p["gain_at_over_refusal"][q]
+            same_over = ", ".join(f"{q} {pct(v)}" + (f" (gain {100 * gain(q):.1f})" if gain(q) is not None else "")
+                                  for q, v in p["at_over_refusal"].items())
+            same_kl = ", ".join(f"{q} {pct(v)}" for q, v in p["at_kl_to_base"].items())
             lines.append(f"| {p['loss']} | {p['lr']:g} | {p['name']} | {','.join(p['seeds'])} | "
                          f"{pct(p['refusal_harmful'])} | {pct(p['harmful_reform'])} | {pct(p['over_refusal'])} | "
-                         f"{p['kl_to_base']:.4f} | {100 * p['gain']:.1f} | {at_gain(p)} | "
-                         f"{at(p['at_kl_to_base'])} |")
+                         f"{p['kl_to_base']:.4f} | {100 * p['gain']:.1f} | {same_over} | {same_kl} |")
     if base:
         lines += ["", f"Base π0 for the targets: refusal {pct(base['refusal_harmful'])}, rephrased "
                   f"{pct(base.get('harmful_reform'))}, over-refusal {pct(base['over_refusal'])}, QA "
