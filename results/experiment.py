@@ -98,6 +98,11 @@ def group(rows: list[dict], name: str) -> dict | None:
     return g
 
 
+def seed_groups(rows: list[dict]) -> list[dict]:
+    """Every group that has finished seeds, in the order its first row appears."""
+    return [g for g in (group(rows, n) for n in dict.fromkeys(r["name"].split("@")[0] for r in rows)) if g]
+
+
 def pooled(g: dict, s: str) -> tuple[float, float, float] | None:
     """A set's rate over every seed's prompts together, with its 95% Wilson interval."""
     flags = "".join(r["verdicts"][s] for r in g["members"])
@@ -202,7 +207,7 @@ def to_markdown(rows: list[dict], refs: dict) -> str:
         lines.append(f"| {r['name']} | `{r['args']}` | {pct(r['refusal_harmful'])} | {pct(r.get('harmful_reform'))} | "
                      f"{pct(r['over_refusal'])} ({pct(r.get('over_refusal_risky'))}) | {pct(r.get('harmless_reform'))} "
                      f"| {r['kl_to_base']:.4f} | {pct(r['qa_accuracy'])} | {r.get('train_seconds', '–')} |")
-    groups = [g for g in (group(rows, n) for n in dict.fromkeys(r["name"].split("@")[0] for r in rows)) if g]
+    groups = seed_groups(rows)
     if groups:
         lines += ["", "## Seed groups: mean (spread = max - min over seeds)", "",
                   "| group | seeds | refusal | rephrased | over-refusal | rephrased harmless | KL to base | QA |"

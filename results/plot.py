@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from metrics import bootstrap_mean, wilson  # noqa: E402
 sys.path.insert(0, str(ROOT / "results"))
-from experiment import frontier, group  # noqa: E402
+from experiment import frontier, seed_groups  # noqa: E402
 
 HERE = ROOT / "results"
 LABELS = {"base": "base π0", "teacher": "teacher πt", "demo": "localized: collapsed on S + anchoring (demo)",
@@ -62,8 +62,7 @@ def main():
     if not pts:
         sys.exit("error: no rows with per-prompt verdicts in results/experiments.jsonl; run results/experiment.py")
     base = next((r for r in rows if r["name"] == "reference:base"), None)
-    names = dict.fromkeys(r["name"].split("@")[0] for r in rows if "@s" in r["name"])
-    front = frontier([g for g in (group(rows, n) for n in names) if g], base) if base else []
+    front = frontier(seed_groups(rows), base) if base else []
     # the frontier's extra learning rates have a figure of their own; here the recipes at the demo's budget
     extra = {p["name"] for p in front} - {"demo", "full"}
     groups = [g for g in dict.fromkeys(p["group"] for p in pts) if g not in extra]
