@@ -15,17 +15,15 @@ log p(R) is a logsumexp over V with S masked out, never log(1 - Σ_S p): a refus
 where that subtraction in float32 is noise. The loss covers completion positions through the first end-of-turn
 token (optionally only positions [K, K + M), --skip-tokens/--keep-tokens), mean per sequence, then over sequences.
 
-Two implementations of each loss, tested to agree: `*_formula`, a few lines on log_softmax outputs that
-autograd differentiates (read these), and `LocalizedKL`/`FullKL`, autograd Functions with the closed-form
-gradient p_u (a_u - ā) written by hand that never build a second [positions, V] tensor. The second is the
-default (--loss-impl lean): bench/loss_memory.py measures it 5x leaner in memory and ~3x faster at a 152k
-vocabulary; on the bundled model's 49k vocabulary it is ~1% of a step either way.
+Two implementations of each loss, tested to agree: `*_formula`, a few lines on log_softmax outputs that autograd
+differentiates (read these), and lean_losses.py's, with the gradient p_u (a_u - ā) written by hand and no second
+[positions, V] tensor (--loss-impl lean, the default; bench/loss_memory.py). The student scores a prompt's G samples
+in one row behind a tree mask, so the prompt's forward and backward run once, not G times (--pack-samples, exact).
 
-Anchoring (ours, --anchor FILE...): each step the student also samples answers to a few harmless prompts, and those
-are pulled toward the *unsteered* π0 with the same loss on S and weight λ. From harmful prompts alone it learns
-the teacher's over-refusal too. --teacher prompt: πt is π0 behind a safety system prompt (authors' variant).
---refresh-every N (authors' ref_model_sync_steps): every N steps πt becomes the student as it is then + c·r,
-with r measured again on it (directions.py, Stage 1's rule at Stage 1's block); π0 stays the anchor.
+Anchoring (ours, --anchor FILE...): the student also samples answers to a few harmless prompts, pulled toward the
+*unsteered* π0 with the same loss on S and weight λ (without, it learns the teacher's over-refusal too). --teacher
+prompt: πt is π0 behind a safety system prompt (authors' variant). --refresh-every N (authors' ref_model_sync_steps):
+every N steps πt becomes the student + c·r, r measured again on it (directions.py, Stage 1's rule and block).
 --lora-rank R: the student is π0 + low-rank adapters (peft); with adapters off the same weights are π0 and,
 with the hook, πt, so one copy of the model serves all three (one GPU for 8B models; README, memory model).
 
@@ -42,6 +40,7 @@ Usage:
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import math
@@ -86,10 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--anchor", nargs="+", metavar="FILE", help="harmless prompts (several files are pooled) whose "
                    "samples are pulled toward the unsteered π0 on S (ours)")
     p.add_argument("--anchor-per-step", type=positive_int, default=2, help="anchor prompts per step (with --anchor)")
-    p.add_argument("--anchor-weight", type=non_negative_float, default=0.5,
-                   help="λ: loss = L(harmful, πt) + λ·L(anchor, π0)")
-    p.add_argument("--lora-rank", type=positive_int, help="train low-rank adapters of this rank (peft) instead "
-                                                          "of all weights")
+    p.add_argument("--anchor-weight", type=non_negative_float, default=0.5, help="λ: L(harmful, πt) + λ·L(anchor, π0)")
+    p.add_argument("--lora-rank", type=positive_int, help="train LoRA adapters of this rank (peft), not all weights")
     p.add_argument("--lora-alpha", type=positive_float, help="LoRA scale α (default: 2 x rank)")
     p.add_argument("--lora-targets", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                          "up_proj", "down_proj"], help="modules given adapters")
@@ -106,6 +103,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=non_negative_float, default=0.1, help="fraction of steps of linear warm-up")
     p.add_argument("--clip", type=positive_float, default=1.0, help="gradient-norm clip")
     p.add_argument("--micro-batch", type=positive_int, default=8, help="sequences per forward/backward")
+    p.add_argument("--pack-samples", action=argparse.BooleanOptionalAction, default=True, help="the student "
+                   "computes each prompt once for its G samples (a tree mask; exact, README: Performance)")
     p.add_argument("--shard", action="store_true", help="under torchrun: FSDP2, each process holds 1/N of the "
                    "weights, gradients and Adam states (for a model that does not fit one device)")
     p.add_argument("--no-grad-checkpointing", action="store_true",
@@ -192,7 +191,7 @@ def train_step(student, tok, harmful: list[str], anchors: list[str], *, teacher:
                s_ids, opt, sched, gen, samples: int, max_new_tokens: int, temperature: float = 1.0,
                top_p: float = 1.0, loss: str = "collapsed", impl: str = "lean", anchor_weight: float = 0.5,
                micro_batch: int = 8, clip: float = 1.0, skip_tokens: int = 0, keep_tokens: int | None = None,
-               timer: Timer | None = None, world: World | None = None) -> dict:
+               pack: bool = True, timer: Timer | None = None, world: World | None = None) -> dict:
     """One step: sample (student) -> teacher logits -> student logits -> loss -> backward -> update.
 
     Harmful rows are pulled toward `teacher` (πt), anchor rows (harmless, ours) toward `base` (π0) with
@@ -222,13 +221,13 @@ def train_step(student, tok, harmful: list[str], anchors: list[str], *, teacher:
                 lt = completion_logits(target.model, ctx_ids[sl], ctx_mask[sl], comp[sl],  # [b, T, V]
                                        share_prefix=not world.sharded)
             with timer("student_forward"), autocast:
-                ls = completion_logits(student, ids[sl], mask[sl], comp[sl])
+                ls = completion_logits(student, ids[sl], mask[sl], comp[sl], pack=pack)
             with timer("loss"):
                 part = localized_reverse_kl(ls, lt, loss_mask[sl], s_ids, loss, impl) * share
             with timer("backward"):
                 (weight * part).backward()
             with timer("diagnostics"):
-                log_losses(stats, part, ls, lt, loss_mask[sl], s_ids, share, weight, anchor=target is base)
+                log_losses(stats, part, ls, lt, loss_mask[sl], s_ids, share, weight, anchor=target is base, done=loss)
     stats = dict(zip(stats, world.sum(list(stats.values()))))  # each rank holds its share of the global loss
     if not math.isfinite(stats["loss"]):
         raise UserError(f"the loss became {stats['loss']}; stopping (the last checkpoint is kept)")
@@ -255,14 +254,15 @@ def train_step(student, tok, harmful: list[str], anchors: list[str], *, teacher:
 
 
 @torch.no_grad()
-def log_losses(stats, part, ls, lt, mask, s_ids, share, weight, anchor: bool) -> None:
-    """Accumulate the step's loss, and on harmful rows all three losses on the same batch (for the log)."""
+def log_losses(stats, part, ls, lt, mask, s_ids, share, weight, anchor: bool, done: str = "") -> None:
+    """Accumulate the step's loss, and on harmful rows all three losses on the same batch (for the log; the
+    trained one, `done`, is `part` itself)."""
     stats["loss"] += weight * part.item()
     if anchor:
         stats["anchor_loss"] += part.item()
         return
     for kind in ("collapsed", "partial", "full"):
-        stats[kind] += localized_reverse_kl(ls, lt, mask, s_ids, kind).item() * share
+        stats[kind] += part.item() if kind == done else localized_reverse_kl(ls, lt, mask, s_ids, kind).item() * share
 
 
 # ----------------------------------------------------------------------------- setup and checkpoints
@@ -391,7 +391,7 @@ def main(argv=None):
     knobs = dict(teacher=teacher, base=base, s_ids=s_ids, opt=opt, sched=sched, gen=gen, samples=args.samples,
                  max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, loss=args.loss,
                  impl=args.loss_impl, anchor_weight=args.anchor_weight, micro_batch=args.micro_batch, clip=args.clip,
-                 skip_tokens=args.skip_tokens, keep_tokens=args.keep_tokens, world=world)
+                 skip_tokens=args.skip_tokens, keep_tokens=args.keep_tokens, pack=args.pack_samples, world=world)
     bar = tqdm(range(start, len(plan)), desc=f"distill ({args.loss})", unit="step", initial=start, total=len(plan),
                disable=not world.main)
     for step in bar:

@@ -6,7 +6,8 @@ Three stages need the same few pieces, so they live here once:
     hooks         add_vector (πt = π0 + c·r at block l), ablate_direction (r̂ projected out everywhere)
     the teacher   load_direction, Teacher, load_teacher   πt as one object: hook, safety system prompt, or π0
     sampling      prefill (each distinct prompt once, the shared prefix once), sample (a KV-cached decoding
-                  loop, by hand), completion_logits (teacher forcing)
+                  loop, by hand), completion_logits (teacher forcing; the student's G samples of a prompt packed
+                  into one row behind a tree mask, packed_completion_logits)
 
 What is plumbing (files, loading, templates, the CLI) is in common.py; the math of each stage is in its file.
 """
@@ -166,12 +167,9 @@ class Teacher:
 
     @contextlib.contextmanager
     def steer(self):
-        with self.base_context():
-            if self.kind == "hook":
-                with add_vector(self.model, self.layer, self.vector, self.coefficient):
-                    yield
-            else:
-                yield
+        hook = add_vector(self.model, self.layer, self.vector, self.coefficient) if self.kind == "hook" else None
+        with self.base_context(), hook or contextlib.nullcontext():  # the hook is placed after base_context
+            yield
 
     def encode(self, tok, prompts: list[str], device="cpu"):
         """The teacher's context for each prompt: [b, plen] ids and mask (left-padded)."""
@@ -185,9 +183,8 @@ class Teacher:
 
 @contextlib.contextmanager
 def swapped_weights(model, params: dict, values: dict):
-    """Run `model` (in eval mode) with `values` in place of its parameters `params`, then swap back. A swap
-    is its own inverse, done one tensor at a time: a frozen snapshot of a model that keeps training costs one
-    copy of what trains (the refreshed teacher of distill.py --refresh-every)."""
+    """Run `model` (in eval mode) with `values` in place of its parameters `params`, then swap back (a swap is its
+    own inverse): a frozen snapshot of a training model costs one copy of what trains (distill --refresh-every)."""
     def swap():
         with torch.no_grad():
             for name, p in params.items():
@@ -230,14 +227,17 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
-def shared_prefix_len(rows: list[list[int]], model, keep: int = 1) -> int:
-    """How many leading tokens every row has in common (the chat template's opening, e.g. SmolLM2's 24-token
-    system turn), leaving at least `keep` tokens of each row after it; 0 where computing them once would not be exact: with
-    sliding-window attention the mask counts cache slots, and the shared layout moves the padding."""
+def has_sliding_window(model) -> bool:
     cfg = model.config.get_text_config()
     types = getattr(cfg, "layer_types", None)
-    sliding = any(t != "full_attention" for t in types) if types else getattr(cfg, "sliding_window", None)
-    if sliding:
+    return bool(any(t != "full_attention" for t in types) if types else getattr(cfg, "sliding_window", None))
+
+
+def shared_prefix_len(rows: list[list[int]], model, keep: int = 1) -> int:
+    """How many leading tokens every row has in common (the chat template's opening, e.g. SmolLM2's 24-token
+    system turn), leaving at least `keep` tokens of each row after it; 0 under sliding-window attention, where
+    computing them once is not exact (the mask counts cache slots, and the shared layout moves the padding)."""
+    if has_sliding_window(model):
         return 0
     n = 0
     while all(len(r) > n + keep and r[n] == rows[0][n] for r in rows):
@@ -332,16 +332,51 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     return tokens, mask
 
 
-def completion_logits(model, prompt_ids, prompt_mask, comp_ids, share_prefix: bool = True) -> torch.Tensor:
-    """Teacher-force prompt + completion; return the logits that predict each completion token.
+def sample_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> int:
+    """G if the rows come in consecutive runs of G identical prompts (Stage 3's samples), else 1."""
+    rows = torch.cat([prompt_ids, prompt_mask], dim=1)
+    g = int((rows == rows[0]).all(-1).long().cumprod(0).sum())  # the first run's length
+    return g if g > 1 and len(rows) % g == 0 and torch.equal(rows, rows[::g].repeat_interleave(g, 0)) else 1
 
-    [batch, plen] + [batch, T] -> [batch, T, vocab], in the model's dtype. Only the last T + 1 positions go
-    through the LM head. Prompts may differ in length between teacher and student (a system prompt): the
-    completion positions still line up, because each row's completion follows its own prompt. Without autograd,
-    in eval mode (πt, π0) the prompts go through `prefill` first (each distinct prompt once: G samples share it),
-    then the completions through its cache; share_prefix as in prefill. (A LoRA student's own weights serve as πt
-    and π0 in train mode, where checkpointed blocks keep no cache: the plain forward then.)
-    """
+
+def packs_exactly(model) -> bool:
+    """The tree mask replaces the model's own masking: exact for full attention (sdpa, eager) only."""
+    return model.config._attn_implementation in ("sdpa", "eager") and not has_sliding_window(model)
+
+
+def packed_completion_logits(model, prompt_ids, prompt_mask, comp_ids, g: int) -> torch.Tensor:
+    """completion_logits for runs of G identical prompts, each prompt computed once: a row [prompt | y_1 | ... | y_G]
+    with a tree-shaped mask (y_j sees the prompt and its own past, no other y) and position ids that restart after
+    the prompt for each y_j, so y_j is scored as in a row of its own. [b, s] + [b, T] -> [b, T, V]."""
+    (b, t), (ids, mask) = comp_ids.shape, (prompt_ids[::g], prompt_mask[::g])  # [n, s]
+    (n, s), dev, width = ids.shape, ids.device, ids.shape[1] + g * t
+    seg = torch.cat([torch.where(mask.bool(), 0, -1),  # -1 padding, 0 prompt, j sample j: [n, W]
+                     torch.arange(1, g + 1, device=dev).repeat_interleave(t).expand(n, -1)], dim=1)
+    pos = torch.cat([(mask.cumsum(-1) - 1).clamp(min=0),
+                     mask.sum(-1, keepdim=True) + torch.arange(t, device=dev).repeat(g)], dim=1)
+    q, k = seg[:, :, None], seg[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()
+    # a padding query sees itself (the eye): no softmax row is empty
+    allowed = (causal & (k >= 0) & ((k == 0) | (k == q))) | torch.eye(width, dtype=torch.bool, device=dev)
+    attn = allowed[:, None]  # [n, 1, W, W]: sdpa takes True = attend, eager adds a float mask
+    if model.config._attn_implementation != "sdpa":
+        dtype = next(model.parameters()).dtype
+        attn = torch.zeros(attn.shape, dtype=dtype, device=dev).masked_fill(~attn, torch.finfo(dtype).min)
+    # y_j's token i is predicted at the prompt's last position (i = 0), else at y_j's token i - 1
+    keep = torch.cat([torch.cat([torch.tensor([s - 1]), s + j * t + torch.arange(t - 1)]) for j in range(g)])
+    logits = model(input_ids=torch.cat([ids, comp_ids.reshape(n, g * t)], dim=1), attention_mask=attn,
+                   position_ids=pos, use_cache=False, logits_to_keep=keep.to(dev)).logits  # [n, G T, V]
+    return logits.reshape(b, t, -1)
+
+
+def completion_logits(model, prompt_ids, prompt_mask, comp_ids, share_prefix: bool = True,
+                      pack: bool = True) -> torch.Tensor:
+    """Teacher-force prompt + completion: the logits that predict each completion token, [b, plen] + [b, T] ->
+    [b, T, V] in the model's dtype (only those positions reach the LM head). Each row's completion follows its own
+    prompt, so teacher and student may see different prompts (a system prompt). Without autograd, in eval mode
+    (πt, π0): `prefill` (each distinct prompt once; share_prefix as there), then the completions through its cache.
+    With autograd (the student; a LoRA student's weights as πt, π0 in train mode, where checkpointed blocks keep no
+    cache): runs of G identical prompts are packed (packed_completion_logits; pack=False: a row per sample)."""
     t = comp_ids.shape[1]
     if not torch.is_grad_enabled() and not model.training:
         first, cache, cache_mask, next_pos, _ = prefill(model, prompt_ids, prompt_mask, 0, share_prefix)
@@ -350,6 +385,9 @@ def completion_logits(model, prompt_ids, prompt_mask, comp_ids, share_prefix: bo
         rest = model(input_ids=comp_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                      use_cache=True).logits
         return torch.cat([first[:, None].to(rest.dtype), rest[:, :-1]], dim=1)
+    g = sample_groups(prompt_ids, prompt_mask) if pack else 1
+    if g > 1 and packs_exactly(model):
+        return packed_completion_logits(model, prompt_ids, prompt_mask, comp_ids, g)
     ids = torch.cat([prompt_ids, comp_ids], dim=1)
     mask = torch.cat([prompt_mask, torch.ones_like(comp_ids)], dim=1)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -1,7 +1,7 @@
 """Benchmark: one distillation step on the bundled model, by phase, and how it scales.
 
-  phases   sampling, teacher forward, student forward, loss, backward, optimiser: seconds and share, with
-           gradient checkpointing on and off (peak RSS both ways)
+  phases   sampling, teacher forward, student forward, loss, backward, optimiser: seconds and share, for the
+           default (gradient checkpointing on, samples packed), one row per sample, and checkpointing off
   scaling  step time and peak RSS against completion length and completions per step
 
 Each configuration runs in a fresh subprocess (peak RSS = resource.getrusage of that process, whole process,
@@ -39,6 +39,7 @@ def child(cfg):
         student.activation_checkpointing_enable()
     s_ids = torch.arange(1000, 1050)
     prompts = common.read_prompts(common.data_file("harmful_train"))
+    anchors = common.read_prompts(common.data_file("harmless_train"))
     opt = torch.optim.AdamW(student.parameters(), lr=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     gen = torch.Generator().manual_seed(0)
@@ -46,9 +47,10 @@ def child(cfg):
     recs = []
     for step in range(cfg["steps"] + 1):
         ps = prompts[step * cfg["prompts"]:(step + 1) * cfg["prompts"]]
-        recs.append(distill.train_step(student, tok, ps, [], teacher=teacher, base=base, s_ids=s_ids, opt=opt,
+        anc = anchors[step * cfg["anchors"]:(step + 1) * cfg["anchors"]]
+        recs.append(distill.train_step(student, tok, ps, anc, teacher=teacher, base=base, s_ids=s_ids, opt=opt,
                                        sched=sched, gen=gen, samples=cfg["samples"], max_new_tokens=cfg["length"],
-                                       micro_batch=cfg["micro_batch"], loss="collapsed"))
+                                       micro_batch=cfg["micro_batch"], loss="collapsed", pack=cfg["pack"]))
     recs = recs[1:]  # the first step warms up allocators and caches
     phases = {k: statistics.median(r["seconds"][k] for r in recs) for k in recs[0]["seconds"]}
     print(json.dumps({"phases": phases, "step": statistics.median(r["step_seconds"] for r in recs),
@@ -74,16 +76,17 @@ def main():
     a = p.parse_args()
     if a.what == "child":
         return child(json.loads(a.cfg))
-    base = {"steps": a.steps, "micro_batch": a.micro_batch, "prompts": 4, "samples": 4, "length": 48}
+    base = {"steps": a.steps, "micro_batch": a.micro_batch, "prompts": 4, "anchors": 4, "samples": 4, "length": 48}
     if a.what == "phases":
-        print("4 prompts x 4 samples x 48 new tokens, micro-batch", a.micro_batch, "\n")
-        for ck in (True, False):
-            r = run({**base, "checkpointing": ck})
+        print("the demo's step: 4 harmful + 4 anchor prompts x 4 samples x 48 new tokens, micro-batch", a.micro_batch, "\n")
+        for ck, pack in ((True, True), (True, False), (False, True)):
+            r = run({**base, "checkpointing": ck, "pack": pack})
+            name = f"gradient checkpointing {'on' if ck else 'off'}, samples {'packed' if pack else 'one row each'}"
             if "error" in r:
-                print(f"checkpointing {ck}: failed: {r['error']}")
+                print(f"{name}: failed: {r['error']}")
                 continue
             total = r["step"]
-            print(f"gradient checkpointing {'on' if ck else 'off'}: {total:.1f} s/step, peak RSS {r['peak_rss_mb']:.0f} MB")
+            print(f"{name}: {total:.1f} s/step, peak RSS {r['peak_rss_mb']:.0f} MB")
             for k, v in r["phases"].items():
                 print(f"  {k:<16} {v:>6.2f} s  {v / total:>6.1%}")
             if a.check and r["phases"]["loss"] >= 0.05 * total:
@@ -92,7 +95,7 @@ def main():
     print(f"{'length':>6} {'completions':>11} {'s/step':>7} {'s per 1k tokens':>16} {'peak RSS MB':>12}")
     for length in a.lengths:
         for n in a.completions:
-            r = run({**base, "length": length, "samples": n // 4, "checkpointing": True})
+            r = run({**base, "length": length, "samples": n // 4, "anchors": 0, "checkpointing": True, "pack": True})
             if "error" in r:
                 print(f"{length:>6} {n:>11} failed: {r['error']}")
                 continue

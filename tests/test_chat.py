@@ -190,3 +190,26 @@ def test_think_block_is_what_qwen3_adds_with_thinking_off(family_dir):
     name, model, tok = load(family_dir)
     text = chat.render_chat(tok, "x")
     assert text.endswith("<think>\n\n</think>\n\n") == (name == "qwen3")
+
+
+def test_packed_samples_score_like_one_row_per_sample(family_dir):
+    """Stage 3's student computes each prompt once for its G samples (a tree mask): the logits and the
+    gradients equal one row per sample, for every family with full attention; sliding-window families (Gemma)
+    keep one row per sample, since the tree mask would replace their window."""
+    name, model, tok = load(family_dir)
+    model.train()
+    prompts = ["hi", "tell me a long story about the sea please", "why?"]  # unequal lengths: left padding
+    ids, mask = chat.encode_chats(tok, [p for p in prompts for _ in range(3)])
+    comp = torch.randint(0, 200, (9, 6), generator=torch.Generator().manual_seed(0))
+    weights = torch.randn(9, 6, len(tok), generator=torch.Generator().manual_seed(1))
+    assert steering.packs_exactly(model) == (not name.startswith("gemma"))
+    results = []
+    for pack in (False, True):
+        model.zero_grad()
+        logits = steering.completion_logits(model, ids, mask, comp, pack=pack)
+        (logits * weights).sum().backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    (plain, g_plain), (packed, g_packed) = results
+    assert torch.allclose(packed, plain, atol=1e-5)
+    for a, b in zip(g_packed, g_plain):
+        assert torch.allclose(a, b, atol=1e-4 * b.abs().max().item())

@@ -314,6 +314,35 @@ def test_anchored_step_gradient_is_harmful_loss_plus_lambda_anchor_loss(tok, mod
     assert rec["loss"] == pytest.approx(rec["partial"] + 0.5 * rec["anchor_loss"], abs=1e-6)
 
 
+def test_packed_samples_give_the_step_of_one_row_per_sample(tok, model, monkeypatch):
+    """--pack-samples (the default) and --no-pack-samples: the same loss and gradient on the same samples."""
+    import copy
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    vec = torch.randn(model.config.hidden_size) * 3
+    harmful, anchors = ["hello", "how are you today"], ["what is 2+2"]
+    ids, mask = chat.encode_chats(tok, [p for p in harmful + anchors for _ in range(2)])
+    comp, cmask = steering.sample(model, ids, mask, 5, temperature=1.0, generator=torch.Generator().manual_seed(0),
+                                  stop_ids=[10_000], pad_id=tok.pad_token_id)
+    monkeypatch.setattr(dl, "sample", lambda *a, **k: (comp, cmask))
+    packed, real = [], steering.packed_completion_logits
+    monkeypatch.setattr(steering, "packed_completion_logits", lambda *a: packed.append(a[-1]) or real(*a))
+    runs = []
+    for pack in (True, False):
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        opt.zero_grad = lambda set_to_none=True, o=opt: setattr(o, "grads", [p.grad.clone() for p in model.parameters()])
+        rec = dl.train_step(model, tok, harmful, anchors, teacher=steering.Teacher(teacher, "hook", vec, 1),
+                            base=steering.Teacher(teacher, "base"), s_ids=torch.arange(10, 40), opt=opt,
+                            sched=torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0), gen=None, samples=2,
+                            max_new_tokens=5, micro_batch=4, clip=1e9, pack=pack)
+        runs.append((rec["loss"], opt.grads))
+        for p in model.parameters():
+            p.grad = None
+    (loss_packed, g_packed), (loss_plain, g_plain) = runs
+    assert packed == [2, 2]  # harmful rows as one micro-batch of 2 prompts x 2, anchors as one of 1 x 2
+    assert loss_packed == pytest.approx(loss_plain, rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5 * b.abs().max().item()) for a, b in zip(g_packed, g_plain))
+
+
 # ----------------------------------------------------------------------------- the script
 
 def make_run(out, model_dir, tok, s_ids=(10, 20, 30, 40)):
