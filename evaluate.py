@@ -52,8 +52,8 @@ from steering import completion_logits, decode_completions, load_teacher, sample
 
 OUTPUTS = ["eval.json", "eval.md", "eval_samples.jsonl"]
 SETS = ("harmful", "harmless", "harmful_reform", "harmless_reform")  # judged for refusal
-# Retention holds [batch, tokens, vocab] float64 log-probabilities of two models: 16 prompts x 64 tokens x 49k
-# vocabulary is ~0.8 GB. Teacher forcing gains nothing from larger batches here, decoding does (--batch-size).
+# Retention holds float64 log-probabilities of two models per batch (16 x 64 tokens x 49k: ~0.8 GB) and π0's float32
+# logits on all its answers (1.3 GB, computed once). Teacher forcing gains nothing from larger batches, decoding does.
 RETENTION_BATCH = 16
 
 
@@ -116,16 +116,9 @@ def rate(flags: list[bool]) -> dict:
     return {"rate": sum(flags) / len(flags) if flags else None, "lo": lo, "hi": hi, "n": len(flags)}
 
 
-@torch.no_grad()
-def kl_to_base(model, base, ids, mask, comp, comp_mask, hook=contextlib.nullcontext):
-    """Per-token KL(π || π0) and NLL of the completion under π (π = model inside `hook`), at valid completion
-    positions. π may be π0's own weights steered (the teacher): the hook covers π's forward only.
-
-    [b, plen] prompts, [b, T] completions -> (kl [n_valid], nll [n_valid]), float64."""
-    with hook():
-        lp = torch.log_softmax(completion_logits(model, ids, mask, comp).double(), -1)  # [b, T, V]
-    unsteered_base = model is base and hook is contextlib.nullcontext
-    l0 = lp if unsteered_base else torch.log_softmax(completion_logits(base, ids, mask, comp).double(), -1)
+def kl_and_nll(logits, base_logits, comp, comp_mask):
+    """Per-token KL(π || π0) and NLL of the completion under π at valid positions: [b, T, V] x 2 -> [n_valid] x 2."""
+    lp, l0 = torch.log_softmax(logits.double(), -1), torch.log_softmax(base_logits.double(), -1)
     valid = comp_mask.bool()
     kl = (lp.exp() * (lp - l0)).sum(-1)[valid]
     nll = -lp.gather(-1, comp[..., None]).squeeze(-1)[valid]
@@ -133,14 +126,30 @@ def kl_to_base(model, base, ids, mask, comp, comp_mask, hook=contextlib.nullcont
 
 
 @torch.no_grad()
-def retention(model, hook, base, tok, prompts: list[str], answers: list[list[int]], batch_size: int) -> dict:
-    """KL(π || π0) and NLL on π0's own answers, per prompt: {"kl": [sum], "nll": [sum], "tokens": [count]}."""
+def kl_to_base(model, base, ids, mask, comp, comp_mask, hook=contextlib.nullcontext):
+    """kl_and_nll of π = model inside `hook` (π0's own weights steered, for the teacher: the hook covers π only)."""
+    with hook():
+        logits = completion_logits(model, ids, mask, comp)
+    return kl_and_nll(logits, completion_logits(base, ids, mask, comp), comp, comp_mask)
+
+
+@torch.no_grad()
+def retention(model, hook, base, tok, prompts: list[str], answers: list[list[int]], batch_size: int,
+              base_cache: list | None = None) -> dict:
+    """KL(π || π0) and NLL on π0's own answers, per prompt: {"kl": [sum], "nll": [sum], "tokens": [count]}.
+    base_cache: π0's logits per batch (CPU), filled by the first call and read by later ones: π0 runs once."""
     device = next(model.parameters()).device
+    base_cache = [] if base_cache is None else base_cache
     per = {"kl": [], "nll": [], "tokens": []}
-    for i in range(0, len(prompts), batch_size):
+    for k, i in enumerate(range(0, len(prompts), batch_size)):
         ids, mask = encode_chats(tok, prompts[i:i + batch_size], device=device)
         comp, cmask = right_pad(answers[i:i + batch_size], tok.pad_token_id, device)
-        kl, nll = kl_to_base(model, base, ids, mask, comp, cmask, hook)
+        with hook():
+            logits = completion_logits(model, ids, mask, comp)  # [b, T, V]
+        if k == len(base_cache):
+            unsteered_base = model is base and hook is contextlib.nullcontext
+            base_cache.append((logits if unsteered_base else completion_logits(base, ids, mask, comp)).cpu())
+        kl, nll = kl_and_nll(logits, base_cache[k].to(device), comp, cmask)
         counts = cmask.sum(-1).tolist()
         for name, values in (("kl", kl), ("nll", nll)):
             per[name] += [float(x.sum()) for x in values.split(counts)]
@@ -383,7 +392,7 @@ def main(argv=None):
     else:
         base_texts, base_answers = greedy(base, base_tok, harmless_prompts, args.max_new_tokens, args.batch_size,
                                           contextlib.nullcontext, "base answers (retention text)")
-    results, raw, samples = {}, {}, []
+    results, raw, samples, base_cache = {}, {}, [], []  # base_cache: π0's logits on those answers (retention)
     for name, spec in tqdm(pairs, desc="models", unit="model"):
         fp = fingerprint(spec, settings)
         earlier = reuse(name, fp, old_models, old_samples, sets, paths)
@@ -397,18 +406,17 @@ def main(argv=None):
                                       args.device_map)
         if len(tok) != len(base_tok) or tok.get_vocab() != base_tok.get_vocab():
             raise UserError(f"model {name} ({spec}) has another tokenizer than the base model {args.model}")
-        texts = {}
-        for s in SETS:
-            if s == "harmless" and model is base and hook is contextlib.nullcontext:
-                texts[s] = base_texts
-            elif s in sets:
-                texts[s], _ = greedy(model, tok, [r["prompt"] for r in sets[s]], args.max_new_tokens,
-                                     args.batch_size, hook, f"{name}: {s}")
+        unsteered_base = model is base and hook is contextlib.nullcontext
+        todo = [s for s in SETS if s in sets and not (s == "harmless" and unsteered_base)]  # π0's: base_texts
+        answers = iter(greedy(model, tok, [r["prompt"] for s in todo for r in sets[s]], args.max_new_tokens,
+                              args.batch_size, hook, f"{name}: {', '.join(todo)}")[0])  # one call: batches span sets
+        texts = {s: [next(answers) for _ in sets[s]] if s in todo else base_texts for s in SETS if s in sets}
         q_txt, _ = greedy(model, tok, [r["prompt"] for r in sets["qa"]], args.qa_tokens, args.batch_size, hook,
                           f"{name}: qa")
         verdicts = {s: judge_refusal(x) for s, x in texts.items()}
         qa_ok = [qa_correct(a, r["answers"]) for a, r in zip(q_txt, sets["qa"])]
-        ret = retention(model, hook, base, tok, harmless_prompts, base_answers, min(args.batch_size, RETENTION_BATCH))
+        ret = retention(model, hook, base, tok, harmless_prompts, base_answers, min(args.batch_size, RETENTION_BATCH),
+                        base_cache)
         raw[name] = {"verdicts": verdicts, "qa_ok": qa_ok, "ret": ret}
         results[name] = {"spec": spec, **summarize(verdicts, sets, qa_ok, ret, args.seed),
                          "kl_sums": ret["kl"], "nll_sums": ret["nll"], "kl_tokens": ret["tokens"], "fingerprint": fp,

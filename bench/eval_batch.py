@@ -6,6 +6,8 @@ a larger batch buys on this CPU. Batch sizes are interleaved over the repeats, s
 
 Usage:
     python bench/eval_batch.py --prompts 64 --tokens 64 --batch-sizes 16 32 64 --repeats 2
+    python bench/eval_batch.py --splits harmful_test harmless_test harmful_reform_test harmless_reform_test \
+        --prompts 360 --batch-sizes 128 512 --repeats 1      # the demo's Stage 4: its splits in one batch
 """
 import argparse
 import contextlib
@@ -23,13 +25,14 @@ import evaluate  # noqa: E402
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompts", type=int, default=64, help="first N prompts of data/harmful_test")
+    p.add_argument("--splits", nargs="+", default=["harmful_test"], help="data/ files, pooled as Stage 4 pools them")
+    p.add_argument("--prompts", type=int, default=64, help="first N prompts of the pooled splits")
     p.add_argument("--tokens", type=int, default=64, help="greedy new tokens (Stage 4's default)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64])
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
     model, tok = common.load_model("smollm2-135m", torch.device("cpu"))
-    prompts = common.read_prompts(common.data_file("harmful_test"))[:args.prompts]
+    prompts = [p for s in args.splits for p in common.read_prompts(common.data_file(s))][:args.prompts]
     seconds, texts = {b: [] for b in args.batch_sizes}, {}
     for _ in range(args.repeats):
         for b in args.batch_sizes:

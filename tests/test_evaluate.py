@@ -1,4 +1,5 @@
 """Stage 4: the judge, the retention metric against brute force, the output schema."""
+import contextlib
 import json
 
 import pytest
@@ -98,6 +99,22 @@ def test_retention_per_prompt_sums_equal_the_token_mean(tok, model):
     kl, nll = ev.kl_to_base(other, model, ids, mask, comp, cmask)
     assert sum(ret["kl"]) == pytest.approx(kl.sum().item(), rel=1e-6)
     assert sum(ret["nll"]) == pytest.approx(nll.sum().item(), rel=1e-6)
+
+
+def test_retention_runs_base_on_its_answers_once(tok, model, monkeypatch):
+    """With one base_cache for all models, π0 is teacher-forced on its answers by the first call only, and each
+    model's KL and NLL are what a call without the cache computes."""
+    from conftest import make_model
+    prompts, answers = ["hello", "what is up there", "x"], [[40, 41, 42], [50], [60, 61]]
+    others = [make_model(tok, seed=3), make_model(tok, seed=4)]
+    plain = [ev.retention(o, contextlib.nullcontext, model, tok, prompts, answers, batch_size=2) for o in others]
+    calls, real = [], ev.completion_logits
+    monkeypatch.setattr(ev, "completion_logits", lambda m, *a: calls.append(m) or real(m, *a))
+    cache = []
+    cached = [ev.retention(o, contextlib.nullcontext, model, tok, prompts, answers, 2, cache) for o in others]
+    assert sum(m is model for m in calls) == 2 and len(cache) == 2  # two batches of π0, in the first call only
+    for a, b in zip(cached, plain):
+        assert a["tokens"] == b["tokens"] and a["kl"] == pytest.approx(b["kl"]) and a["nll"] == pytest.approx(b["nll"])
 
 
 def test_steered_base_has_kl_to_itself_unsteered(tok, model):
