@@ -136,32 +136,38 @@ def mean_aggregate(scores: torch.Tensor, eligible: torch.Tensor, k: int) -> torc
     return mean.topk(min(k, int(eligible.sum()))).indices
 
 
-def coverage(log_pt: torch.Tensor, log_p0: torch.Tensor, s_ids: torch.Tensor) -> torch.Tensor:
-    """Per position, the share of Σ_v |πt(v) - π0(v)| that falls on S: [n]."""
-    diff = (log_pt.exp() - log_p0.exp()).abs()
-    return diff[:, s_ids].sum(-1) / diff.sum(-1).clamp_min(1e-12)
+def tv_shift(log_pt: torch.Tensor, log_p0: torch.Tensor) -> torch.Tensor:
+    """|πt(v) - π0(v)| at every position: [n, V]."""
+    return (log_pt.exp() - log_p0.exp()).abs()
+
+
+def coverage(shift: torch.Tensor, s_ids: torch.Tensor) -> torch.Tensor:
+    """Per position, the share of the teacher's shift Σ_v |πt(v) - π0(v)| that falls on S: [n, V] -> [n]."""
+    return shift[:, s_ids].sum(-1) / shift.sum(-1).clamp_min(1e-12)
 
 
 # ----------------------------------------------------------------------------- main
 
 def position_scores(model, tok, teacher, batches, rule: str):
-    """Scores of every valid position, plus mean πt and mean Δ per token. Keeps [n_valid, V] in memory."""
-    all_scores, sum_pt, sum_delta, n = [], 0, 0, 0
+    """Scores and the teacher's shift (for coverage, so πt and π0 run once) of every valid position, plus mean πt
+    and mean Δ per token. Keeps two [n_valid, V] tensors in memory."""
+    all_scores, shifts, sum_pt, sum_delta, n = [], [], 0, 0, 0
     for batch in tqdm(batches, desc="teacher-forcing πt and π0", unit="batch"):
         log_pt, log_p0 = teacher_and_base_logprobs(model, tok, teacher, batch)
         all_scores.append(token_scores(log_pt, log_p0, rule))
+        shifts.append(tv_shift(log_pt, log_p0))
         sum_pt = sum_pt + log_pt.exp().sum(0)
         sum_delta = sum_delta + contrastive_logprobs(log_pt, log_p0).sum(0)
         n += log_pt.shape[0]
     if n == 0:
         raise UserError("the teacher's samples hold no valid positions")
-    return torch.cat(all_scores), sum_pt / n, sum_delta / n  # [n, V], [V], [V]
+    return torch.cat(all_scores), torch.cat(shifts), sum_pt / n, sum_delta / n  # [n, V], [n, V], [V], [V]
 
 
 def select(model, tok, teacher, batches, *, score: str = "kl", aggregate: str = "vote", k: int = 50,
            k_vote: int = 200, prob_floor: float = 1e-6, contrast_batches=None) -> dict:
     """S from the teacher's samples; with contrast_batches, from the difference to a second prompt set."""
-    scores, mean_pt, mean_delta = position_scores(model, tok, teacher, batches, score)
+    scores, shift, mean_pt, mean_delta = position_scores(model, tok, teacher, batches, score)
     eligible = eligible_tokens(mean_pt, special_token_ids(tok), len(tok), prob_floor)
     if contrast_batches is None:
         if aggregate == "vote":
@@ -169,7 +175,7 @@ def select(model, tok, teacher, batches, *, score: str = "kl", aggregate: str = 
         else:
             s_ids, votes = mean_aggregate(scores, eligible, k), torch.zeros(scores.shape[-1], dtype=torch.long)
     else:
-        c_scores, _, _ = position_scores(model, tok, teacher, contrast_batches, score)
+        c_scores = position_scores(model, tok, teacher, contrast_batches, score)[0]
         if aggregate == "vote":  # vote shares, so that sets of different sizes compare
             votes = vote(scores, eligible, k_vote, k)[1]
             rank = votes / len(scores) - vote(c_scores, eligible, k_vote, k)[1] / len(c_scores)
@@ -180,11 +186,12 @@ def select(model, tok, teacher, batches, *, score: str = "kl", aggregate: str = 
         s_ids = rank.topk(min(k, int(eligible.sum()))).indices
         s_ids = s_ids[rank[s_ids] > 0]
     return {"ids": s_ids, "votes": votes, "mean_delta": mean_delta, "mean_score": scores.mean(0),
-            "n_positions": scores.shape[0], "n_eligible": int(eligible.sum())}
+            "coverage": coverage(shift, s_ids).mean().item(), "n_positions": scores.shape[0],
+            "n_eligible": int(eligible.sum())}
 
 
 def mean_coverage(model, tok, teacher, batches, s_ids) -> float:
-    shares = [coverage(*teacher_and_base_logprobs(model, tok, teacher, b), s_ids) for b in batches]
+    shares = [coverage(tv_shift(*teacher_and_base_logprobs(model, tok, teacher, b)), s_ids) for b in batches]
     return torch.cat(shares).mean().item()
 
 
@@ -214,7 +221,7 @@ def main(argv=None):
                  k_vote=args.k_vote, prob_floor=args.prob_floor, contrast_batches=contrast)
     s_ids = sel["ids"]
     cov_batches = teacher_samples(model, tok, teacher, cov_prompts, args.samples, args.horizon, args.batch_size, gen)
-    cov = {"selection_prompts": mean_coverage(model, tok, teacher, batches, s_ids),
+    cov = {"selection_prompts": sel["coverage"],
            "harmful_val": mean_coverage(model, tok, teacher, cov_batches, s_ids)}
 
     ids = s_ids.tolist()

@@ -101,10 +101,21 @@ def test_eligible_tokens_floor_special_and_padding():
 def test_coverage_is_one_on_full_vocab_and_brute_force():
     log_pt = torch.randn(5, 9).log_softmax(-1)
     log_p0 = torch.randn(5, 9).log_softmax(-1)
-    assert torch.allclose(st.coverage(log_pt, log_p0, torch.arange(9)), torch.ones(5))
+    shift = st.tv_shift(log_pt, log_p0)
+    assert torch.allclose(st.coverage(shift, torch.arange(9)), torch.ones(5))
     s = torch.tensor([1, 4])
     d = (log_pt.exp() - log_p0.exp()).abs()
-    assert torch.allclose(st.coverage(log_pt, log_p0, s), d[:, [1, 4]].sum(-1) / d.sum(-1))
+    assert torch.allclose(st.coverage(shift, s), d[:, [1, 4]].sum(-1) / d.sum(-1))
+
+
+def test_coverage_of_one_pass_equals_teacher_forcing_again(tok, model):
+    """select() measures coverage on the selection prompts from the pass that scored them: the same number as
+    teacher-forcing πt and π0 on those samples once more (what mean_coverage does for the second prompt set)."""
+    teacher = hook_teacher(model, torch.randn(model.config.hidden_size) * 3)
+    batches = st.teacher_samples(model, tok, teacher, ["hi", "tell me more", "why"], m=2, h=4, batch_size=4,
+                                 gen=torch.Generator().manual_seed(0))
+    sel = st.select(model, tok, teacher, batches, k=5, k_vote=10, prob_floor=0.0)
+    assert sel["coverage"] == pytest.approx(st.mean_coverage(model, tok, teacher, batches, sel["ids"]), rel=1e-6)
 
 
 def test_main_writes_the_contract(model_dir, tmp_path, capsys):
@@ -137,7 +148,7 @@ def test_contrast_keeps_what_is_specific_to_the_selection_prompts(tok, monkeypat
     con[:, 5] = 3.0
     con[:, 11] = 3.0  # raised only on the contrast set: a negative rank, never in S
     mean_pt = torch.full((v,), 1.0 / v)
-    calls = iter([(sel, mean_pt, sel.mean(0)), (con, mean_pt, con.mean(0))])
+    calls = iter([(sel, sel.abs(), mean_pt, sel.mean(0)), (con, con.abs(), mean_pt, con.mean(0))])
     monkeypatch.setattr(st, "position_scores", lambda *a, **k: next(calls))
     out = st.select(None, tok, None, ["sel"], score="kl", aggregate=aggregate, k=3, k_vote=2, prob_floor=0.0,
                     contrast_batches=["con"])
