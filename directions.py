@@ -70,19 +70,25 @@ def candidate_directions(model, harmful: PromptBatches, harmless: PromptBatches,
 @torch.no_grad()
 def response_directions(model, tok, prompts: list[str], refusal: str, comply: str, batch_size: int) -> torch.Tensor:
     """r[l] = mean block-l input over the tokens of a prefilled refusal minus a prefilled compliance, on the
-    same prompts, float64: [1, L, hidden] (one "position": the mean over the response)."""
+    same prompts, float64: [1, L, hidden] (one "position": the mean over the response). Each prompt runs once
+    (prefill), and both answers continue from its cache in one batch, the shorter one right-padded."""
     device = next(model.parameters()).device
-    means = []
-    for answer in (refusal, comply):
-        n_ans = len(tok(answer, add_special_tokens=False).input_ids)
-        total = 0
-        for i in range(0, len(prompts), batch_size):
-            texts = [render_chat(tok, p) + answer for p in prompts[i:i + batch_size]]
-            enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt", padding_side="left").to(device)
-            hidden = model(**enc, output_hidden_states=True, logits_to_keep=1).hidden_states[:-1]
-            total = total + torch.stack(hidden)[:, :, -n_ans:].double().mean(2).sum(1)  # [L, hidden]
-        means.append(total / len(prompts))
-    return (means[0] - means[1])[None]
+    answers = [tok(a, add_special_tokens=False).input_ids for a in (refusal, comply)]
+    width = max(map(len, answers))
+    totals = [0, 0]
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        ids, mask = encode_chats(tok, chunk + chunk, device=device)  # twice: prefill runs each distinct prompt once
+        pre = prefill(model, ids, mask, tok.pad_token_id)
+        cont = torch.tensor([a + [tok.pad_token_id] * (width - len(a)) for a in answers], device=device)
+        cont = cont.repeat_interleave(len(chunk), 0)  # [2b, width]: refusal rows, then compliance rows
+        hidden = model(input_ids=cont, attention_mask=torch.cat([pre.cache_mask, torch.ones_like(cont)], 1),
+                       position_ids=pre.next_pos + torch.arange(width, device=device), past_key_values=pre.cache,
+                       use_cache=True, output_hidden_states=True, logits_to_keep=1).hidden_states[:-1]
+        h = torch.stack(hidden)  # [L, 2b, width, hidden]
+        for k, a in enumerate(answers):
+            totals[k] = totals[k] + h[:, k * len(chunk):(k + 1) * len(chunk), :len(a)].double().mean(2).sum(1)
+    return ((totals[0] - totals[1]) / len(prompts))[None]
 
 
 def recompute_direction(model, tok, meta: dict, batch_size: int = 16) -> torch.Tensor:

@@ -222,15 +222,14 @@ def teacher_selectivity(model, tok, r, teachers: list[dict], harmful: list[str],
     """Each teacher (position, layer, coefficient) measured as it will teach: greedy refusal (the judge) on
     harmful and harmless validation prompts. selectivity = refusal(harmful) - refusal(harmless): a teacher that
     refuses everything teaches over-refusal."""
-    device = next(model.parameters()).device
-    enc = [encode_chats(tok, ps, device=device) for ps in (harmful, harmless)]
+    ids, mask = encode_chats(tok, harmful + harmless, device=next(model.parameters()).device)  # one batch: fewer steps
     kw = dict(temperature=0, stop_ids=stop_token_ids(tok), pad_id=tok.pad_token_id)
     out = []
     for t in tqdm(teachers, desc="measuring teachers", unit="teacher"):
         vec = r[r.shape[0] + t["position"], t["layer"]].float()
         with add_vector(model, t["layer"], vec, t["coefficient"]):
-            rates = [refusal_rate(decode_completions(tok, *sample(model, ids, mask, max_tokens, **kw)))
-                     for ids, mask in enc]
+            texts = decode_completions(tok, *sample(model, ids, mask, max_tokens, **kw))
+        rates = refusal_rate(texts[:len(harmful)]), refusal_rate(texts[len(harmful):])
         out.append({**t, "refusal_harmful": rates[0], "refusal_harmless": rates[1], "selectivity": rates[0] - rates[1]})
     return out
 
