@@ -16,8 +16,7 @@ RUN    ?= runs/demo
 DIRECTION_ARGS ?= --kind response --teacher-grid 0.5 0.75 1.0 --grid-blocks 2
 TOKENS_ARGS    ?= --score kl --prompts data/harmful_train.jsonl
 DISTILL_ARGS   ?= --prompts-per-step 4 --samples 4 --max-new-tokens 48 --lr 8e-5 \
-                  --anchor data/harmless_train.jsonl --anchor-per-step 4 --anchor-weight 1.5 \
-                  --no-grad-checkpointing  # 24 GB of RAM hold the activations: one forward less (bench/distill_step.py)
+                  --anchor data/harmless_train.jsonl --anchor-per-step 4 --anchor-weight 1.5
 EVAL_ARGS      ?= --max-new-tokens 64 --batch-size 512  # a model's splits in one batch: same answers, faster (bench/eval_batch.py)
 
 .PHONY: setup test test-fast demo ablate direction-full bench clean

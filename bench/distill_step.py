@@ -1,7 +1,7 @@
 """Benchmark: one distillation step on the bundled model, by phase, and how it scales.
 
-  phases   sampling, teacher forward, student forward, loss, backward, optimiser: seconds and share, for the
-           default (gradient checkpointing on, samples packed), one row per sample, and checkpointing off
+  phases   sampling, teacher forward, student forward, loss, backward, optimiser: seconds and share, for one row
+           per sample (session 7's demo), samples packed, and packed without checkpointing (the demo's now)
   scaling  step time and peak RSS against completion length and completions per step
 
 Each configuration runs in a fresh subprocess (peak RSS = resource.getrusage of that process, whole process,
@@ -12,6 +12,7 @@ Usage:
     python bench/distill_step.py phases
     python bench/distill_step.py scaling --lengths 64 128 256 --completions 8 16 32
     python bench/distill_step.py phases --check   # exit 1 if the loss takes 5% of the step or more (issue 7)
+    python bench/distill_step.py phases --steps 1 --repeats 2   # session 8's comparison
 """
 import argparse
 import copy
@@ -72,25 +73,36 @@ def main():
     p.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256])
     p.add_argument("--completions", type=int, nargs="+", default=[8, 16, 32])
     p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=1, help="phases: runs of each configuration, interleaved")
     p.add_argument("--check", action="store_true", help="exit 1 if the loss is >= 5%% of a step")
     a = p.parse_args()
     if a.what == "child":
         return child(json.loads(a.cfg))
     base = {"steps": a.steps, "micro_batch": a.micro_batch, "prompts": 4, "anchors": 4, "samples": 4, "length": 48}
     if a.what == "phases":
-        print("the demo's step: 4 harmful + 4 anchor prompts x 4 samples x 48 new tokens, micro-batch", a.micro_batch, "\n")
-        for ck, pack in ((True, True), (True, False), (False, True)):
-            r = run({**base, "checkpointing": ck, "pack": pack})
-            name = f"gradient checkpointing {'on' if ck else 'off'}, samples {'packed' if pack else 'one row each'}"
-            if "error" in r:
-                print(f"{name}: failed: {r['error']}")
+        print("the demo's step: 4 harmful + 4 anchor prompts x 4 samples x 48 new tokens, micro-batch", a.micro_batch,
+              f"; configurations interleaved, median of {a.repeats} runs\n")
+        configs = {"one row per sample, checkpointing on (session 7's demo)": (True, False),
+                   "packed, checkpointing on": (True, True), "packed, checkpointing off (the demo's now)": (False, True)}
+        results = {name: [] for name in configs}
+        for _ in range(a.repeats):  # interleaved, so that the box's drift hits every configuration alike
+            for name, (ck, pack) in configs.items():
+                results[name].append(run({**base, "checkpointing": ck, "pack": pack}))
+        first = None
+        for name, rs in results.items():
+            rs = [r for r in rs if "error" not in r]
+            if not rs:
+                print(f"{name}: failed: {results[name][0]['error']}")
                 continue
-            total = r["step"]
-            print(f"{name}: {total:.1f} s/step, peak RSS {r['peak_rss_mb']:.0f} MB")
-            for k, v in r["phases"].items():
+            total = statistics.median(r["step"] for r in rs)
+            first = first or total
+            print(f"{name}: {total:.1f} s/step ({first / total:.2f}x the first), peak RSS "
+                  f"{max(r['peak_rss_mb'] for r in rs):.0f} MB")
+            for k in rs[0]["phases"]:
+                v = statistics.median(r["phases"][k] for r in rs)
                 print(f"  {k:<16} {v:>6.2f} s  {v / total:>6.1%}")
-            if a.check and r["phases"]["loss"] >= 0.05 * total:
-                sys.exit(f"the loss takes {r['phases']['loss'] / total:.1%} of a step (target < 5%)")
+            if a.check and statistics.median(r["phases"]["loss"] for r in rs) >= 0.05 * total:
+                sys.exit("the loss takes 5% of a step or more (target < 5%)")
         return
     print(f"{'length':>6} {'completions':>11} {'s/step':>7} {'s per 1k tokens':>16} {'peak RSS MB':>12}")
     for length in a.lengths:

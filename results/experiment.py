@@ -33,8 +33,8 @@ from metrics import is_refusal, mcnemar_exact, paired_bootstrap, wilson  # noqa:
 
 # The demo's Stage 3 budget (25 steps x 4 prompts x 4 samples x 48 tokens); an experiment's own arguments win.
 BUDGET = ["--prompts-per-step", "4", "--samples", "4", "--max-new-tokens", "48", "--lr", "1e-5"]
-# Stage 4 as the demo runs it (greedy, 64 tokens; a whole split per batch gives batch 16's answers, faster)
-EVAL = ["--max-new-tokens", "64", "--batch-size", "128"]
+# Stage 4 as the demo runs it (greedy, 64 tokens; every split in one batch gives batch 16's answers, faster)
+EVAL = ["--max-new-tokens", "64", "--batch-size", "512"]
 SETS = ("harmful", "harmless", "harmful_reform", "harmless_reform")
 # What each split evaluates on (data/ file stems).
 SPLITS = {"test": {"harmful": "harmful_test", "harmless": "harmless_test", "harmful_reform": "harmful_reform_test",
