@@ -278,17 +278,36 @@ def test_one_step_lowers_the_loss(tok, model):
     assert loss().item() < before.item()
 
 
-def test_anchored_step_gradient_is_harmful_loss_plus_lambda_anchor_loss(tok, model, monkeypatch):
-    """train_step with anchor prompts: the gradient it applies equals that of
-    L(harmful samples, steered πt) + λ·L(anchor samples, unsteered π0), computed by hand on the same samples."""
+def fixed_samples(tok, model, monkeypatch, prompts):
+    """A frozen copy of the model for πt and π0, a random r, and train_step's sampler replaced by two fixed
+    samples per prompt, so that a step can be checked against the same step computed another way."""
     import copy
     teacher = copy.deepcopy(model).requires_grad_(False)
     vec = torch.randn(model.config.hidden_size) * 3
-    harmful, anchors = ["hello", "how are you"], ["what is 2+2"]
-    ids, mask = chat.encode_chats(tok, [p for p in harmful + anchors for _ in range(2)])
+    ids, mask = chat.encode_chats(tok, [p for p in prompts for _ in range(2)])
     comp, cmask = steering.sample(model, ids, mask, 5, temperature=1.0, generator=torch.Generator().manual_seed(0),
-                                stop_ids=[10_000], pad_id=tok.pad_token_id)
+                                  stop_ids=[10_000], pad_id=tok.pad_token_id)
     monkeypatch.setattr(dl, "sample", lambda *a, **k: (comp, cmask))
+    return teacher, vec, ids, mask, comp, cmask
+
+
+class GradCapture(torch.optim.SGD):
+    """lr 0: keeps the weights, and keeps the gradients train_step applied (read after the step)."""
+
+    def __init__(self, model):
+        super().__init__(model.parameters(), lr=0.0)
+        self.model = model
+
+    def zero_grad(self, set_to_none=True):
+        self.grads = [p.grad.clone() for p in self.model.parameters()]
+        super().zero_grad(set_to_none)
+
+
+def test_anchored_step_gradient_is_harmful_loss_plus_lambda_anchor_loss(tok, model, monkeypatch):
+    """train_step with anchor prompts: the gradient it applies equals that of
+    L(harmful samples, steered πt) + λ·L(anchor samples, unsteered π0), computed by hand on the same samples."""
+    harmful, anchors = ["hello", "how are you"], ["what is 2+2"]
+    teacher, vec, ids, mask, comp, cmask = fixed_samples(tok, model, monkeypatch, harmful + anchors)
     s = torch.arange(10, 40)
 
     def part(rows, steer):
@@ -301,10 +320,7 @@ def test_anchored_step_gradient_is_harmful_loss_plus_lambda_anchor_loss(tok, mod
     expected = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
 
-    class Capture(torch.optim.SGD):  # lr 0: keeps the weights, lets the gradients be read after the step
-        def zero_grad(self, set_to_none=True):
-            self.grads = [p.grad.clone() for p in model.parameters()]
-    opt = Capture(model.parameters(), lr=0.0)
+    opt = GradCapture(model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     rec = dl.train_step(model, tok, harmful, anchors, teacher=steering.Teacher(teacher, "hook", vec, 1),
                         base=steering.Teacher(teacher, "base"), s_ids=s, opt=opt, sched=sched, gen=None, samples=2,
@@ -316,27 +332,18 @@ def test_anchored_step_gradient_is_harmful_loss_plus_lambda_anchor_loss(tok, mod
 
 def test_packed_samples_give_the_step_of_one_row_per_sample(tok, model, monkeypatch):
     """--pack-samples (the default) and --no-pack-samples: the same loss and gradient on the same samples."""
-    import copy
-    teacher = copy.deepcopy(model).requires_grad_(False)
-    vec = torch.randn(model.config.hidden_size) * 3
     harmful, anchors = ["hello", "how are you today"], ["what is 2+2"]
-    ids, mask = chat.encode_chats(tok, [p for p in harmful + anchors for _ in range(2)])
-    comp, cmask = steering.sample(model, ids, mask, 5, temperature=1.0, generator=torch.Generator().manual_seed(0),
-                                  stop_ids=[10_000], pad_id=tok.pad_token_id)
-    monkeypatch.setattr(dl, "sample", lambda *a, **k: (comp, cmask))
+    teacher, vec, *_ = fixed_samples(tok, model, monkeypatch, harmful + anchors)
     packed, real = [], steering.packed_completion_logits
     monkeypatch.setattr(steering, "packed_completion_logits", lambda *a: packed.append(a[-1]) or real(*a))
     runs = []
     for pack in (True, False):
-        opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        opt.zero_grad = lambda set_to_none=True, o=opt: setattr(o, "grads", [p.grad.clone() for p in model.parameters()])
+        opt = GradCapture(model)
         rec = dl.train_step(model, tok, harmful, anchors, teacher=steering.Teacher(teacher, "hook", vec, 1),
                             base=steering.Teacher(teacher, "base"), s_ids=torch.arange(10, 40), opt=opt,
                             sched=torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0), gen=None, samples=2,
                             max_new_tokens=5, micro_batch=4, clip=1e9, pack=pack)
         runs.append((rec["loss"], opt.grads))
-        for p in model.parameters():
-            p.grad = None
     (loss_packed, g_packed), (loss_plain, g_plain) = runs
     assert packed == [2, 2]  # harmful rows as one micro-batch of 2 prompts x 2, anchors as one of 1 x 2
     assert loss_packed == pytest.approx(loss_plain, rel=1e-5)
