@@ -348,14 +348,14 @@ def packed_completion_logits(model, prompt_ids, prompt_mask, comp_ids, g: int) -
     """completion_logits for runs of G identical prompts, each prompt computed once: a row [prompt | y_1 | ... | y_G]
     with a tree-shaped mask (y_j sees the prompt and its own past, no other y) and position ids that restart after
     the prompt for each y_j, so y_j is scored as in a row of its own. [b, s] + [b, T] -> [b, T, V]."""
-    (b, t), (ids, mask) = comp_ids.shape, (prompt_ids[::g], prompt_mask[::g])  # [n, s]
-    (n, s), dev, width = ids.shape, ids.device, ids.shape[1] + g * t
+    ids, mask = prompt_ids[::g], prompt_mask[::g]  # [n, s]: each prompt once
+    (n, s), t, dev = ids.shape, comp_ids.shape[1], ids.device
+    width = s + g * t
     seg = torch.cat([torch.where(mask.bool(), 0, -1),  # -1 padding, 0 prompt, j sample j: [n, W]
                      torch.arange(1, g + 1, device=dev).repeat_interleave(t).expand(n, -1)], dim=1)
     pos = torch.cat([(mask.cumsum(-1) - 1).clamp(min=0),
                      mask.sum(-1, keepdim=True) + torch.arange(t, device=dev).repeat(g)], dim=1)
-    q, k = seg[:, :, None], seg[:, None, :]
-    causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()
+    q, k, causal = seg[:, :, None], seg[:, None, :], torch.ones(width, width, dtype=torch.bool, device=dev).tril()
     # a padding query sees itself (the eye): no softmax row is empty
     allowed = (causal & (k >= 0) & ((k == 0) | (k == q))) | torch.eye(width, dtype=torch.bool, device=dev)
     attn = allowed[:, None]  # [n, 1, W, W]: sdpa takes True = attend, eager adds a float mask
@@ -366,7 +366,7 @@ def packed_completion_logits(model, prompt_ids, prompt_mask, comp_ids, g: int) -
     keep = torch.cat([torch.cat([torch.tensor([s - 1]), s + j * t + torch.arange(t - 1)]) for j in range(g)])
     logits = model(input_ids=torch.cat([ids, comp_ids.reshape(n, g * t)], dim=1), attention_mask=attn,
                    position_ids=pos, use_cache=False, logits_to_keep=keep.to(dev)).logits  # [n, G T, V]
-    return logits.reshape(b, t, -1)
+    return logits.reshape(n * g, t, -1)
 
 
 def completion_logits(model, prompt_ids, prompt_mask, comp_ids, share_prefix: bool = True,
