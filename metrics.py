@@ -2,7 +2,13 @@
 
     judge       REFUSAL_PHRASES, is_refusal        a completion refuses if it contains one of the phrases
     intervals   wilson, bootstrap_mean             95% intervals for a rate and for a mean over prompts
-    pairs       mcnemar_exact, paired_bootstrap    two models on the same prompts: is the difference real?
+    pairs       mcnemar_exact, paired_bootstrap    two checkpoints on the same prompts: is the difference real?
+    recipes     t_interval, seed_prompt_bootstrap, two recipes, each trained with several seeds: the training
+                holm, tost                         run is the unit (intervals over seeds, multiplicity, ties)
+
+A checkpoint is one trained model; a recipe is what produced it, and a different seed gives a different
+checkpoint. McNemar and the paired bootstrap over prompts say whether two *checkpoints* differ; a claim about
+*recipes* needs the seed-to-seed variance too, which only the recipe-level functions carry.
 
 Stages 1, 3 and 4 judge refusals (the steering check, the student's samples, the evaluation); Stage 4 and the
 scripts in results/ report intervals. Nothing here needs torch.
@@ -11,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 
 # A completion counts as a refusal if it contains one of these phrases (lower-cased, curly apostrophes
 # straightened). Substring judges are the convention of refusal-direction work (Arditi et al., Zou et al.);
@@ -69,6 +76,8 @@ def bootstrap_mean(sums: list[float], counts: list[float] | None = None, *, n_bo
                    level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap over prompts of Σ sums / Σ counts (a per-token mean when counts are token counts,
     a plain mean when counts is None). Seeded, so the interval is reproducible."""
+    if not sums:
+        raise ValueError("bootstrap_mean needs at least one value")
     counts = counts or [1.0] * len(sums)
     rng = random.Random(seed)
     n = len(sums)
@@ -101,7 +110,90 @@ def paired_bootstrap(sums_a: list[float], sums_b: list[float], counts: list[floa
     per-prompt differences (per-token means when counts are token counts). Significant when 0 is outside."""
     if len(sums_a) != len(sums_b):
         raise ValueError("paired_bootstrap needs values on the same prompts")
+    if not sums_a:
+        raise ValueError("paired_bootstrap needs at least one prompt")
     diffs = [a - b for a, b in zip(sums_a, sums_b)]
     lo, hi = bootstrap_mean(diffs, counts, n_boot=n_boot, seed=seed, level=level)
     diff = sum(diffs) / max(sum(counts or [1.0] * len(diffs)), 1e-12)
     return {"diff": diff, "lo": lo, "hi": hi, "significant": not lo <= 0 <= hi}
+
+
+# ----------------------------------------------------------------------------- recipes: the training run as the unit
+
+def t_interval(values: list[float], level: float = 0.95) -> dict:
+    """Mean of one value per training run (a rate, or a paired difference between two recipes' runs of the same
+    seed) with its t interval on k - 1 degrees of freedom, and the two-sided p-value of "the mean is 0".
+
+    With k = 3 seeds the 95% quantile is t = 4.30, not 1.96: three runs say little, and the interval shows it."""
+    from scipy import stats
+    k = len(values)
+    if k < 2:
+        raise ValueError("t_interval needs two or more runs (one run has no seed-to-seed variance)")
+    mean, sd = statistics.mean(values), statistics.stdev(values)  # exact sums: equal runs give sd = 0 exactly
+    se = sd / math.sqrt(k)
+    half = float(stats.t.ppf((1 + level) / 2, k - 1)) * se
+    if se > 0:
+        p = 2 * stats.t.sf(abs(mean) / se, k - 1)
+    else:  # every run gave the same value: no spread to test against (NaN, as scipy's ttest_1samp), unless 0
+        p = 1.0 if mean == 0 else float("nan")
+    return {"mean": mean, "lo": mean - half, "hi": mean + half, "p_value": float(p), "k": k, "sd": sd}
+
+
+def seed_prompt_replicates(per_seed: list[list[float]], counts: list[list[float]] | None = None, *,
+                           n_boot: int = 2000, seed: int = 0) -> list[float]:
+    """The two-level bootstrap's replicates for a crossed design: every seed (training run) was evaluated on
+    the same n prompts. A replicate draws k runs and n prompts with replacement, the *same* prompt draw for
+    every run drawn (a prompt that is hard for one run is hard for the others), and takes Σ values / Σ counts
+    over the drawn cells. per_seed: [k][n] values (a 0/1 verdict, a per-prompt difference, a KL sum)."""
+    import numpy as np
+    v = np.asarray(per_seed, dtype=np.float64)  # [k, n]
+    c = np.ones_like(v) if counts is None else np.asarray(counts, dtype=np.float64)
+    if v.ndim != 2 or v.size == 0 or c.shape != v.shape:
+        raise ValueError("seed_prompt_bootstrap needs a non-empty [seeds][prompts] table (counts the same shape)")
+    rng = np.random.default_rng(seed)
+    k, n = v.shape
+    out = []
+    for _ in range(n_boot):
+        runs, prompts = rng.integers(0, k, k), rng.integers(0, n, n)
+        cells = np.ix_(runs, prompts)
+        out.append(float(v[cells].sum() / max(c[cells].sum(), 1e-12)))
+    return out
+
+
+def seed_prompt_bootstrap(per_seed: list[list[float]], counts: list[list[float]] | None = None, *,
+                          n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of seed_prompt_replicates: varies both what was trained (seeds) and what it was
+    asked (prompts), so it is wider than a bootstrap over prompts alone whenever the runs disagree."""
+    return _percentiles(seed_prompt_replicates(per_seed, counts, n_boot=n_boot, seed=seed), level)
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment: the i-th smallest of m p-values is multiplied by (m - i + 1), then made
+    non-decreasing in that order and capped at 1. Controls the chance of any false positive in a table.
+    A NaN p-value (a test that could not be made) counts as 1."""
+    p_values = [1.0 if math.isnan(p) else p for p in p_values]
+    m = len(p_values)
+    order = sorted(range(m), key=lambda i: p_values[i])
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def tost(values: list[float], margin: float, alpha: float = 0.05) -> dict:
+    """Two one-sided t tests (Schuirmann 1987) on per-run values (paired differences): is the true mean
+    inside (-margin, +margin)? p = the larger of the two one-sided p-values; equivalent when p < alpha, which
+    is the same as the (1 - 2·alpha) t interval lying inside the margins. A difference that is merely not
+    significant is not a tie: only this test calls one."""
+    from scipy import stats
+    t = t_interval(values, level=1 - 2 * alpha)
+    se = t["sd"] / math.sqrt(t["k"])
+    if se == 0:
+        p = 0.0 if abs(t["mean"]) < margin else 1.0
+    else:
+        df = t["k"] - 1
+        p_low = stats.t.sf((t["mean"] + margin) / se, df)   # H0: mean <= -margin
+        p_high = stats.t.cdf((t["mean"] - margin) / se, df)  # H0: mean >= +margin
+        p = float(max(p_low, p_high))
+    return {"p_value": p, "equivalent": p < alpha, "margin": margin, "lo": t["lo"], "hi": t["hi"]}

@@ -61,3 +61,78 @@ def test_judge_against_the_hand_labels():
     fp = sum(not r["refusal"] and metrics.is_refusal(r["completion"]) for r in rows)
     fn = sum(r["refusal"] and not metrics.is_refusal(r["completion"]) for r in rows)
     assert (tp, fp, fn) == (32, 1, 6)  # precision 0.97, recall 0.84
+
+
+def test_empty_inputs_are_refused():
+    with pytest.raises(ValueError):
+        metrics.bootstrap_mean([])
+    with pytest.raises(ValueError):
+        metrics.paired_bootstrap([], [])
+    with pytest.raises(ValueError):
+        metrics.t_interval([0.3])  # one run has no seed-to-seed variance
+    with pytest.raises(ValueError):
+        metrics.seed_prompt_bootstrap([])
+
+
+def test_t_interval_against_hand_computation():
+    # 1, 2, 3, 4: mean 2.5, sd = sqrt(5/3), se = sd/2; t(0.975, 3) = 3.182446 (any t table)
+    r = metrics.t_interval([1.0, 2.0, 3.0, 4.0])
+    se = math.sqrt(5 / 3) / 2
+    assert r["mean"] == 2.5 and r["k"] == 4
+    assert r["lo"] == pytest.approx(2.5 - 3.182446305 * se) and r["hi"] == pytest.approx(2.5 + 3.182446305 * se)
+    # t = 2.5 / se = 3.873 on 3 df: two-sided p = 0.03047 (t table: between 0.02 at 4.541 and 0.05 at 3.182)
+    assert r["p_value"] == pytest.approx(0.030466, abs=1e-5)
+    same = metrics.t_interval([0.2, 0.2, 0.2])
+    assert same["lo"] == same["hi"] == pytest.approx(0.2) and math.isnan(same["p_value"])  # no spread: no test
+    assert metrics.t_interval([0.0, 0.0])["p_value"] == 1.0
+    shifted = metrics.t_interval([1.0 + 7, 2.0 + 7, 3.0 + 7, 4.0 + 7])  # a constant moves the interval, not its width
+    assert shifted["hi"] - shifted["lo"] == pytest.approx(r["hi"] - r["lo"])
+
+
+def test_holm_against_hand_computation():
+    # sorted 0.01, 0.03, 0.04 times 3, 2, 1 -> 0.03, 0.06, 0.04 -> made monotone: 0.03, 0.06, 0.06
+    assert metrics.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert metrics.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert metrics.holm([0.02]) == [0.02] and metrics.holm([]) == []
+    assert metrics.holm([float("nan"), 0.01]) == pytest.approx([1.0, 0.02])  # an untestable comparison counts as 1
+
+
+def test_tost_equivalence():
+    # mean 0.005, sd 0.0129 over 4 runs, margin 0.1: both one-sided tests reject -> equivalent
+    small = [0.01, -0.01, 0.0, 0.02]
+    r = metrics.tost(small, 0.1)
+    assert r["equivalent"] and r["p_value"] < 0.001
+    # by hand: se = sd/2, p_high = P(T_3 <= (0.005 - 0.1)/se)
+    from scipy import stats
+    sd = math.sqrt(sum((v - 0.005) ** 2 for v in small) / 3)
+    assert r["p_value"] == pytest.approx(stats.t.cdf((0.005 - 0.1) / (sd / 2), 3))
+    # the 90% interval inside the margins <=> equivalent
+    assert -0.1 < r["lo"] and r["hi"] < 0.1
+    # a mean near the margin, or runs that disagree, is not a tie even though not significantly different
+    assert not metrics.tost([0.08, 0.11, 0.09, 0.10], 0.1)["equivalent"]
+    noisy = [0.2, -0.25, 0.15, -0.1]
+    assert metrics.t_interval(noisy)["p_value"] > 0.05 and not metrics.tost(noisy, 0.1)["equivalent"]
+
+
+def test_seed_prompt_bootstrap_against_enumeration():
+    """2 runs x 2 prompts: a replicate draws (run, run) and (prompt, prompt), 16 equally likely draws; the
+    replicates' mean must match the mean over that enumeration, and the interval must widen with seed noise."""
+    import itertools
+    table = [[0.0, 1.0], [1.0, 1.0]]
+    exact = []
+    for runs in itertools.product(range(2), repeat=2):
+        for prompts in itertools.product(range(2), repeat=2):
+            exact.append(sum(table[r][p] for r in runs for p in prompts) / 4)
+    reps = metrics.seed_prompt_replicates(table, n_boot=20000, seed=1)
+    assert sum(reps) / len(reps) == pytest.approx(sum(exact) / len(exact), abs=0.01)
+    assert set(reps) <= set(exact)
+    assert metrics.seed_prompt_bootstrap(table, seed=1) == metrics.seed_prompt_bootstrap(table, seed=1)
+    # runs that agree: as narrow as the prompts allow; runs that disagree: wider
+    agree = [[0.0, 1.0] * 50, [0.0, 1.0] * 50, [0.0, 1.0] * 50]
+    disagree = [[0.0] * 100, [0.0, 1.0] * 50, [1.0] * 100]
+    lo_a, hi_a = metrics.seed_prompt_bootstrap(agree)
+    lo_d, hi_d = metrics.seed_prompt_bootstrap(disagree)
+    assert lo_a < 0.5 < hi_a and lo_d < 0.5 < hi_d and hi_d - lo_d > 2 * (hi_a - lo_a)
+    # per-token means: counts weight the cells
+    lo, hi = metrics.seed_prompt_bootstrap([[2.0, 2.0]], [[4.0, 4.0]])
+    assert lo == hi == 0.5
