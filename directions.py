@@ -1,29 +1,33 @@
-"""Where r comes from: mean differences of the residual stream, shared by Stage 1 and Stage 3's refresh.
+"""Where r comes from: mean differences of the residual stream, shared by Stage 1 and Stage 3's refresh;
+and what taking r away does.
 
     PromptBatches          prompts in length-sorted batches, run through steering.prefill
     candidate_directions   r[p, l] = mean harmful - mean harmless input of block l at post-instruction token p
     response_directions    r[l] = mean over a prefilled refusal - the same over a prefilled compliance (ours)
     recompute_direction    Stage 1's r at its chosen block, measured again on another model (distill.py
                            --refresh-every: the teacher becomes the current student + c·r)
+    ablate_direction       r̂ projected out of the residual stream everywhere (Stage 1's bypass and kl scores)
 
 Stage 1 (extract_direction.py) scores and chooses among the candidates; the means themselves are here so that
 Stage 3 can measure them again without importing a stage.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from chat import encode_chats, post_instruction_ids, render_chat
 from common import UserError, read_prompts
-from steering import prefill
+from steering import decoder_layers, prefill, replace_hidden
 
 
 class PromptBatches:
     """Prompts in length-sorted, left-padded batches (chat.encode_chats; sorting keeps padding small).
 
-    forward runs each batch through steering.prefill: the template prefix every chat prompt opens with (SmolLM2:
-    a 24-token default system turn, about half of each prompt) runs once per batch, with the plain forward's
-    result (steering.shared_prefix_len: not under sliding-window attention).
+    forward runs each batch through steering.prefill: the template prefix every chat prompt opens with
+    (SmolLM2: a 24-token default system turn, about half of each prompt) runs once per batch, with the plain
+    forward's result (steering.shared_prefix_len: not under sliding-window attention).
     """
 
     def __init__(self, tok, prompts: list[str], batch_size: int, device):
@@ -68,7 +72,8 @@ def candidate_directions(model, harmful: PromptBatches, harmless: PromptBatches,
 
 
 @torch.no_grad()
-def response_directions(model, tok, prompts: list[str], refusal: str, comply: str, batch_size: int) -> torch.Tensor:
+def response_directions(model, tok, prompts: list[str], refusal: str, comply: str,
+                        batch_size: int) -> torch.Tensor:
     """r[l] = mean block-l input over the tokens of a prefilled refusal minus a prefilled compliance, on the
     same prompts, float64: [1, L, hidden] (one "position": the mean over the response). Each prompt runs once
     (prefill), and both answers continue from its cache in one batch, the shorter one right-padded."""
@@ -78,13 +83,16 @@ def response_directions(model, tok, prompts: list[str], refusal: str, comply: st
     totals = [0, 0]
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
-        ids, mask = encode_chats(tok, chunk + chunk, device=device)  # twice: prefill runs each distinct prompt once
+        # twice, one copy per answer: prefill runs each distinct prompt once
+        ids, mask = encode_chats(tok, chunk + chunk, device=device)
         pre = prefill(model, ids, mask, tok.pad_token_id)
         cont = torch.tensor([a + [tok.pad_token_id] * (width - len(a)) for a in answers], device=device)
         cont = cont.repeat_interleave(len(chunk), 0)  # [2b, width]: refusal rows, then compliance rows
-        hidden = model(input_ids=cont, attention_mask=torch.cat([pre.cache_mask, torch.ones_like(cont)], 1),
-                       position_ids=pre.next_pos + torch.arange(width, device=device), past_key_values=pre.cache,
-                       use_cache=True, output_hidden_states=True, logits_to_keep=1).hidden_states[:-1]
+        cont_mask = torch.cat([pre.cache_mask, torch.ones_like(cont)], 1)
+        positions = pre.next_pos + torch.arange(width, device=device)
+        hidden = model(input_ids=cont, attention_mask=cont_mask, position_ids=positions,
+                       past_key_values=pre.cache, use_cache=True, output_hidden_states=True,
+                       logits_to_keep=1).hidden_states[:-1]
         h = torch.stack(hidden)  # [L, 2b, width, hidden]
         for k, a in enumerate(answers):
             totals[k] = totals[k] + h[:, k * len(chunk):(k + 1) * len(chunk), :len(a)].double().mean(2).sum(1)
@@ -104,9 +112,45 @@ def recompute_direction(model, tok, meta: dict, batch_size: int = 16) -> torch.T
     harmful = read_prompts(data["harmful"], data["n_harmful"], meta["seed"])
     if meta["kind"] == "response":
         texts = meta["response_texts"]
-        return response_directions(model, tok, harmful, texts["refusal"], texts["comply"], batch_size)[0, layer].float()
+        r = response_directions(model, tok, harmful, texts["refusal"], texts["comply"], batch_size)
+        return r[0, layer].float()
     harmless = read_prompts(data["harmless"], data["n_harmless"], meta["seed"])
     n_pos = len(post_instruction_ids(tok))
     r = candidate_directions(model, PromptBatches(tok, harmful, batch_size, device),
                              PromptBatches(tok, harmless, batch_size, device), n_pos)
     return r[n_pos + int(meta["position"]), layer].float()
+
+
+# ----------------------------------------------------------------------------- taking r away
+
+def _project_out(h: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    u = unit.to(h.device, h.dtype)
+    return h - (h @ u).unsqueeze(-1) * u  # h - (h·r̂) r̂
+
+
+@contextlib.contextmanager
+def ablate_direction(model, direction: torch.Tensor):
+    """Directional ablation (Arditi et al.): remove r̂ from every block input and from every attention
+    and MLP output, so the residual stream never carries a component along r."""
+    unit = direction.float() / direction.float().norm()
+
+    def pre_hook(module, args, kwargs):
+        return replace_hidden(args, kwargs, lambda h: _project_out(h, unit))
+
+    def out_hook(module, args, output):
+        if isinstance(output, tuple):  # attention returns (output, weights)
+            return (_project_out(output[0], unit),) + tuple(output[1:])
+        return _project_out(output, unit)
+
+    handles = []
+    try:
+        for block in decoder_layers(model):
+            handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            for name in ("self_attn", "attn", "attention", "mlp"):
+                sub = getattr(block, name, None)
+                if isinstance(sub, torch.nn.Module):
+                    handles.append(sub.register_forward_hook(out_hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -2,15 +2,15 @@
 
 Models are compared side by side on held-out data:
 
-    safety          greedy completions of harmful_test -> refusal rate (substring judge), ASR = 1 - refusal rate;
-                    also per phrasing style (data/harmful_reform_test: short questions, past tense, ...)
-    over-refusal    refusal rate on harmless_test, on its risky-sounding subset, and per style (harmless_reform_test)
+    safety          greedy completions of harmful_test -> refusal rate (substring judge), ASR = 1 - refusal
+                    rate; also per phrasing style (data/harmful_reform_test: short questions, past tense, ...)
+    over-refusal    refusal rate on harmless_test, its risky-sounding subset, per style (harmless_reform_test)
     retention       π0's own greedy completions of harmless_test, teacher-forced under each model π:
                     mean per-token KL(π || π0) and NLL of π0's text (what distillation should leave alone)
     knowledge       general_qa accuracy (greedy; correct if an accepted answer appears as a word)
 
-Every rate carries a 95% Wilson interval and KL/NLL a seeded bootstrap interval over prompts. Each model is also
-compared with base and teacher on the same prompts: exact McNemar tests on per-prompt refusals and QA
+Every rate carries a 95% Wilson interval and KL/NLL a seeded bootstrap interval over prompts. Each model is
+also compared with base and teacher on the same prompts: exact McNemar tests on per-prompt refusals and QA
 correctness, and a paired bootstrap interval for the KL difference (eval.json, "paired").
 
 The judge is metrics.is_refusal: a completion refuses if it contains one of metrics.REFUSAL_PHRASES (the list
@@ -28,59 +28,69 @@ Writes  OUT/eval.json (metrics, intervals, paired tests), OUT/eval.md (the table
 
 Usage:
     python evaluate.py --out runs/demo
-    python evaluate.py --out runs/demo --models base=smollm2-135m teacher=steer:runs/demo student=runs/demo/student
+    python evaluate.py --out runs/x --models base=smollm2-135m teacher=steer:runs/x student=runs/x/student
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import functools
 import json
 import random
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from chat import encode_chats, stop_token_ids
-from common import (BUNDLED_MODEL, PROMPT_FIELDS, Parser, UserError, add_common_args, bundled_package_dir, data_file,
-                    load_json, load_model, pick_device, positive_int, prepare_out_dir, read_records, run_cli,
-                    run_info, seed_everything, truncate_prompts, write_json, write_jsonl, write_text)
-from metrics import (REFUSAL_PHRASES, bootstrap_mean, is_refusal, mcnemar_exact, paired_bootstrap, wilson)
-from steering import completion_logits, decode_completions, load_teacher, sample
+from common import (PROMPT_FIELDS, Parser, UserError, add_common_args, add_renamed, data_file, load_json,
+                    load_model, pick_device, positive_int, prepare_out_dir, read_records, run_cli, run_info,
+                    seed_everything, truncate_prompts, write_json, write_jsonl, write_text)
+from metrics import REFUSAL_PHRASES, bootstrap_mean, is_refusal, mcnemar_exact, paired_bootstrap, wilson
+from specs import check_model_spec, check_spec, fingerprint, load_spec
+from steering import completion_logits, decode_completions, right_pad, sample
 
 OUTPUTS = ["eval.json", "eval.md", "eval_samples.jsonl"]
 SETS = ("harmful", "harmless", "harmful_reform", "harmless_reform")  # judged for refusal
-# Retention holds float64 log-probabilities of two models per batch (16 x 64 tokens x 49k: ~0.8 GB) and π0's float32
-# logits on all its answers (1.3 GB, computed once). Teacher forcing gains nothing from larger batches, decoding does.
+# Retention holds float64 log-probabilities of two models per batch (16 x 64 tokens x 49k: ~0.8 GB) and π0's
+# float32 logits on all its answers (1.3 GB, once). Teacher forcing gains nothing from larger batches.
 RETENTION_BATCH = 16
 
 
-def parse_args(argv=None):
+def build_parser() -> Parser:
     p = Parser(__doc__)
-    add_common_args(p, device_map=True)
-    p.add_argument("--models", nargs="+", metavar="NAME=SPEC", help="models to compare (default: see above)")
-    p.add_argument("--harmful", default=str(data_file("harmful_test")))
-    p.add_argument("--harmless", default=str(data_file("harmless_test")))
-    p.add_argument("--harmful-reform", default=str(data_file("harmful_reform_test")),
-                   help="harmful requests rephrased, with a `style` field ('' to skip)")
-    p.add_argument("--harmless-reform", default=str(data_file("harmless_reform_test")),
-                   help="harmless counterparts in the same styles ('' to skip)")
-    p.add_argument("--qa", default=str(data_file("general_qa")))
-    p.add_argument("--n", type=positive_int, help="use at most this many prompts of each set (seeded subset)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="greedy tokens per completion")
-    p.add_argument("--qa-tokens", type=positive_int, default=24, help="greedy tokens per general_qa answer")
-    p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--overwrite", action="store_true")
-    return p.parse_args(argv)
+    ev = p.add_argument_group("evaluation")
+    ev.add_argument("--models", nargs="+", metavar="NAME=SPEC", help="models to compare (default: see above)")
+    ev.add_argument("--max-new-tokens", type=positive_int, default=64, help="greedy tokens per completion")
+    add_renamed(ev, "--qa-tokens", "--qa-new-tokens", type=positive_int, default=24,
+                help="greedy tokens per general_qa answer")
+    sets = p.add_argument_group("evaluation sets")
+    sets.add_argument("--harmful", default=str(data_file("harmful_test")), help="held-out harmful prompts")
+    sets.add_argument("--harmless", default=str(data_file("harmless_test")), help="held-out harmless prompts")
+    sets.add_argument("--harmful-reform", default=str(data_file("harmful_reform_test")),
+                      help="harmful requests rephrased, with a `style` field ('' to skip)")
+    sets.add_argument("--harmless-reform", default=str(data_file("harmless_reform_test")),
+                      help="harmless counterparts in the same styles ('' to skip)")
+    sets.add_argument("--qa", default=str(data_file("general_qa")), help="questions with accepted `answers`")
+    add_renamed(sets, "--n", "--n-prompts", type=positive_int,
+                help="use at most this many prompts of each set, a seeded subset (default: all)")
+    run = p.add_argument_group("model and run")
+    add_common_args(run, device_map=True)
+    run.add_argument("--batch-size", type=positive_int, default=16, help="prompts per greedy decoding batch")
+    run.add_argument("--overwrite", action="store_true", help="replace this stage's outputs in --out")
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- data
 
 def read_set(path, n=None, seed=0):
-    """Records with their prompt (the first of common.PROMPT_FIELDS, as read_prompts takes it), category, style
-    and (for QA) accepted answers; a seeded subset if n is given."""
+    """Records: prompt (the first of common.PROMPT_FIELDS), category, style, QA answers; a seeded subset."""
     rows = []
     for line, rec in read_records(path):
         if isinstance(rec, str):
@@ -90,8 +100,8 @@ def read_set(path, n=None, seed=0):
         text = next((rec[f] for f in PROMPT_FIELDS if isinstance(rec.get(f), str) and rec[f].strip()), None)
         if text is None:
             raise UserError(f"{path}:{line}: no prompt field (expected one of {', '.join(PROMPT_FIELDS)})")
-        rows.append({"prompt": text.strip(), "category": rec.get("category", ""), "style": rec.get("style", ""),
-                     "answers": rec.get("answers", [])})
+        rows.append({"prompt": text.strip(), "category": rec.get("category", ""),
+                     "style": rec.get("style", ""), "answers": rec.get("answers", [])})
     if n is not None and n < len(rows):
         keep = sorted(random.Random(seed).sample(range(len(rows)), n))
         rows = [rows[i] for i in keep]
@@ -110,14 +120,8 @@ def qa_correct(answer: str, accepted: list[str]) -> bool:
     return any(re.search(r"(?<![\w])" + re.escape(x.lower()), a) for x in accepted)
 
 
-def rate(flags: list[bool]) -> dict:
-    """A rate with its 95% Wilson interval."""
-    lo, hi = wilson(sum(flags), len(flags))
-    return {"rate": sum(flags) / len(flags) if flags else None, "lo": lo, "hi": hi, "n": len(flags)}
-
-
 def kl_and_nll(logits, base_logits, comp, comp_mask):
-    """Per-token KL(π || π0) and NLL of the completion under π at valid positions: [b, T, V] x 2 -> [n_valid] x 2."""
+    """Per-token KL(π || π0) and NLL of the completion under π at valid positions: [b, T, V] -> [n]."""
     lp, l0 = torch.log_softmax(logits.double(), -1), torch.log_softmax(base_logits.double(), -1)
     valid = comp_mask.bool()
     kl = (lp.exp() * (lp - l0)).sum(-1)[valid]
@@ -127,7 +131,7 @@ def kl_and_nll(logits, base_logits, comp, comp_mask):
 
 @torch.no_grad()
 def kl_to_base(model, base, ids, mask, comp, comp_mask, hook=contextlib.nullcontext):
-    """kl_and_nll of π = model inside `hook` (π0's own weights steered, for the teacher: the hook covers π only)."""
+    """kl_and_nll of π = model inside `hook` (for the teacher, π0's weights steered: π only is hooked)."""
     with hook():
         logits = completion_logits(model, ids, mask, comp)
     return kl_and_nll(logits, completion_logits(base, ids, mask, comp), comp, comp_mask)
@@ -164,44 +168,43 @@ def greedy(model, tok, prompts, max_new_tokens, batch_size, hook, desc):
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     texts, token_lists = [None] * len(prompts), [None] * len(prompts)
     device = next(model.parameters()).device
+    kw = dict(temperature=0, stop_ids=stop_token_ids(tok), pad_id=tok.pad_token_id)
     for i in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         idx = order[i:i + batch_size]
         ids, mask = encode_chats(tok, [prompts[j] for j in idx], device=device)
         with hook():
-            comp, cmask = sample(model, ids, mask, max_new_tokens, temperature=0, stop_ids=stop_token_ids(tok),
-                                 pad_id=tok.pad_token_id)
+            comp, cmask = sample(model, ids, mask, max_new_tokens, **kw)
         for k, (j, t) in enumerate(zip(idx, decode_completions(tok, comp, cmask))):
             texts[j], token_lists[j] = t, comp[k][cmask[k].bool()].tolist()
     return texts, token_lists
 
 
-def right_pad(token_lists: list[list[int]], pad_id: int, device):
-    """[[ids]] -> ids [b, T], mask [b, T] (1 on real tokens)."""
-    width = max(1, max(len(t) for t in token_lists))
-    ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, t in enumerate(token_lists):
-        ids[i, :len(t)] = torch.tensor(t, dtype=torch.long)
-        mask[i, :len(t)] = 1
-    return ids.to(device), mask.to(device)
+# ----------------------------------------------------------------------------- the statistics
+
+def rate(flags: list[bool]) -> dict:
+    """A rate with its 95% Wilson interval."""
+    lo, hi = wilson(sum(flags), len(flags))
+    return {"rate": sum(flags) / len(flags) if flags else None, "lo": lo, "hi": hi, "n": len(flags)}
 
 
 def summarize(verdicts: dict, sets: dict, qa_ok: list[bool], ret: dict, seed: int) -> dict:
     """One model's row: rates with Wilson intervals (per style too), KL/NLL with bootstrap intervals."""
+    risky = [v for v, r in zip(verdicts["harmless"], sets["harmless"]) if r["category"] == "risky_sounding"]
     row = {"refusal_harmful": rate(verdicts["harmful"]), "over_refusal": rate(verdicts["harmless"]),
-           "over_refusal_risky": rate([v for v, r in zip(verdicts["harmless"], sets["harmless"])
-                                       if r["category"] == "risky_sounding"]),
-           "qa_accuracy": rate(qa_ok)}
-    row["asr"] = {"rate": 1 - row["refusal_harmful"]["rate"], "lo": 1 - row["refusal_harmful"]["hi"],
-                  "hi": 1 - row["refusal_harmful"]["lo"], "n": row["refusal_harmful"]["n"]}
+           "over_refusal_risky": rate(risky), "qa_accuracy": rate(qa_ok)}
+    refusal = row["refusal_harmful"]
+    row["asr"] = {"rate": 1 - refusal["rate"], "lo": 1 - refusal["hi"], "hi": 1 - refusal["lo"],
+                  "n": refusal["n"]}
     for name in ("harmful_reform", "harmless_reform"):
         if sets.get(name):
-            row[f"{name}_by_style"] = {s: rate([v for v, r in zip(verdicts[name], sets[name]) if r["style"] == s])
-                                       for s in sorted({r["style"] for r in sets[name]})}
+            pairs = list(zip(verdicts[name], sets[name]))
+            styles = sorted({r["style"] for r in sets[name]})
+            row[f"{name}_by_style"] = {s: rate([v for v, r in pairs if r["style"] == s]) for s in styles}
             row[name] = rate(verdicts[name])
     for key in ("kl", "nll"):
         lo, hi = bootstrap_mean(ret[key], ret["tokens"], seed=seed)
-        row["kl_to_base" if key == "kl" else "nll"] = {"value": sum(ret[key]) / sum(ret["tokens"]), "lo": lo, "hi": hi}
+        value = sum(ret[key]) / sum(ret["tokens"])
+        row["kl_to_base" if key == "kl" else "nll"] = {"value": value, "lo": lo, "hi": hi}
     return row
 
 
@@ -211,6 +214,13 @@ def paired(a: dict, b: dict, seed: int) -> dict:
     out["qa"] = mcnemar_exact(a["qa_ok"], b["qa_ok"])
     out["kl_diff"] = paired_bootstrap(a["ret"]["kl"], b["ret"]["kl"], a["ret"]["tokens"], seed=seed)
     return out
+
+
+def add_paired_tests(results: dict, raw: dict, seed: int) -> None:
+    """Each model against base and teacher, on the same prompts: results[name]["paired"]."""
+    for name in results:
+        results[name]["paired"] = {ref: paired(raw[name], raw[ref], seed) for ref in ("base", "teacher")
+                                   if ref in raw and ref != name}
 
 
 # ----------------------------------------------------------------------------- models
@@ -233,72 +243,75 @@ def resolve_models(args, out: Path) -> list[tuple[str, str]]:
     return pairs
 
 
-def check_model_spec(name: str) -> None:
-    """Fail in seconds on a model that cannot load: a missing path, a folder without config.json, a config or
-    tokenizer that does not parse. Loads no weights (a hub id is left to load_model)."""
-    if name == BUNDLED_MODEL:
-        bundled_package_dir()
-        return
-    path = Path(name)
-    if not path.exists():
-        if name.startswith((".", "/", "~")) or name.count("/") != 1:
-            raise UserError(f"model {name!r} not found (not a directory here, nor a hub id of the form org/name)")
-        return
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path} is not a model directory (no config.json); is it a student that did not finish?")
-    from transformers import AutoConfig, AutoTokenizer
-    try:
-        AutoConfig.from_pretrained(path)
-        AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not load model {name!r}: {str(e).splitlines()[0]}") from None
+# ----------------------------------------------------------------------------- the run
+
+@dataclass
+class Evaluation:
+    """What every model is evaluated on and how, with π0 and its greedy answers to harmless_test."""
+    sets: dict            # name -> records: prompt, category, style, answers (read_set)
+    paths: dict           # name -> its file, whose stem names the set in eval_samples.jsonl
+    max_new_tokens: int
+    qa_new_tokens: int
+    batch_size: int
+    seed: int
+    base_name: str
+    base: object          # (model, tokenizer)
+    base_texts: list[str] | None = None
+    base_answers: list[list[int]] | None = None   # token ids
+    base_cache: list = field(default_factory=list)  # π0's logits on them per batch, from the first model on
 
 
-def check_spec(spec: str, default_model: str) -> str:
-    """Fail in seconds, before any work, on a spec that cannot load. Returns the model the spec loads (for
-    steer:DIR, direction.json's model)."""
-    if spec.startswith("steer:"):
-        folder = Path(spec[len("steer:"):])
-        for name in ("direction.safetensors", "direction.json"):
-            if not (folder / name).is_file():
-                raise UserError(f"{folder / name}: file not found (steer:DIR needs Stage 1's outputs)")
-        spec = load_json(folder / "direction.json").get("model", default_model)
-    check_model_spec(spec)
-    return spec
+def split_by_sizes(flat: list, sizes: list[int]) -> list[list]:
+    """Undo the concatenation of lists of these sizes: split_by_sizes([1, 2, 3], [2, 1]) == [[1, 2], [3]]."""
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [flat[start:start + size] for start, size in zip(starts, sizes)]
 
 
-def load_spec(spec: str, default_model: str, device, chat_template=None, loaded=None, device_map=None):
-    """(model, tokenizer, hook factory) for a spec: a model, or steer:DIR (π0 of direction.json + c·r).
-    `loaded` maps model names already in memory to (model, tok), so the base model is not loaded twice."""
-    name = check_spec(spec, default_model)
-    model, tok = (loaded or {}).get(name) or load_model(name, device, chat_template=chat_template,
-                                                        device_map=device_map)
-    if not spec.startswith("steer:"):
-        return model, tok, contextlib.nullcontext
-    teacher, _ = load_teacher(model, Path(spec[len("steer:"):]) / "direction.safetensors")
-    return model, tok, teacher.steer
+def sample_record(name: str, set_name: str, row: dict, completion: str, verdict: bool) -> dict:
+    """One line of eval_samples.jsonl: a completion of a prompt judged for refusal."""
+    return {"model": name, "set": set_name, "category": row["category"], "style": row["style"],
+            "prompt": row["prompt"], "completion": completion, "refusal": verdict}
 
 
-# ----------------------------------------------------------------------------- reuse (make ablate)
+def qa_record(name: str, row: dict, completion: str, correct: bool) -> dict:
+    """One line of eval_samples.jsonl: an answer to a general_qa question."""
+    return {"model": name, "set": "general_qa", "prompt": row["prompt"], "completion": completion,
+            "answers": row["answers"], "correct": correct}
 
-def fingerprint(spec: str, settings: dict) -> str:
-    """Everything one model's evaluation depends on: its weights (a directory's config and safetensors, or the
-    direction files and the model they steer), the prompts, the settings and the judge. A model whose
-    fingerprint is in OUT/eval.json from an earlier run is not evaluated again (answers are deterministic)."""
-    h = hashlib.sha256(json.dumps({"spec": spec, **settings, "judge": list(REFUSAL_PHRASES)}, sort_keys=True).encode())
-    folders = []
-    if spec.startswith("steer:"):
-        folder = Path(spec[len("steer:"):])
-        folders.append((folder, ["direction.safetensors", "direction.json"]))
-        spec = load_json(folder / "direction.json").get("model", settings["base"])
-    if Path(spec).is_dir():
-        folders.append((Path(spec), ["config.json", *sorted(f.name for f in Path(spec).glob("*.safetensors"))]))
-    for folder, names in folders:
-        for name in names:  # streamed: an 8B student's 16 GB of weights never sit in memory at once
-            with open(folder / name, "rb") as f:
-                h.update(name.encode() + hashlib.file_digest(f, "sha256").digest())
-    return h.hexdigest()
 
+def evaluate_model(name: str, spec: str, fp: str, load, ev: Evaluation):
+    """Generate, judge and teacher-force one model. Returns its row of eval.json, its lines of
+    eval_samples.jsonl and its per-prompt results (for the paired tests)."""
+    t = time.time()
+    model, tok, hook = load(spec)
+    base, base_tok = ev.base
+    if len(tok) != len(base_tok) or tok.get_vocab() != base_tok.get_vocab():
+        raise UserError(f"model {name} ({spec}) has another tokenizer than the base model {ev.base_name}")
+    unsteered_base = model is base and hook is contextlib.nullcontext
+    todo = [s for s in SETS if s in ev.sets and not (s == "harmless" and unsteered_base)]  # π0's: base_texts
+    prompts = [r["prompt"] for s in todo for r in ev.sets[s]]  # one call: batches span sets
+    desc = f"{name}: {', '.join(todo)}"
+    flat = greedy(model, tok, prompts, ev.max_new_tokens, ev.batch_size, hook, desc)[0]
+    done = dict(zip(todo, split_by_sizes(flat, [len(ev.sets[s]) for s in todo])))
+    texts = {s: done[s] if s in done else ev.base_texts for s in SETS if s in ev.sets}
+    qa = ev.sets["qa"]
+    qa_texts = greedy(model, tok, [r["prompt"] for r in qa], ev.qa_new_tokens, ev.batch_size, hook,
+                      f"{name}: qa")[0]
+    verdicts = {s: judge_refusal(x) for s, x in texts.items()}
+    qa_ok = [qa_correct(a, r["answers"]) for a, r in zip(qa_texts, qa)]
+    harmless = [r["prompt"] for r in ev.sets["harmless"]]
+    ret = retention(model, hook, base, tok, harmless, ev.base_answers, min(ev.batch_size, RETENTION_BATCH),
+                    ev.base_cache)
+    row = {"spec": spec, **summarize(verdicts, ev.sets, qa_ok, ret, ev.seed), "kl_sums": ret["kl"],
+           "nll_sums": ret["nll"], "kl_tokens": ret["tokens"], "fingerprint": fp,
+           "seconds": round(time.time() - t, 1)}
+    samples = [sample_record(name, Path(ev.paths[s]).stem, r, c, v)
+               for s, x in texts.items() for r, c, v in zip(ev.sets[s], x, verdicts[s])]
+    samples += [qa_record(name, r, c, ok) for r, c, ok in zip(qa, qa_texts, qa_ok)]
+    return row, samples, {"verdicts": verdicts, "qa_ok": qa_ok, "ret": ret}
+
+
+# ----------------------------------------------------------------------------- ours: reuse (make ablate)
 
 def earlier_evaluation(out: Path) -> tuple[dict, list[dict], dict]:
     """(models, samples, π0's retention answers) of OUT's last evaluation, or empty ones."""
@@ -311,7 +324,7 @@ def earlier_evaluation(out: Path) -> tuple[dict, list[dict], dict]:
 
 
 def reuse(name: str, fp: str, old: dict, old_samples: list[dict], sets: dict, paths: dict):
-    """This model's row, samples and per-prompt results from the earlier run, if its fingerprint is unchanged."""
+    """This model's row, samples and per-prompt results from the earlier run, if its fingerprint is equal."""
     if (old.get(name) or {}).get("fingerprint") != fp:
         return None
     mine = [r for r in old_samples if r["model"] == name]
@@ -324,7 +337,33 @@ def reuse(name: str, fp: str, old: dict, old_samples: list[dict], sets: dict, pa
     return row, mine, {"verdicts": verdicts, "qa_ok": qa_ok, "ret": ret}
 
 
-# ----------------------------------------------------------------------------- main
+def evaluate_all(pairs, settings: dict, out: Path, load, ev: Evaluation):
+    """Every model, or its earlier evaluation where its fingerprint is unchanged. Returns eval.json's rows,
+    eval_samples.jsonl's lines, and π0's retention answers with their fingerprint."""
+    old_models, old_samples, old_answers = earlier_evaluation(out)
+    # π0's own greedy answers to the harmless prompts: the text every model is scored on for retention; they
+    # are also the base model's harmless_test completions, so not generated twice (nor again if unchanged).
+    base_fp = fingerprint(ev.base_name, settings)
+    if old_answers.get("fingerprint") == base_fp:
+        ev.base_texts, ev.base_answers = old_answers["texts"], old_answers["tokens"]
+    else:
+        harmless = [r["prompt"] for r in ev.sets["harmless"]]
+        ev.base_texts, ev.base_answers = greedy(*ev.base, harmless, ev.max_new_tokens, ev.batch_size,
+                                                contextlib.nullcontext, "base answers (retention text)")
+    results, raw, samples = {}, {}, []
+    for name, spec in tqdm(pairs, desc="models", unit="model"):
+        fp = fingerprint(spec, settings)
+        earlier = reuse(name, fp, old_models, old_samples, ev.sets, ev.paths)
+        if earlier:  # e.g. make ablate after make demo: base and teacher are as the demo evaluated them
+            print(f"{name}: inputs unchanged since {out / 'eval.json'}: its evaluation is reused")
+        results[name], mine, raw[name] = earlier or evaluate_model(name, spec, fp, load, ev)
+        samples += mine
+    add_paired_tests(results, raw, ev.seed)
+    answers = {"fingerprint": base_fp, "texts": ev.base_texts, "tokens": ev.base_answers}
+    return results, samples, answers
+
+
+# ----------------------------------------------------------------------------- the report
 
 def fmt(x: dict | None, kind: str = "rate") -> str:
     if x is None or x.get(kind) is None:  # not measured, or an empty set (e.g. no risky-sounding prompts)
@@ -345,17 +384,27 @@ def to_markdown(results: dict, meta: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     styles = sorted({s for r in results.values() for s in r.get("harmful_reform_by_style", {})})
     if styles:
-        lines += ["", "Refusal per phrasing style (harmful_reform_test; harmless_reform_test in parentheses):", "",
-                  "| model | " + " | ".join(styles) + " |", "|---" * (len(styles) + 1) + "|"]
+        title = "Refusal per phrasing style (harmful_reform_test; harmless_reform_test in parentheses):"
+        lines += ["", title, "", "| model | " + " | ".join(styles) + " |", "|---" * (len(styles) + 1) + "|"]
         for name, r in results.items():
             h, s = r.get("harmful_reform_by_style", {}), r.get("harmless_reform_by_style", {})
-            lines.append(f"| {name} | " + " | ".join(
-                f"{h[x]['rate']:.0%}" + (f" ({s[x]['rate']:.0%})" if x in s else "") for x in styles) + " |")
-    n = meta["counts"]
-    lines += ["", "[lo, hi]: 95% Wilson interval (rates), bootstrap over prompts (KL, NLL). " +
-              ", ".join(f"{k} n={v}" for k, v in n.items()) + f"; greedy, {meta['max_new_tokens']} new tokens; "
+            cells = [f"{h[x]['rate']:.0%}" + (f" ({s[x]['rate']:.0%})" if x in s else "") for x in styles]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    counts = ", ".join(f"{k} n={v}" for k, v in meta["counts"].items())
+    lines += ["", "[lo, hi]: 95% Wilson interval (rates), bootstrap over prompts (KL, NLL). " + counts
+              + f"; greedy, {meta['max_new_tokens']} new tokens; "
               f"judge: substring ({len(REFUSAL_PHRASES)} phrases, metrics.REFUSAL_PHRASES)."]
     return "\n".join(lines) + "\n"
+
+
+def eval_meta(ev: Evaluation, answers: dict, t0: float) -> dict:
+    """eval.json beside the rows: counts, settings, the judge, and π0's retention answers (to reuse them)."""
+    counts = {s: len(rows) for s, rows in ev.sets.items()}
+    counts["risky"] = sum(r["category"] == "risky_sounding" for r in ev.sets["harmless"])
+    return {"counts": counts, "max_new_tokens": ev.max_new_tokens, "qa_tokens": ev.qa_new_tokens,
+            "base_model": ev.base_name, "data": ev.paths, "seed": ev.seed,
+            "judge_phrases": list(REFUSAL_PHRASES), "seconds": round(time.time() - t0, 1), **run_info(),
+            "retention_answers": answers}
 
 
 def main(argv=None):
@@ -370,80 +419,31 @@ def main(argv=None):
     t0 = time.time()
     paths = {"harmful": args.harmful, "harmless": args.harmless, "harmful_reform": args.harmful_reform,
              "harmless_reform": args.harmless_reform, "qa": args.qa}
-    sets = {name: read_set(path, n=args.n, seed=args.seed) for name, path in paths.items() if path}
+    sets = {name: read_set(path, n=args.n_prompts, seed=args.seed) for name, path in paths.items() if path}
     if any(not r["answers"] for r in sets["qa"]):
         raise UserError(f"{args.qa}: every question needs an 'answers' list")
     prepare_out_dir(out, OUTPUTS, args.overwrite)
-
-    base, base_tok = load_model(args.model, device, chat_template=args.chat_template, device_map=args.device_map)
+    model, tok = load_model(args.model, device, chat_template=args.chat_template, device_map=args.device_map)
     for name, rows in sets.items():
-        for r, p in zip(rows, truncate_prompts(base_tok, [r["prompt"] for r in rows], args.max_prompt_tokens,
-                                               paths[name])):
+        cut = truncate_prompts(tok, [r["prompt"] for r in rows], args.max_prompt_tokens, paths[name])
+        for r, p in zip(rows, cut):
             r["prompt"] = p
-    harmless_prompts = [r["prompt"] for r in sets["harmless"]]
-    settings = {"base": args.model, "sets": sets, "device": str(device), "seed": args.seed,
-                "max_new_tokens": args.max_new_tokens, "qa_tokens": args.qa_tokens, "chat_template": args.chat_template}
-    old_models, old_samples, old_answers = earlier_evaluation(out)
-    # π0's own greedy answers to the harmless prompts: the text every model is scored on for retention; they are
-    # also the base model's harmless_test completions, so they are not generated twice (nor again if unchanged).
-    base_fp = fingerprint(args.model, settings)
-    if old_answers.get("fingerprint") == base_fp:
-        base_texts, base_answers = old_answers["texts"], old_answers["tokens"]
-    else:
-        base_texts, base_answers = greedy(base, base_tok, harmless_prompts, args.max_new_tokens, args.batch_size,
-                                          contextlib.nullcontext, "base answers (retention text)")
-    results, raw, samples, base_cache = {}, {}, [], []  # base_cache: π0's logits on those answers (retention)
-    for name, spec in tqdm(pairs, desc="models", unit="model"):
-        fp = fingerprint(spec, settings)
-        earlier = reuse(name, fp, old_models, old_samples, sets, paths)
-        if earlier:  # e.g. make ablate after make demo: base and teacher are as the demo evaluated them
-            results[name], mine, raw[name] = earlier
-            samples += mine
-            print(f"{name}: inputs unchanged since {out / 'eval.json'}: its evaluation is reused")
-            continue
-        t = time.time()
-        model, tok, hook = load_spec(spec, args.model, device, args.chat_template, {args.model: (base, base_tok)},
-                                      args.device_map)
-        if len(tok) != len(base_tok) or tok.get_vocab() != base_tok.get_vocab():
-            raise UserError(f"model {name} ({spec}) has another tokenizer than the base model {args.model}")
-        unsteered_base = model is base and hook is contextlib.nullcontext
-        todo = [s for s in SETS if s in sets and not (s == "harmless" and unsteered_base)]  # π0's: base_texts
-        answers = iter(greedy(model, tok, [r["prompt"] for s in todo for r in sets[s]], args.max_new_tokens,
-                              args.batch_size, hook, f"{name}: {', '.join(todo)}")[0])  # one call: batches span sets
-        texts = {s: [next(answers) for _ in sets[s]] if s in todo else base_texts for s in SETS if s in sets}
-        q_txt, _ = greedy(model, tok, [r["prompt"] for r in sets["qa"]], args.qa_tokens, args.batch_size, hook,
-                          f"{name}: qa")
-        verdicts = {s: judge_refusal(x) for s, x in texts.items()}
-        qa_ok = [qa_correct(a, r["answers"]) for a, r in zip(q_txt, sets["qa"])]
-        ret = retention(model, hook, base, tok, harmless_prompts, base_answers, min(args.batch_size, RETENTION_BATCH),
-                        base_cache)
-        raw[name] = {"verdicts": verdicts, "qa_ok": qa_ok, "ret": ret}
-        results[name] = {"spec": spec, **summarize(verdicts, sets, qa_ok, ret, args.seed),
-                         "kl_sums": ret["kl"], "nll_sums": ret["nll"], "kl_tokens": ret["tokens"], "fingerprint": fp,
-                         "seconds": round(time.time() - t, 1)}
-        for s, x in texts.items():
-            samples += [{"model": name, "set": Path(paths[s]).stem, "category": r["category"], "style": r["style"],
-                         "prompt": r["prompt"], "completion": c, "refusal": v}
-                        for r, c, v in zip(sets[s], x, verdicts[s])]
-        samples += [{"model": name, "set": "general_qa", "prompt": r["prompt"], "completion": c, "answers": r["answers"],
-                     "correct": ok} for r, c, ok in zip(sets["qa"], q_txt, qa_ok)]
-        if model is not base:
-            del model
-    for name in results:  # each model against base and teacher, on the same prompts
-        results[name]["paired"] = {ref: paired(raw[name], raw[ref], args.seed) for ref in ("base", "teacher")
-                                   if ref in raw and ref != name}
-
-    meta = {"counts": {s: len(rows) for s, rows in sets.items()}, "max_new_tokens": args.max_new_tokens,
-            "qa_tokens": args.qa_tokens, "base_model": args.model, "data": paths, "seed": args.seed,
-            "judge_phrases": list(REFUSAL_PHRASES), "seconds": round(time.time() - t0, 1), **run_info()}
-    meta["counts"]["risky"] = sum(r["category"] == "risky_sounding" for r in sets["harmless"])
-    meta["retention_answers"] = {"fingerprint": base_fp, "texts": base_texts, "tokens": base_answers}
+    ev = Evaluation(sets, paths, args.max_new_tokens, args.qa_new_tokens, args.batch_size, args.seed,
+                    args.model, (model, tok))
+    settings = {"base": args.model, "sets": sets, "device": str(device), "seed": args.seed,  # for fingerprint
+                "max_new_tokens": args.max_new_tokens, "qa_tokens": args.qa_new_tokens,
+                "chat_template": args.chat_template, "judge": list(REFUSAL_PHRASES)}
+    load = functools.partial(load_spec, default_model=args.model, device=device,
+                             chat_template=args.chat_template, loaded={args.model: (model, tok)},
+                             device_map=args.device_map)
+    results, samples, answers = evaluate_all(pairs, settings, out, load, ev)
+    meta = eval_meta(ev, answers, t0)
     write_json(out / "eval.json", {"models": results, **meta})
     write_jsonl(out / "eval_samples.jsonl", samples)
     table = to_markdown(results, meta)
     write_text(out / "eval.md", table)
     print(table)
-    print(f"took {time.time() - t0:.0f} s; wrote {out / 'eval.json'}, {out / 'eval.md'}, {out / 'eval_samples.jsonl'}")
+    print(f"took {time.time() - t0:.0f} s; wrote {', '.join(str(out / name) for name in OUTPUTS)}")
 
 
 if __name__ == "__main__":

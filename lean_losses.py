@@ -39,7 +39,7 @@ def _logsumexp(z: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Te
 
 
 class LocalizedKL(torch.autograd.Function):
-    """`collapsed` (with_rest) and `partial` per position, from per-chunk logsumexps and the |S| gathered columns.
+    """`collapsed` (with_rest) and `partial` per position, from chunked logsumexps and the |S| columns.
 
     Backward: with a_v = ∂L/∂p_v = log(p_v/q_v) + 1 on S, a_R = log(p_R/q_R) + 1 for every token of R (0 in
     `partial`), and ā = Σ_S p_v a_v + p_R a_R, the softmax Jacobian gives ∂L/∂z_u = p_u (a_u - ā), written

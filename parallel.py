@@ -1,37 +1,101 @@
-"""Stage 3 past one process: the few lines that let distill.py run under torchrun, and its checkpoints.
+"""Stage 3 around the method: its models at scale, its processes under torchrun, checkpoints, and records.
 
     torchrun --nproc-per-node 8 distill.py --out runs/x ...            # each process holds the whole model
     torchrun --nproc-per-node 8 distill.py --out runs/x ... --shard    # FSDP2: each holds 1/8 of it
 
-Each rank takes its share of every step's prompts (prompts[rank::world]) and samples them with its own generator.
-Losses are weighted by the *global* number of sequences of the step, and the gradients of all ranks are summed,
-so an update is the same whatever the world size. Without --shard that sum is one all_reduce per parameter (data
-parallelism written out; DDP does the same sum, overlapped with the backward). With --shard every decoder block is
-an FSDP2 unit (`fully_shard`): weights, gradients and Adam states live in 1/world slices, gathered block by block
-for each forward and reduce-scattered (summed, not averaged) after each backward. Because every forward then runs
-collectives, all ranks must call the model equally often: equal shares per step, and the sampler decodes until
-every rank's rows have ended. Only rank 0 prints and writes. Without torchrun (WORLD_SIZE unset) every method
-here is a no-op and the run is the ordinary single-process one.
+Models: full fine-tuning trains a float32 student beside a frozen copy of π0 that serves as πt (with the hook)
+and π0; with --lora-rank one copy serves all three, adapters off being π0 (one GPU for 8B models).
+Processes: each rank samples its share of every step's prompts (prompts[rank::world]) with its own generator;
+losses are weighted by the step's *global* number of sequences and gradients summed over ranks, so an update
+is the same whatever the world size: one all_reduce per parameter (data parallelism written out), or with
+--shard, FSDP2 units per decoder block holding 1/world of the weights, gradients and Adam states, gathered for
+each forward and reduce-scattered (summed) after each backward. Every rank must then call the model equally
+often: equal shares per step, and the sampler decodes until every rank's rows have ended. Only rank 0 prints
+and writes; without torchrun (WORLD_SIZE unset) every method here is a no-op.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 import random
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from common import UserError
-from steering import decoder_layers
+from common import (UserError, load_model, positive_float, positive_int, run_info, save_model_dir,
+                    seed_everything, write_jsonl)
+from steering import Teacher, decoder_layers, load_teacher
 
+
+# ----------------------------------------------------------------------------- the models: full or LoRA
+
+@dataclass
+class Models:
+    """A run's models: the student πs and its tokenizer, πt (replaced at each refresh), π0, and Stage 1's
+    direction.json (by which a refresh measures r again). build_models returns them as a tuple."""
+    student: torch.nn.Module
+    tok: object
+    teacher: Teacher
+    base: Teacher
+    direction: dict
+
+
+def build_student(args, device):
+    """π0 as the student starts: float32, or (LoRA, peft) π0 in bf16 on CUDA with float32 adapters."""
+    lora_bf16 = args.lora_rank and device.type == "cuda"
+    student, tok = load_model(args.model, device, dtype=torch.bfloat16 if lora_bf16 else torch.float32,
+                              chat_template=args.chat_template)
+    if args.lora_rank:
+        from peft import LoraConfig, get_peft_model
+        cfg = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank, lora_dropout=0.0,
+                         target_modules=args.lora_targets, task_type="CAUSAL_LM")
+        student = get_peft_model(student, cfg)
+    return student, tok
+
+
+def build_models(args, out: Path, device, world: World | None = None):
+    """(student, tok, πt, π0, direction.json). Full fine-tuning: a float32 student and a frozen copy of π0
+    (bf16 on CUDA) for πt and π0. LoRA: one copy, adapters off is π0, adapters off + hook is πt. --shard:
+    each copy sharded."""
+    student, tok = build_student(args, device)
+    system = Path(args.system).read_text().strip() if args.system else None
+    if args.lora_rank:
+        frozen, base_ctx = student, student.disable_adapter
+    else:
+        frozen, base_ctx = copy.deepcopy(student).requires_grad_(False).eval(), contextlib.nullcontext
+        if device.type == "cuda":
+            frozen.to(torch.bfloat16)
+    if world is not None and world.sharded:
+        world.shard(student)
+        if frozen is not student:  # full fine-tuning's frozen copy (LoRA has none)
+            world.shard(frozen)
+    teacher, dmeta = load_teacher(frozen, args.direction or out / "direction.safetensors", args.teacher,
+                                  args.coefficient, system, base_ctx)
+    return student, tok, teacher, Teacher(frozen, "base", base_context=base_ctx), dmeta
+
+
+def enable_grad_checkpointing(student, lora: bool) -> None:
+    """Recompute each block in backward instead of keeping its activations: less memory, the same numbers."""
+    student.activation_checkpointing_enable()
+    if lora:
+        student.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+
+
+# ----------------------------------------------------------------------------- processes
 
 class World:
+    """This process among the torchrun processes (rank, size), and the few collectives Stage 3 needs."""
+
     def __init__(self, device: torch.device, shard: bool = False):
         self.size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         if shard and self.size == 1:
-            raise UserError("--shard splits the model over processes: run under torchrun with --nproc-per-node >= 2")
+            raise UserError("--shard splits the model over processes: run under torchrun with "
+                            "--nproc-per-node >= 2")
         self.sharded = shard
         if self.size > 1 and not dist.is_initialized():
             if device.type == "cuda":
@@ -44,13 +108,28 @@ class World:
         return self.rank == 0
 
     def share(self, items: list, required: bool = False) -> list:
-        """This rank's part of a step's prompts: every world-th one, starting at its rank (shares may differ by 1).
+        """This rank's part of a step's prompts: every world-th one from its rank (shares may differ by 1).
         `required`: a rank left with nothing to sample is an error (more processes than prompts per step)."""
         mine = items[self.rank::self.size]
         if required and items and not mine:
             raise UserError(f"{self.size} processes but {len(items)} prompts in a step: use at most "
                             f"--prompts-per-step processes")
         return mine
+
+    def check_even(self, groups: list[list]) -> None:
+        """Sharded, every rank must call the model equally often: each group must split evenly over ranks."""
+        if self.sharded and any(len(g) % self.size for g in groups):
+            raise UserError("--shard needs every step's prompts and anchors to split evenly over "
+                            f"{self.size} processes (--prompts-per-step, --anchor-per-step, and the "
+                            "prompt count)")
+
+    def generator(self, seed: int) -> torch.Generator:
+        """Seed torch and Python; the sampler's generator: rank 0 draws as a single process would, every other
+        rank its own stream."""
+        gen = seed_everything(seed)
+        if self.rank:
+            gen.manual_seed(seed * 1_000_003 + self.rank)
+        return gen
 
     def sum(self, values: list[float]) -> list[float]:
         """The same numbers summed over ranks (float64)."""
@@ -69,8 +148,8 @@ class World:
         return bool(t.item())
 
     def shard(self, model):
-        """FSDP2: every decoder block its own unit, the rest (embeddings, head) the root's. Gradients are summed
-        over ranks like sum_gradients does, since each rank's loss is already its share of the global mean."""
+        """FSDP2: every decoder block its own unit, the rest (embeddings, head) the root's. Gradients are
+        summed over ranks, as in sum_gradients: each rank's loss is already its share of the global mean."""
         from torch.distributed.fsdp import fully_shard
         units = [*decoder_layers(model), model]
         for unit in units:
@@ -90,6 +169,12 @@ class World:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
 
+    def clip_grad_norm(self, params: list, clip: float) -> torch.Tensor:
+        """Σ of the gradients over ranks, then their global norm clipped to `clip`; the norm before."""
+        self.sum_gradients(params)
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)  # sharded: a DTensor, the global norm
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
     def gather(self, obj) -> list:
         """Every rank's obj, in rank order (for checkpoints: each rank's generator state)."""
         if self.size == 1:
@@ -108,6 +193,60 @@ class World:
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
+def prepare_output_dirs(out: Path, student: str, overwrite: bool, resume: bool) -> tuple[Path, Path]:
+    """(OUT/STUDENT, OUT/STUDENT.work), after refusing to replace a finished student or an unfinished run (its
+    work dir) unless told to; --overwrite clears the unfinished one."""
+    final_dir, work = out / student, out / f"{student}.work"
+    if final_dir.exists() and not overwrite:
+        raise UserError(f"{final_dir} already exists; pass --overwrite to replace it")
+    if work.exists() and not resume:
+        if not overwrite:
+            raise UserError(f"{work} holds an unfinished run; pass --resume to continue it or --overwrite "
+                            f"to restart")
+        shutil.rmtree(work)
+    return final_dir, work
+
+
+def checkpoint_interval(every: int | None, refresh_every: int | None) -> int:
+    """--checkpoint-every, by default 5, or with --refresh-every N the first multiple of N from 5: a resumed
+    run rebuilds πt from the student, so checkpoints must fall on refreshes."""
+    if every is None:
+        every = -(-5 // refresh_every) * refresh_every if refresh_every else 5
+    if refresh_every and every % refresh_every:
+        raise UserError("--checkpoint-every must be a multiple of --refresh-every")
+    return every
+
+
+@dataclass
+class Loop:
+    """What the steps run with besides the models: the optimiser and its schedule, the sampler's generator,
+    the processes, and where (work) and how often the run is checkpointed."""
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    gen: torch.Generator | None = None
+    world: World = field(default_factory=lambda: World(torch.device("cpu")))
+    work: Path | None = None  # OUT/STUDENT.work: checkpoint.pt and the running train_log.jsonl
+    checkpoint_every: int = 5
+
+    def open(self, student, resume: bool) -> tuple[int, list[dict]]:
+        """Make the work dir; (first step, log so far): (0, []), or with --resume the checkpoint's, with the
+        weights, optimiser, schedule and random streams restored."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            return 0, []
+        path = self.work / "checkpoint.pt"
+        return load_checkpoint(path, student, self.opt, self.sched, self.gen, self.world)
+
+    def after_step(self, student, log: list[dict], step: int, n_steps: int) -> None:
+        """After step `step` (from 1): the log so far written (rank 0), and every N steps but the last a
+        checkpoint."""
+        if self.world.main:
+            write_jsonl(self.work / "train_log.jsonl", log)
+        if step % self.checkpoint_every == 0 and step < n_steps:
+            save_checkpoint(self.work / "checkpoint.pt", student, self.opt, self.sched, step, self.gen, log,
+                            self.world)
+
 
 def trainable(model) -> dict[str, torch.nn.Parameter]:
     """What the optimiser updates, by name: every weight, or (LoRA) the adapters."""
@@ -138,7 +277,7 @@ def load_full_state(model, opt, weights: dict, opt_state: dict, world: World) ->
 
 
 def unsharded(model, world: World, rebuild):
-    """Rank 0: a plain copy of a sharded model with all its weights, built by rebuild() (other ranks: None)."""
+    """Rank 0: a plain model built by rebuild() holding all the sharded model's weights; other ranks: None."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not world.main:
@@ -165,8 +304,8 @@ def load_checkpoint(path: Path, student, opt, sched, gen, world: World):
         raise UserError(f"--resume: no checkpoint at {path}")
     ck = torch.load(path, weights_only=False)
     if ck.get("sharded", False) != world.sharded:  # the optimizer state is keyed differently
-        raise UserError(f"--resume: {path} was written {'with' if ck.get('sharded') else 'without'} --shard; "
-                        f"resume it the same way")
+        written = "with" if ck.get("sharded") else "without"
+        raise UserError(f"--resume: {path} was written {written} --shard; resume it the same way")
     load_full_state(student, opt, ck["model"], ck["opt"], world)
     sched.load_state_dict(ck["sched"])
     if len(ck["gens"]) == world.size:  # another world size: the streams restart from each rank's seed
@@ -174,3 +313,88 @@ def load_checkpoint(path: Path, student, opt, sched, gen, world: World):
     torch.set_rng_state(ck["torch_rng"])
     random.setstate(ck["py_rng"])
     return ck["step"], ck["log"]
+
+
+# ----------------------------------------------------------------------------- what the run prints and saves
+
+def startup_summary(args, steps: int, n_s: int, models: Models, anchored: bool, start: int,
+                    world: World) -> str:
+    """The line printed before the first step: the plan, the loss, |S|, πt, what trains, and the extras."""
+    n_train = sum(p.numel() for p in trainable(models.student).values())
+    text = f"distilling {steps} steps x {args.prompts_per_step} prompts x {args.samples} samples"
+    text += f", loss {args.loss} ({args.loss_impl}), |S| = {n_s}"
+    if args.random_tokens:
+        text += " (random)"
+    text += f"; teacher {models.teacher.describe()}; {n_train / 1e6:.1f}M trainable weights"
+    if args.lora_rank:
+        text += " (LoRA)"
+    if anchored:
+        text += f"; anchor {args.anchor_per_step} x {args.samples} harmless samples, λ = {args.anchor_weight}"
+    if start:
+        text += f"; resuming at step {start}"
+    if world.size > 1:
+        text += f"; {world.size} processes" + (", sharded (FSDP2)" if world.sharded else "")
+    return text
+
+
+def student_info(args, models: Models, s_ids, tokens_file: Path, steps: int, world: World,
+                 seconds: float) -> dict:
+    """safesteer.json: the loss, S, πt, the arguments and the versions that made the student."""
+    teacher = {"kind": args.teacher, "file": str(args.direction or Path(args.out) / "direction.safetensors"),
+               "layer": models.direction["layer"], "coefficient": models.teacher.coefficient,
+               "system": models.teacher.system}
+    s_tokens = [models.tok.decode([i]) for i in s_ids.tolist()]
+    return {"loss": args.loss, "random_tokens": args.random_tokens, "s_token_ids": s_ids.tolist(),
+            "s_tokens": s_tokens, "tokens_file": str(tokens_file), "teacher": teacher,
+            "refresh_every": args.refresh_every, "steps": steps, "lora_rank": args.lora_rank,
+            "world_size": world.size, "base_model": args.model, "args": vars(args), "seconds": seconds,
+            **run_info()}
+
+
+def save_student(student, tok, path: Path, info: dict, lora: bool) -> None:
+    """A plain transformers directory; with LoRA the merged weights, plus the adapter in adapter/."""
+    if hasattr(student, "activation_checkpointing_disable"):
+        student.activation_checkpointing_disable()
+    if not lora:
+        save_model_dir(student.eval(), tok, path, extra_files={"safesteer.json": info})
+        return
+    staged = path.parent / f".{path.name}.adapter"
+    student.save_pretrained(staged)  # peft's own format, before merging
+    with torch.no_grad():  # merge in place: no second copy of the weights
+        merged = student.merge_and_unload().eval()
+    write_adapter = lambda tmp: shutil.move(staged, Path(tmp) / "adapter")
+    save_model_dir(merged, tok, path, extra_files={"safesteer.json": info}, also=write_adapter)
+
+
+def final_summary(log: list[dict], seconds: float, final_dir: Path, lora: bool) -> str:
+    """The lines printed at the end: loss and sampled refusal at the first and last step, time, memory."""
+    lines = []
+    if log:
+        first, last = log[0], log[-1]
+        loss = f"loss {first['loss']:.4f} -> {last['loss']:.4f}"
+        refusal = f"sampled refusal {first['sampled_refusal']:.2f} -> {last['sampled_refusal']:.2f}"
+        speed = f"{sum(r['step_seconds'] for r in log) / len(log):.1f} s/step"
+        memory = f"peak memory {max(r['peak_memory_mb'] for r in log):.0f} MB"
+        lines.append(f"{loss}; {refusal}; {speed}; {memory}")
+    adapter = ", adapter/" if lora else ""
+    lines.append(f"took {seconds:.0f} s; wrote {final_dir} (model, safesteer.json, train_log.jsonl{adapter})")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def add_scale_args(p) -> None:
+    """--help's last group: what lets Stage 3 train a big model and survive being stopped."""
+    scale = p.add_argument_group("scale: LoRA, sharding, checkpoints")
+    scale.add_argument("--lora-rank", type=positive_int,
+                       help="train LoRA adapters of this rank (peft), not all weights (default: all weights)")
+    scale.add_argument("--lora-alpha", type=positive_float, help="LoRA scale α (default: 2 x rank)")
+    scale.add_argument("--lora-targets", nargs="+", help="modules given adapters",
+                       default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    scale.add_argument("--shard", action="store_true", help="under torchrun: FSDP2, each process holds 1/N "
+                       "of the weights, gradients and Adam states (for a model that does not fit one device)")
+    scale.add_argument("--no-grad-checkpointing", action="store_true",
+                       help="keep activations, not recomputing them in backward (more memory, same numbers)")
+    scale.add_argument("--checkpoint-every", type=positive_int, help="save a resumable checkpoint every N "
+                       "steps (default: 5, or with --refresh-every the first multiple of it from 5)")
+    scale.add_argument("--resume", action="store_true", help="continue from OUT/STUDENT.work/checkpoint.pt")

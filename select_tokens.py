@@ -1,11 +1,11 @@
 """Stage 2 of SafeSteer: the steered teacher πt and the sparse set S of safety tokens.
 
 The teacher is the base model with Stage 1's hook: πt = π0 + c·r added at the input of block l*, at every
-position. We sample M continuations of H tokens per prompt from πt, teacher-force each through πt and π0, and at
-every valid continuation position compare the two next-token distributions over the whole vocabulary V:
+position. We sample M continuations of H tokens per prompt from πt, teacher-force each through πt and π0, and
+at every valid continuation position compare the two next-token distributions over the whole vocabulary V:
 
-    Δ(v)  = log πt(v) - log π0(v)                       contrastive log-probability   (--score delta, authors')
-    κ(v)  = πt(v) · Δ(v)                                 v's term of KL(πt || π0)       (--score kl, ours)
+    Δ(v)  = log πt(v) - log π0(v)                  contrastive log-probability   (--score delta, authors')
+    κ(v)  = πt(v) · Δ(v)                            v's term of KL(πt || π0)       (--score kl, ours)
 
 Δ alone favours rare tokens with large ratios; κ weighs each ratio by how much mass the teacher puts there.
 Aggregation: each position votes for its top K' tokens by score, and S = the k tokens with most votes
@@ -16,60 +16,91 @@ Coverage: the share of the teacher's total-variation shift Σ_v |πt(v) - π0(v)
 positions; reported on the selection prompts and on harmful_val. It says how much of the teacher S can carry.
 
 Reads   OUT/direction.safetensors + direction.json (Stage 1), a prompt file (default data/harmful_train)
-Writes  OUT/safety_tokens.json   token_ids, tokens, votes, mean_delta, coverage, settings, vocabulary fingerprint
+Writes  OUT/safety_tokens.json   token_ids, tokens, votes, mean_delta, coverage, settings, vocabulary hash
 
 Usage:
     python select_tokens.py --out runs/demo
-    python select_tokens.py --out runs/demo --score delta --prompts data/harmless_val.jsonl --overwrite  # authors' rule
+    python select_tokens.py --out runs/x --score delta --prompts data/harmless_val.jsonl   # the authors' rule
 """
 from __future__ import annotations
 
+import functools
 import time
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from chat import encode_chats, special_token_ids, stop_token_ids, tokenizer_fingerprint
-from common import (Parser, UserError, add_common_args, data_file, load_model, non_negative_float, pick_device,
-                    positive_int, prepare_out_dir, read_prompts, run_cli, run_info, seed_everything, truncate_prompts,
-                    write_json)
+from common import (Parser, UserError, add_common_args, add_renamed, data_file, load_model,
+                    non_negative_float, pick_device, positive_int, prepare_out_dir, read_prompts, run_cli,
+                    run_info, seed_everything, truncate_prompts, write_json)
 from steering import Teacher, completion_logits, load_teacher, sample
 
 OUTPUTS = ["safety_tokens.json"]
 
 
-def parse_args(argv=None):
+@dataclass(frozen=True)
+class Selection:
+    """How S is chosen from the teacher's samples; the command line's defaults are these."""
+    score: str = "kl"           # delta: rank by Δ (authors'); kl: by πt·Δ (ours)
+    aggregate: str = "vote"     # vote: each position votes for its top K' (paper); mean: the top mean score
+    k: int = 50                 # |S| (paper: 50)
+    k_vote: int = 200           # K' (paper: 200)
+    prob_floor: float = 1e-6    # tokens whose mean πt probability is below this are never eligible
+
+
+def build_parser() -> Parser:
     p = Parser(__doc__)
-    add_common_args(p, device_map=True)
-    p.add_argument("--direction", help="Stage 1's direction.safetensors (default: OUT/direction.safetensors)")
-    p.add_argument("--coefficient", type=float, help="c in πt = π0 + c·r (default: from direction.json)")
-    p.add_argument("--teacher", choices=["hook", "prompt"], default="hook",
-                   help="hook: π0 + c·r (default); prompt: π0 with a safety system prompt (authors' variant)")
-    # Default prompts and score differ from the authors' (harmless_val, delta): on the bundled model their S held
-    # rare topical tokens with 0.0-0.3% of the teacher's shift; πt·Δ on harmful prompts holds 19-24% (README).
-    p.add_argument("--prompts", default=str(data_file("harmful_train")),
-                   help="selection prompts (authors: harmless_val; ours: the distillation prompts)")
-    p.add_argument("--n-prompts", type=positive_int, default=32, help="at most this many selection prompts")
-    p.add_argument("--coverage-prompts", default=str(data_file("harmful_val")), help="second set for coverage")
-    p.add_argument("--samples", type=positive_int, default=8, help="M continuations per prompt (paper: 8)")
-    p.add_argument("--horizon", type=positive_int, default=8, help="H tokens per continuation (paper: 8)")
-    p.add_argument("--score", choices=["delta", "kl"], default="kl", help="rank tokens by Δ (authors') or πt·Δ (ours)")
-    p.add_argument("--aggregate", choices=["vote", "mean"], default="vote")
-    p.add_argument("--contrast", help="a second prompt set (e.g. harmless): rank tokens by their vote share (or mean "
-                                      "score) on --prompts minus on this set, so S keeps what is specific to --prompts")
-    p.add_argument("--k", type=positive_int, default=50, help="|S| (paper: 50)")
-    p.add_argument("--k-vote", type=positive_int, default=200, help="K': tokens each position votes for (paper: 200)")
-    p.add_argument("--prob-floor", type=non_negative_float, default=1e-6, help="drop tokens whose mean πt prob is below this")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="sequences per forward pass")
-    p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
-    return args
+    paper = p.add_argument_group("the paper's recipe")
+    paper.add_argument("--samples", type=positive_int, default=8, help="M: samples per prompt (paper: 8)")
+    add_renamed(paper, "--horizon", "--max-new-tokens", type=positive_int, default=8,
+                help="H, the paper's horizon: tokens per teacher continuation (paper: 8)")
+    paper.add_argument("--k", type=positive_int, default=Selection.k, help="|S| (paper: 50)")
+    paper.add_argument("--k-vote", type=positive_int, default=Selection.k_vote,
+                       help="K': tokens each position votes for (paper: 200)")
+    paper.add_argument("--prob-floor", type=non_negative_float, default=Selection.prob_floor,
+                       help="drop tokens whose mean πt prob is below this")
+    paper.add_argument("--coefficient", type=float, help="c in πt = π0 + c·r (default: from direction.json)")
+    authors = p.add_argument_group("the authors' variants")
+    authors.add_argument("--teacher", choices=["hook", "prompt"], default="hook",
+                         help="hook: π0 + c·r (the method); prompt: π0 with a safety system prompt")
+    authors.add_argument("--aggregate", choices=["vote", "mean"], default=Selection.aggregate,
+                         help="vote: S = the most-voted tokens (paper); mean: S = the top k by mean score")
+    ours = p.add_argument_group("ours")
+    ours.add_argument("--score", choices=["delta", "kl"], default=Selection.score,
+                      help="rank tokens by Δ (authors') or πt·Δ (ours)")
+    ours.add_argument("--contrast",
+                      help="a second prompt set (e.g. harmless): rank tokens by their vote share (or mean "
+                           "score) on --prompts minus on this set, so S keeps what is specific to --prompts "
+                           "(default: none)")
+    ours.add_argument("--coverage-prompts", default=str(data_file("harmful_val")),
+                      help="second prompt set on which the coverage of S is reported")
+    # Default prompts and score differ from the authors' (harmless_val, delta): on the bundled model their S
+    # held rare topical tokens with 0.0-0.3% of the teacher's shift; πt·Δ on harmful prompts holds 19-24%.
+    data = p.add_argument_group("data")
+    data.add_argument("--prompts", default=str(data_file("harmful_train")),
+                      help="selection prompts (authors: harmless_val; ours: the distillation prompts)")
+    data.add_argument("--n-prompts", type=positive_int, default=32,
+                      help="at most this many prompts of each set")
+    data.add_argument("--direction",
+                      help="Stage 1's direction.safetensors (default: OUT/direction.safetensors)")
+    run = p.add_argument_group("model and run")
+    add_common_args(run, device_map=True)
+    run.add_argument("--batch-size", type=positive_int, default=32, help="sequences per forward pass")
+    run.add_argument("--overwrite", action="store_true", help="replace this stage's outputs in --out")
+    return p
 
 
-# ----------------------------------------------------------------------------- the teacher and its samples
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- the paper's method
 
 @torch.no_grad()
-def teacher_samples(model, tok, teacher: Teacher, prompts, m: int, h: int, batch_size: int, gen) -> list[dict]:
+def teacher_samples(model, tok, teacher: Teacher, prompts, m: int, h: int, batch_size: int,
+                    gen) -> list[dict]:
     """M continuations of H tokens per prompt from πt at temperature 1. One dict per batch of sequences."""
     rows = [p for p in prompts for _ in range(m)]
     batches = []
@@ -95,21 +126,14 @@ def teacher_and_base_logprobs(model, tok, teacher: Teacher, batch: dict):
     return torch.log_softmax(lt[valid], -1), torch.log_softmax(l0[valid], -1)
 
 
-# ----------------------------------------------------------------------------- the math of Stage 2
-
 def contrastive_logprobs(log_pt: torch.Tensor, log_p0: torch.Tensor) -> torch.Tensor:
     """Δ(v) = log πt(v) - log π0(v) at every position: [n, V]."""
     return log_pt - log_p0
 
 
-def token_scores(log_pt: torch.Tensor, log_p0: torch.Tensor, rule: str) -> torch.Tensor:
-    """The ranking score per (position, token): Δ (authors') or πt·Δ (ours, v's share of KL(πt || π0))."""
-    delta = contrastive_logprobs(log_pt, log_p0)
-    return delta if rule == "delta" else log_pt.exp() * delta
-
-
-def eligible_tokens(mean_pt: torch.Tensor, special_ids: list[int], vocab_size: int, floor: float) -> torch.Tensor:
-    """Tokens that may enter S: not special, inside the tokenizer's vocabulary, mean πt above the floor. [V]."""
+def eligible_tokens(mean_pt: torch.Tensor, special_ids: list[int], vocab_size: int,
+                    floor: float) -> torch.Tensor:
+    """Tokens that may enter S: not special, in the tokenizer's vocabulary, mean πt above the floor: [V]."""
     ok = mean_pt >= floor
     ok[[i for i in special_ids if i < ok.numel()]] = False
     ok[vocab_size:] = False  # padded embedding rows beyond the tokenizer
@@ -130,10 +154,20 @@ def vote(scores: torch.Tensor, eligible: torch.Tensor, k_vote: int, k: int):
     return chosen[votes[chosen] > 0], votes
 
 
+# ----------------------------------------------------------------------------- --aggregate mean (authors')
+
 def mean_aggregate(scores: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor:
     """S = the k eligible tokens with the highest mean score over positions."""
     mean = scores.mean(0).masked_fill(~eligible, float("-inf"))
     return mean.topk(min(k, int(eligible.sum()))).indices
+
+
+# ----------------------------------------------------------------------------- ours: --score kl, coverage
+
+def token_scores(log_pt: torch.Tensor, log_p0: torch.Tensor, rule: str) -> torch.Tensor:
+    """The ranking score per (position, token): Δ (authors') or πt·Δ (ours, v's share of KL(πt || π0))."""
+    delta = contrastive_logprobs(log_pt, log_p0)
+    return delta if rule == "delta" else log_pt.exp() * delta
 
 
 def tv_shift(log_pt: torch.Tensor, log_p0: torch.Tensor) -> torch.Tensor:
@@ -146,11 +180,16 @@ def coverage(shift: torch.Tensor, s_ids: torch.Tensor) -> torch.Tensor:
     return shift[:, s_ids].sum(-1) / shift.sum(-1).clamp_min(1e-12)
 
 
-# ----------------------------------------------------------------------------- main
+def mean_coverage(model, tok, teacher, batches, s_ids) -> float:
+    shares = [coverage(tv_shift(*teacher_and_base_logprobs(model, tok, teacher, b)), s_ids) for b in batches]
+    return torch.cat(shares).mean().item()
+
+
+# ----------------------------------------------------------------------------- S from the teacher's samples
 
 def position_scores(model, tok, teacher, batches, rule: str):
-    """Scores and the teacher's shift (for coverage, so πt and π0 run once) of every valid position, plus mean πt
-    and mean Δ per token. Keeps two [n_valid, V] tensors in memory."""
+    """Scores and the teacher's shift (for coverage, so πt and π0 run once) of every valid position, plus mean
+    πt and mean Δ per token. Keeps two [n_valid, V] tensors in memory."""
     all_scores, shifts, sum_pt, sum_delta, n = [], [], 0, 0, 0
     for batch in tqdm(batches, desc="teacher-forcing πt and π0", unit="batch"):
         log_pt, log_p0 = teacher_and_base_logprobs(model, tok, teacher, batch)
@@ -164,35 +203,67 @@ def position_scores(model, tok, teacher, batches, rule: str):
     return torch.cat(all_scores), torch.cat(shifts), sum_pt / n, sum_delta / n  # [n, V], [n, V], [V], [V]
 
 
-def select(model, tok, teacher, batches, *, score: str = "kl", aggregate: str = "vote", k: int = 50,
-           k_vote: int = 200, prob_floor: float = 1e-6, contrast_batches=None) -> dict:
-    """S from the teacher's samples; with contrast_batches, from the difference to a second prompt set."""
-    scores, shift, mean_pt, mean_delta = position_scores(model, tok, teacher, batches, score)
-    eligible = eligible_tokens(mean_pt, special_token_ids(tok), len(tok), prob_floor)
+def select(model, tok, teacher, batches, rule: Selection = Selection(), contrast_batches=None) -> dict:
+    """S from the teacher's samples; with contrast_batches (ours), from the difference to another set."""
+    scores, shift, mean_pt, mean_delta = position_scores(model, tok, teacher, batches, rule.score)
+    eligible = eligible_tokens(mean_pt, special_token_ids(tok), len(tok), rule.prob_floor)
     if contrast_batches is None:
-        if aggregate == "vote":
-            s_ids, votes = vote(scores, eligible, k_vote, k)
+        if rule.aggregate == "vote":
+            s_ids, votes = vote(scores, eligible, rule.k_vote, rule.k)
         else:
-            s_ids, votes = mean_aggregate(scores, eligible, k), torch.zeros(scores.shape[-1], dtype=torch.long)
+            s_ids = mean_aggregate(scores, eligible, rule.k)
+            votes = torch.zeros(scores.shape[-1], dtype=torch.long)
     else:
-        c_scores = position_scores(model, tok, teacher, contrast_batches, score)[0]
-        if aggregate == "vote":  # vote shares, so that sets of different sizes compare
-            votes = vote(scores, eligible, k_vote, k)[1]
-            rank = votes / len(scores) - vote(c_scores, eligible, k_vote, k)[1] / len(c_scores)
+        c_scores = position_scores(model, tok, teacher, contrast_batches, rule.score)[0]
+        if rule.aggregate == "vote":  # vote shares, so that sets of different sizes compare
+            votes = vote(scores, eligible, rule.k_vote, rule.k)[1]
+            rank = votes / len(scores) - vote(c_scores, eligible, rule.k_vote, rule.k)[1] / len(c_scores)
         else:
             votes = torch.zeros(scores.shape[-1], dtype=torch.long)
             rank = scores.mean(0) - c_scores.mean(0)
         rank = rank.masked_fill(~eligible, float("-inf"))
-        s_ids = rank.topk(min(k, int(eligible.sum()))).indices
+        s_ids = rank.topk(min(rule.k, int(eligible.sum()))).indices
         s_ids = s_ids[rank[s_ids] > 0]
     return {"ids": s_ids, "votes": votes, "mean_delta": mean_delta, "mean_score": scores.mean(0),
             "coverage": coverage(shift, s_ids).mean().item(), "n_positions": scores.shape[0],
             "n_eligible": int(eligible.sum())}
 
 
-def mean_coverage(model, tok, teacher, batches, s_ids) -> float:
-    shares = [coverage(tv_shift(*teacher_and_base_logprobs(model, tok, teacher, b)), s_ids) for b in batches]
-    return torch.cat(shares).mean().item()
+# ----------------------------------------------------------------------------- the run
+
+def recorded_settings(args, n_prompts: int, coefficient: float, direction: str, layer: int) -> dict:
+    """The command line as safety_tokens.json records it, with what the teacher resolved to."""
+    return {"teacher": args.teacher, "score": args.score, "aggregate": args.aggregate, "k": args.k,
+            "k_vote": args.k_vote, "samples": args.samples, "horizon": args.max_new_tokens,
+            "prob_floor": args.prob_floor, "prompts": args.prompts, "n_prompts": n_prompts,
+            "contrast": args.contrast, "coverage_prompts": args.coverage_prompts, "coefficient": coefficient,
+            "direction": direction, "layer": layer, "seed": args.seed}
+
+
+def safety_tokens_json(sel: dict, cov: dict, tok, model, settings: dict, name: str, t0: float) -> dict:
+    """safety_tokens.json: S with its votes and mean Δ, its coverage, and what it was made with and for."""
+    s_ids = sel["ids"]
+    ids = s_ids.tolist()
+    return {"token_ids": ids, "tokens": [tok.decode([i]) for i in ids], "votes": sel["votes"][s_ids].tolist(),
+            "mean_delta": sel["mean_delta"][s_ids].tolist(), "mean_score": sel["mean_score"][s_ids].tolist(),
+            "coverage": cov, "vocab_size": len(tok), "model_vocab_size": model.config.vocab_size,
+            "tokenizer_fingerprint": tokenizer_fingerprint(tok), "settings": settings,
+            "n_positions": sel["n_positions"], "n_eligible": sel["n_eligible"], "model": name,
+            "seconds": time.time() - t0, **run_info()}
+
+
+def print_summary(result: dict, path, t0: float) -> None:
+    ids, cov, settings = result["token_ids"], result["coverage"], result["settings"]
+    print(f"S: {len(ids)} tokens from {result['n_positions']} positions ({result['n_eligible']} eligible "
+          f"tokens), score {settings['score']}, aggregate {settings['aggregate']}")
+    print(f"{'token':>16} {'votes':>6} {'mean Δ':>8}")
+    for t, v, d in list(zip(result["tokens"], result["votes"], result["mean_delta"]))[:20]:
+        print(f"{t!r:>16} {v:>6} {d:>8.3f}")
+    if len(ids) > 20:
+        print(f"{'...':>16} ({len(ids) - 20} more in the file)")
+    print(f"coverage of the teacher's shift (TV share on S): "
+          f"selection prompts {cov['selection_prompts']:.1%}, harmful_val {cov['harmful_val']:.1%}")
+    print(f"took {time.time() - t0:.0f} s; wrote {path}")
 
 
 def main(argv=None):
@@ -206,52 +277,25 @@ def main(argv=None):
     model, tok = load_model(args.model, device, chat_template=args.chat_template, device_map=args.device_map)
     prompts = truncate_prompts(tok, prompts, args.max_prompt_tokens, args.prompts)
     cov_prompts = truncate_prompts(tok, cov_prompts, args.max_prompt_tokens, args.coverage_prompts)
-    teacher, dmeta = load_teacher(model, args.direction or out / "direction.safetensors", args.teacher,
-                                  args.coefficient)
-    coefficient = teacher.coefficient
+    direction = args.direction or out / "direction.safetensors"
+    teacher, dmeta = load_teacher(model, direction, args.teacher, args.coefficient)
     print(f"teacher: {teacher.describe()}")
-
-    batches = teacher_samples(model, tok, teacher, prompts, args.samples, args.horizon, args.batch_size, gen)
+    draw = functools.partial(teacher_samples, model, tok, teacher, m=args.samples, h=args.max_new_tokens,
+                             batch_size=args.batch_size, gen=gen)
+    batches = draw(prompts)
     contrast = None
     if args.contrast:
-        c_prompts = truncate_prompts(tok, read_prompts(args.contrast, args.n_prompts, args.seed),
-                                     args.max_prompt_tokens, args.contrast)
-        contrast = teacher_samples(model, tok, teacher, c_prompts, args.samples, args.horizon, args.batch_size, gen)
-    sel = select(model, tok, teacher, batches, score=args.score, aggregate=args.aggregate, k=args.k,
-                 k_vote=args.k_vote, prob_floor=args.prob_floor, contrast_batches=contrast)
-    s_ids = sel["ids"]
-    cov_batches = teacher_samples(model, tok, teacher, cov_prompts, args.samples, args.horizon, args.batch_size, gen)
+        c_prompts = read_prompts(args.contrast, args.n_prompts, args.seed)
+        contrast = draw(truncate_prompts(tok, c_prompts, args.max_prompt_tokens, args.contrast))
+    rule = Selection(args.score, args.aggregate, args.k, args.k_vote, args.prob_floor)
+    sel = select(model, tok, teacher, batches, rule, contrast_batches=contrast)
+    cov_batches = draw(cov_prompts)
     cov = {"selection_prompts": sel["coverage"],
-           "harmful_val": mean_coverage(model, tok, teacher, cov_batches, s_ids)}
-
-    ids = s_ids.tolist()
-    result = {
-        "token_ids": ids, "tokens": [tok.decode([i]) for i in ids], "votes": sel["votes"][s_ids].tolist(),
-        "mean_delta": sel["mean_delta"][s_ids].tolist(), "mean_score": sel["mean_score"][s_ids].tolist(),
-        "coverage": cov, "vocab_size": len(tok), "model_vocab_size": model.config.vocab_size,
-        "tokenizer_fingerprint": tokenizer_fingerprint(tok),
-        "settings": {"teacher": args.teacher, "score": args.score, "aggregate": args.aggregate, "k": args.k,
-                     "k_vote": args.k_vote, "samples": args.samples, "horizon": args.horizon,
-                     "prob_floor": args.prob_floor, "prompts": args.prompts, "n_prompts": len(prompts),
-                     "contrast": args.contrast,
-                     "coverage_prompts": args.coverage_prompts, "coefficient": coefficient,
-                     "direction": str(args.direction or out / "direction.safetensors"), "layer": dmeta["layer"],
-                     "seed": args.seed},
-        "n_positions": sel["n_positions"], "n_eligible": sel["n_eligible"], "model": args.model,
-        "seconds": time.time() - t0, **run_info(),
-    }
+           "harmful_val": mean_coverage(model, tok, teacher, cov_batches, sel["ids"])}
+    settings = recorded_settings(args, len(prompts), teacher.coefficient, str(direction), dmeta["layer"])
+    result = safety_tokens_json(sel, cov, tok, model, settings, args.model, t0)
     path = write_json(out / "safety_tokens.json", result)
-
-    print(f"S: {len(ids)} tokens from {sel['n_positions']} positions ({sel['n_eligible']} eligible tokens), "
-          f"score {args.score}, aggregate {args.aggregate}")
-    print(f"{'token':>16} {'votes':>6} {'mean Δ':>8}")
-    for t, v, d in list(zip(result["tokens"], result["votes"], result["mean_delta"]))[:20]:
-        print(f"{t!r:>16} {v:>6} {d:>8.3f}")
-    if len(ids) > 20:
-        print(f"{'...':>16} ({len(ids) - 20} more in the file)")
-    print(f"coverage of the teacher's shift (TV share on S): selection prompts {cov['selection_prompts']:.1%}, "
-          f"harmful_val {cov['harmful_val']:.1%}")
-    print(f"took {time.time() - t0:.0f} s; wrote {path}")
+    print_summary(result, path, t0)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,12 @@
 Three stages need the same few pieces, so they live here once:
 
     blocks        decoder_layers, check_layer       where the residual stream of each family is
-    hooks         add_vector (πt = π0 + c·r at block l), ablate_direction (r̂ projected out everywhere)
+    hooks         add_vector (πt = π0 + c·r at block l); replace_hidden, for any pre-hook (also
+                  directions.ablate_direction's)
     the teacher   load_direction, Teacher, load_teacher   πt as one object: hook, safety system prompt, or π0
     sampling      prefill (each distinct prompt once, the shared prefix once), sample (a KV-cached decoding
-                  loop, by hand), completion_logits (teacher forcing; the student's G samples of a prompt packed
-                  into one row behind a tree mask, packed_completion_logits)
+                  loop, by hand), completion_logits (teacher forcing; the student's G samples of a prompt
+                  packed into one row behind a tree mask, packed_completion_logits), right_pad
 
 What is plumbing (files, loading, templates, the CLI) is in common.py; the math of each stage is in its file.
 """
@@ -23,8 +24,8 @@ from chat import encode_chats
 from common import UserError, load_json
 
 # The prompt-based teacher (authors' "via prompt" variant): π0 told to refuse, instead of the hook.
-SAFETY_SYSTEM_PROMPT = ("You are a responsible assistant. If a request could help someone cause harm or break the "
-                        "law, refuse it clearly and briefly, and say that you cannot help with it.")
+SAFETY_SYSTEM_PROMPT = ("You are a responsible assistant. If a request could help someone cause harm or "
+                        "break the law, refuse it clearly and briefly, and say that you cannot help with it.")
 
 
 # ----------------------------------------------------------------------------- blocks and hooks
@@ -51,7 +52,7 @@ def check_layer(model, layer: int) -> int:
     return layer
 
 
-def _replace_hidden(args, kwargs, fn):
+def replace_hidden(args, kwargs, fn):
     """Apply fn to a block's hidden_states input, wherever the caller put it (transformers 5 passes it by
     keyword, older releases positionally)."""
     if args:
@@ -75,46 +76,13 @@ def add_vector(model, layer: int, vector: torch.Tensor, coefficient: float = 1.0
     delta = coefficient * vector
 
     def hook(module, args, kwargs):
-        return _replace_hidden(args, kwargs, lambda h: h + delta.to(h.device, h.dtype))
+        return replace_hidden(args, kwargs, lambda h: h + delta.to(h.device, h.dtype))
 
     handle = decoder_layers(model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         yield
     finally:
         handle.remove()
-
-
-def _project_out(h: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
-    u = unit.to(h.device, h.dtype)
-    return h - (h @ u).unsqueeze(-1) * u  # h - (h·r̂) r̂
-
-
-@contextlib.contextmanager
-def ablate_direction(model, direction: torch.Tensor):
-    """Directional ablation (Arditi et al.): remove r̂ from every block input and from every attention
-    and MLP output, so the residual stream never carries a component along r."""
-    unit = direction.float() / direction.float().norm()
-
-    def pre_hook(module, args, kwargs):
-        return _replace_hidden(args, kwargs, lambda h: _project_out(h, unit))
-
-    def out_hook(module, args, output):
-        if isinstance(output, tuple):  # attention returns (output, weights)
-            return (_project_out(output[0], unit),) + tuple(output[1:])
-        return _project_out(output, unit)
-
-    handles = []
-    try:
-        for block in decoder_layers(model):
-            handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
-            for name in ("self_attn", "attn", "attention", "mlp"):
-                sub = getattr(block, name, None)
-                if isinstance(sub, torch.nn.Module):
-                    handles.append(sub.register_forward_hook(out_hook))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 # ----------------------------------------------------------------------------- the teacher
@@ -127,7 +95,8 @@ def load_direction(path, model) -> tuple[torch.Tensor, dict]:
     if path.is_dir():
         path = path / "direction.safetensors"
     if not path.is_file():
-        raise UserError(f"{path}: direction file not found (run extract_direction.py first, or pass --direction)")
+        raise UserError(f"{path}: direction file not found "
+                        "(run extract_direction.py first, or pass --direction)")
     try:
         tensors = load_file(path)
     except (SafetensorError, OSError) as e:
@@ -153,22 +122,25 @@ class Teacher:
         prompt  π0 behind a safety system prompt, no hook                          (authors' "via prompt")
         base    π0 itself                                                          (anchoring's target)
 
-    `base_context` is entered first on every use; with LoRA it switches the adapters off, so the one copy of the
-    base weights serves as π0, πt and (adapters on) the student.
+    `base_context` is entered first on every use; with LoRA it switches the adapters off, so the one copy of
+    the base weights serves as π0, πt and (adapters on) the student.
     """
 
-    def __init__(self, model, kind: str = "hook", vector=None, layer: int | None = None, coefficient: float = 1.0,
-                 system: str | None = None, base_context=contextlib.nullcontext):
+    def __init__(self, model, kind: str = "hook", vector=None, layer: int | None = None,
+                 coefficient: float = 1.0, system: str | None = None, base_context=contextlib.nullcontext):
         if kind not in ("hook", "prompt", "base"):
             raise ValueError(f"unknown teacher kind {kind!r}")
-        self.model, self.kind, self.vector, self.layer, self.coefficient = model, kind, vector, layer, coefficient
+        self.model, self.kind, self.vector = model, kind, vector
+        self.layer, self.coefficient = layer, coefficient
         self.system = (system or SAFETY_SYSTEM_PROMPT) if kind == "prompt" else None
         self.base_context = base_context
 
     @contextlib.contextmanager
     def steer(self):
-        hook = add_vector(self.model, self.layer, self.vector, self.coefficient) if self.kind == "hook" else None
-        with self.base_context(), hook or contextlib.nullcontext():  # the hook is placed after base_context
+        hook = contextlib.nullcontext()
+        if self.kind == "hook":
+            hook = add_vector(self.model, self.layer, self.vector, self.coefficient)
+        with self.base_context(), hook:  # the hook is placed after base_context
             yield
 
     def encode(self, tok, prompts: list[str], device="cpu"):
@@ -183,8 +155,8 @@ class Teacher:
 
 @contextlib.contextmanager
 def swapped_weights(model, params: dict, values: dict):
-    """Run `model` (in eval mode) with `values` in place of its parameters `params`, then swap back (a swap is its
-    own inverse): a frozen snapshot of a training model costs one copy of what trains (distill --refresh-every)."""
+    """Run `model` (in eval mode) with `values` in place of `params`, then swap back (a swap is its own
+    inverse): a frozen snapshot of a training model costs a copy of what trains (distill --refresh-every)."""
     def swap():
         with torch.no_grad():
             for name, p in params.items():
@@ -235,8 +207,8 @@ def has_sliding_window(model) -> bool:
 
 def shared_prefix_len(rows: list[list[int]], model, keep: int = 1) -> int:
     """How many leading tokens every row has in common (the chat template's opening, e.g. SmolLM2's 24-token
-    system turn), leaving at least `keep` tokens of each row after it; 0 under sliding-window attention, where
-    computing them once is not exact (the mask counts cache slots, and the shared layout moves the padding)."""
+    system turn), leaving at least `keep` tokens of each row after it; 0 under sliding-window attention,
+    where computing them once is not exact (the mask counts cache slots; the shared layout moves padding)."""
     if has_sliding_window(model):
         return 0
     n = 0
@@ -246,19 +218,19 @@ def shared_prefix_len(rows: list[list[int]], model, keep: int = 1) -> int:
 
 
 class Prefilled(NamedTuple):
-    logits: torch.Tensor       # [b, V] float32: the last prompt position's, which predicts the first new token
-    cache: object              # the KV cache, laid out [shared prefix | left padding | rest of the prompt]
-    cache_mask: torch.Tensor   # [b, s'] the cache's attention mask
-    next_pos: torch.Tensor     # [b, 1] the position id of the first new token
-    hidden: tuple | None       # last_hidden=k: the input of each block at the last k positions, [b, k, hidden]
+    logits: torch.Tensor      # [b, V] float32: the last prompt position's, which predicts the first new token
+    cache: object             # the KV cache, laid out [shared prefix | left padding | rest of the prompt]
+    cache_mask: torch.Tensor  # [b, s'] the cache's attention mask
+    next_pos: torch.Tensor    # [b, 1] the position id of the first new token
+    hidden: tuple | None      # last_hidden=k: the input of each block at the last k positions, [b, k, hidden]
 
 
 @torch.no_grad()
-def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int, share_prefix: bool = True,
-            last_hidden: int = 0) -> Prefilled:
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int,
+            share_prefix: bool = True, last_hidden: int = 0) -> Prefilled:
     """The prompts' forward pass before decoding, with two exact savings: a prompt that occurs in several rows
-    (Stage 3's G samples of one prompt) runs once, and the prefix all prompts share runs once. Position ids count
-    real tokens only, so each row sees what the plain left-padded forward sees.
+    (Stage 3's G samples of one prompt) runs once, and the prefix all prompts share runs once. Position ids
+    count real tokens only, so each row sees what the plain left-padded forward sees.
 
     input_ids, attention_mask: [b, s] left-padded. share_prefix=False: no prefix pass (a sharded model must be
     called equally often on every rank, and ranks hold different prompts). last_hidden=k also returns each
@@ -277,7 +249,8 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id
         mask[j, width - len(r) + n:] = 1
     cache = None
     if n:
-        cache = model(input_ids=torch.tensor([distinct[0][:n]], device=device), use_cache=True).past_key_values
+        prefix = torch.tensor([distinct[0][:n]], device=device)
+        cache = model(input_ids=prefix, use_cache=True).past_key_values
         cache.reorder_cache(torch.zeros(len(distinct), dtype=torch.long, device=device))  # one copy per row
     cache_mask = torch.cat([mask.new_ones(len(distinct), n), mask], dim=1)
     positions = (n + mask.cumsum(-1) - 1).clamp(min=0)
@@ -288,7 +261,8 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id
         cache.reorder_cache(inverse)
     # hidden_states[l] is the input of block l for l < L (the last entry is the final output)
     hidden = tuple(h[inverse, -last_hidden:] for h in out.hidden_states[:-1]) if last_hidden else None
-    return Prefilled(out.logits[inverse, -1].float(), cache, cache_mask[inverse], positions[inverse, -1:] + 1, hidden)
+    logits = out.logits[inverse, -1].float()
+    return Prefilled(logits, cache, cache_mask[inverse], positions[inverse, -1:] + 1, hidden)
 
 
 @torch.no_grad()
@@ -302,9 +276,9 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     every row has stopped (the returned width is then the longest row's). sync_stop(running) -> bool, if
     given, decides for all processes together (a sharded model must be called equally often on every rank).
     """
-    batch = input_ids.shape[0]
-    device = input_ids.device
-    logits, cache, cache_mask, next_pos, _ = prefill(model, input_ids, attention_mask, pad_id, sync_stop is None)
+    batch, device = input_ids.shape[0], input_ids.device
+    share_prefix = sync_stop is None  # a sharded model runs the same calls on every rank
+    logits, cache, cache_mask, next_pos, _ = prefill(model, input_ids, attention_mask, pad_id, share_prefix)
     plen = cache_mask.shape[1]
     # One preallocated mask for prompt + completion: no tensor grows by cat inside the loop.
     full_mask = torch.cat([cache_mask, cache_mask.new_ones(batch, max_new_tokens)], dim=1)
@@ -327,8 +301,9 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
         if not running:
             return tokens[:, :t + 1], mask[:, :t + 1]
         if t + 1 < max_new_tokens:
-            logits = model(input_ids=nxt[:, None], attention_mask=full_mask[:, :plen + t + 1],
-                           position_ids=next_pos + t, past_key_values=cache, use_cache=True).logits[:, -1].float()
+            out = model(input_ids=nxt[:, None], attention_mask=full_mask[:, :plen + t + 1],
+                        position_ids=next_pos + t, past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1].float()
     return tokens, mask
 
 
@@ -345,9 +320,10 @@ def packs_exactly(model) -> bool:
 
 
 def packed_completion_logits(model, prompt_ids, prompt_mask, comp_ids, g: int) -> torch.Tensor:
-    """completion_logits for runs of G identical prompts, each prompt computed once: a row [prompt | y_1 | ... | y_G]
-    with a tree-shaped mask (y_j sees the prompt and its own past, no other y) and position ids that restart after
-    the prompt for each y_j, so y_j is scored as in a row of its own. [b, s] + [b, T] -> [b, T, V]."""
+    """completion_logits for runs of G identical prompts, each prompt computed once: a row
+    [prompt | y_1 | ... | y_G] with a tree-shaped mask (y_j sees the prompt and its own past, no other y) and
+    position ids that restart after the prompt for each y_j, so y_j is scored as in a row of its own.
+    [b, s] + [b, T] -> [b, T, V]."""
     ids, mask = prompt_ids[::g], prompt_mask[::g]  # [n, s]: each prompt once
     (n, s), t, dev = ids.shape, comp_ids.shape[1], ids.device
     width = s + g * t
@@ -355,7 +331,8 @@ def packed_completion_logits(model, prompt_ids, prompt_mask, comp_ids, g: int) -
                      torch.arange(1, g + 1, device=dev).repeat_interleave(t).expand(n, -1)], dim=1)
     pos = torch.cat([(mask.cumsum(-1) - 1).clamp(min=0),
                      mask.sum(-1, keepdim=True) + torch.arange(t, device=dev).repeat(g)], dim=1)
-    q, k, causal = seg[:, :, None], seg[:, None, :], torch.ones(width, width, dtype=torch.bool, device=dev).tril()
+    q, k = seg[:, :, None], seg[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()
     # a padding query sees itself (the eye): no softmax row is empty
     allowed = (causal & (k >= 0) & ((k == 0) | (k == q))) | torch.eye(width, dtype=torch.bool, device=dev)
     attn = allowed[:, None]  # [n, 1, W, W]: sdpa takes True = attend, eager adds a float mask
@@ -371,12 +348,13 @@ def packed_completion_logits(model, prompt_ids, prompt_mask, comp_ids, g: int) -
 
 def completion_logits(model, prompt_ids, prompt_mask, comp_ids, share_prefix: bool = True,
                       pack: bool = True) -> torch.Tensor:
-    """Teacher-force prompt + completion: the logits that predict each completion token, [b, plen] + [b, T] ->
-    [b, T, V] in the model's dtype (only those positions reach the LM head). Each row's completion follows its own
-    prompt, so teacher and student may see different prompts (a system prompt). Without autograd, in eval mode
-    (πt, π0): `prefill` (each distinct prompt once; share_prefix as there), then the completions through its cache.
-    With autograd (the student; a LoRA student's weights as πt, π0 in train mode, where checkpointed blocks keep no
-    cache): runs of G identical prompts are packed (packed_completion_logits; pack=False: a row per sample)."""
+    """Teacher-force prompt + completion: the logits that predict each completion token, [b, plen] + [b, T]
+    -> [b, T, V] in the model's dtype (only those positions reach the LM head). Each row's completion follows
+    its own prompt, so teacher and student may see different prompts (a system prompt). Without autograd, in
+    eval mode (πt, π0): `prefill` (each distinct prompt once; share_prefix as there), then the completions
+    through its cache. With autograd (the student; a LoRA student's weights as πt, π0 in train mode, where
+    checkpointed blocks keep no cache): runs of G identical prompts are packed (packed_completion_logits;
+    pack=False: a row per sample)."""
     t = comp_ids.shape[1]
     if not torch.is_grad_enabled() and not model.training:
         first, cache, cache_mask, next_pos, _ = prefill(model, prompt_ids, prompt_mask, 0, share_prefix)
@@ -394,6 +372,17 @@ def completion_logits(model, prompt_ids, prompt_mask, comp_ids, share_prefix: bo
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
                    logits_to_keep=t + 1).logits
     return logits[:, :-1]  # position plen-1+i predicts completion token i
+
+
+def right_pad(token_lists: list[list[int]], pad_id: int, device):
+    """Completions to teacher-force: [[ids]] -> ids [b, T], mask [b, T] (1 on real tokens), right-padded."""
+    width = max(1, max(len(t) for t in token_lists))
+    ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, t in enumerate(token_lists):
+        ids[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+        mask[i, :len(t)] = 1
+    return ids.to(device), mask.to(device)
 
 
 def decode_completions(tok, tokens: torch.Tensor, mask: torch.Tensor) -> list[str]:

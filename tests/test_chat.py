@@ -137,9 +137,10 @@ def test_every_stage_runs_and_the_student_reloads(family_dir, tmp_path):
     name, d = family_dir
     out = tmp_path / "run"
     m = ["--model", str(d), "--out", str(out)]
-    ed.main(m + ["--n-train", "3", "--n-val", "2", "--layer", "1", "--position", "-1", "--check-prompts", "1",
-                 "--check-tokens", "3"])
-    select_tokens.main(m + ["--n-prompts", "2", "--samples", "2", "--horizon", "3", "--k", "5", "--k-vote", "8"])
+    ed.main(m + ["--n-train", "3", "--n-val", "2", "--layer", "1", "--position", "-1", "--n-check-prompts", "1",
+                 "--check-new-tokens", "3"])
+    select_tokens.main(m + ["--n-prompts", "2", "--samples", "2", "--max-new-tokens", "3", "--k", "5",
+                            "--k-vote", "8"])
     saved = {}
     real_save = distill.save_student
 
@@ -154,8 +155,9 @@ def test_every_stage_runs_and_the_student_reloads(family_dir, tmp_path):
         distill.main(m + ["--max-steps", "1", "--prompts-per-step", "1", "--samples", "2", "--max-new-tokens", "4"])
     finally:
         distill.save_student = real_save
-    evaluate.main(m + ["--n", "2", "--max-new-tokens", "3", "--qa-tokens", "2", "--harmful-reform", "",
-                       "--harmless-reform", "", "--models", f"base={d}", f"student={out / 'student'}"])
+    evaluate.main(m + ["--n-prompts", "2", "--max-new-tokens", "3", "--qa-new-tokens", "2",
+                       "--harmful-reform", "", "--harmless-reform", "", "--models", f"base={d}",
+                       f"student={out / 'student'}"])
     student = AutoModelForCausalLM.from_pretrained(out / "student").eval()
     with torch.no_grad():
         logits = student(input_ids=saved["ids"], attention_mask=saved["mask"]).logits

@@ -46,9 +46,10 @@ def files(tmp_path):
 
 CASES = [
     # (id, stage, argv builder, expected fragment)
-    ("missing prompt file", "extract", lambda t, m, r: ["--harmful", str(t / "nope.jsonl")], "file not found"),
-    ("empty prompt file", "extract", lambda t, m, r: ["--harmful", str(t / "empty.jsonl")], "holds no prompts"),
-    ("no recognised field", "extract", lambda t, m, r: ["--harmless", str(t / "nofield.jsonl")], "nofield.jsonl:1: no prompt field"),
+    ("missing prompt file", "extract", lambda t, m, r: ["--harmful-train", str(t / "nope.jsonl")], "file not found"),
+    ("empty prompt file", "extract", lambda t, m, r: ["--harmful-train", str(t / "empty.jsonl")], "holds no prompts"),
+    ("no recognised field", "extract", lambda t, m, r: ["--harmless-train", str(t / "nofield.jsonl")],
+     "nofield.jsonl:1: no prompt field"),
     ("malformed JSON line", "select", lambda t, m, r: ["--prompts", str(t / "bad.jsonl")], "bad.jsonl:2: malformed JSON"),
     ("layer out of range", "extract", lambda t, m, r: ["--layer", "99", "--position", "-1"], "--layer must be in 0..3"),
     ("position out of range", "extract", lambda t, m, r: ["--layer", "1", "--position", "-99"], "--position in"),
@@ -106,8 +107,9 @@ def test_bad_input(name, stage, argv, fragment, tmp_path, model_dir, run_dir, to
 
 
 def test_a_real_process_prints_one_line_and_exits_2(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "extract_direction.py"), "--harmful", str(tmp_path / "x.jsonl"),
-                           "--out", str(tmp_path / "run")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = subprocess.run([sys.executable, str(ROOT / "extract_direction.py"), "--harmful-train",
+                           str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'x.jsonl'}: file not found"]
     assert not (tmp_path / "run").exists()  # inputs are read before the output folder is made
@@ -122,6 +124,49 @@ def test_help_shows_defaults_and_usage(capsys):
         assert "Usage:" in text and "--seed" in text and "--device" in text
         flat = " ".join(text.split())  # argparse wraps help lines
         assert "and the sampler (default: 0)" in flat and "if available (default: auto)" in flat
+
+
+@pytest.mark.parametrize("stage", ["extract", "select", "evaluate"])
+def test_every_option_has_help_and_shows_its_default_or_is_a_flag(stage, capsys):
+    """Stages 1, 2 and 4: each visible option has help text, and --help shows its default unless it is a flag
+    (an option without a default says what happens without it, in words containing "default")."""
+    import argparse
+    parser = STAGES[stage].build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    flat = " ".join(capsys.readouterr().out.split())  # argparse wraps help lines
+    formatter = parser._get_formatter()
+    visible = [a for a in parser._actions if a.help is not argparse.SUPPRESS and a.option_strings != ["-h", "--help"]]
+    assert len(visible) >= 15
+    for action in visible:
+        text = " ".join(formatter._expand_help(action).split())
+        assert action.help and text in flat, action.option_strings
+        if action.nargs == 0:  # a flag: off unless given
+            assert action.default is False, action.option_strings
+        elif action.default is None:  # no value: the help says in words what happens then
+            assert "(default: " in text, action.option_strings
+        else:
+            assert f"(default: {action.default})" in text, action.option_strings
+
+
+RENAMED = {"extract": {"--grid-tokens": ("--grid-new-tokens", "7"), "--check-tokens": ("--check-new-tokens", "7"),
+                       "--check-prompts": ("--n-check-prompts", "7"), "--harmful": ("--harmful-train", "h.jsonl"),
+                       "--harmless": ("--harmless-train", "h.jsonl")},
+           "select": {"--horizon": ("--max-new-tokens", "7")},
+           "evaluate": {"--n": ("--n-prompts", "7"), "--qa-tokens": ("--qa-new-tokens", "7")}}
+
+
+@pytest.mark.parametrize("stage,old,new,value", [(s, o, n, v) for s, d in RENAMED.items() for o, (n, v) in d.items()])
+def test_renamed_options_keep_their_old_spelling_for_one_release(stage, old, new, value, capsys):
+    """The old spelling sets what the new one sets and prints one deprecation line; neither shows in --help."""
+    parse = STAGES[stage].parse_args
+    dest = new.lstrip("-").replace("-", "_")
+    assert getattr(parse([old, value]), dest) == getattr(parse([new, value]), dest) != getattr(parse([]), dest)
+    assert capsys.readouterr().err == f"warning: {old} is deprecated; use {new}\n"
+    with pytest.raises(SystemExit):
+        parse(["--help"])
+    shown = capsys.readouterr().out
+    assert new in shown and not any(w.strip(",") == old for w in shown.split())
 
 
 def test_nonsense_max_prompt_tokens_is_refused_before_any_work(tmp_path, capsys):

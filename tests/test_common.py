@@ -134,3 +134,26 @@ def test_number_types(kind, text, ok):
             kind(text)
     else:
         assert kind(text) == ok
+
+
+def test_renamed_option_old_spelling_works_warns_once_and_stays_out_of_help(capsys):
+    p = common.Parser("doc")
+    group = p.add_argument_group("some group")
+    common.add_renamed(group, "--horizon", "--max-new-tokens", type=common.positive_int, default=8, help="H")
+    common.add_renamed(p, "--quiet", "--silent", action="store_true", help="a flag renamed")
+    assert vars(p.parse_args([])) == {"max_new_tokens": 8, "silent": False}
+    assert capsys.readouterr().err == ""
+    assert p.parse_args(["--max-new-tokens", "3", "--silent"]).max_new_tokens == 3
+    assert capsys.readouterr().err == ""  # the new spelling is silent
+    args = p.parse_args(["--horizon", "5", "--quiet"])
+    assert (args.max_new_tokens, args.silent) == (5, True)
+    assert capsys.readouterr().err.splitlines() == ["warning: --horizon is deprecated; use --max-new-tokens",
+                                                    "warning: --quiet is deprecated; use --silent"]
+    assert p.parse_args(["--horizon", "5", "--max-new-tokens", "6"]).max_new_tokens == 6  # last one wins, as usual
+    assert capsys.readouterr().err.count("deprecated") == 1
+    with pytest.raises(SystemExit):  # the old spelling checks its value as the new one does
+        p.parse_args(["--horizon", "0"])
+    assert "--horizon: must be > 0" in capsys.readouterr().err
+    help_text = p.format_help()
+    assert "--max-new-tokens" in help_text and "(default: 8)" in help_text and "--silent" in help_text
+    assert "--horizon" not in help_text and "--quiet" not in help_text

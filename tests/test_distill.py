@@ -1,5 +1,6 @@
 """Stage 3: each loss against its formula in float64, its defining properties, and the training loop."""
 import contextlib
+import dataclasses
 import json
 import math
 
@@ -54,7 +55,7 @@ def test_full_equals_kl_div_with_the_right_argument_order():
     assert torch.allclose(dl.full_kl_formula(ls, lt).float(), ref, atol=1e-6)
 
 
-# ----------------------------------------------------------------------------- exactness where one side is confident
+# ----------------------------------------------------------------------------- one side confident
 
 V = 200
 
@@ -115,7 +116,7 @@ def assert_collapsed_exact(ls, lt, s, impl):
 
 
 def test_the_subtraction_formula_fails_those_tests():
-    """The same check on the old formula: off by far more than 1e-4 once q(R) is small (so the test can fail)."""
+    """The same check on the old formula: off by far more than 1e-4 once q(R) is small (the test can fail)."""
     s = S_CASES["50"]
     ls = torch.randn(4, V, generator=torch.Generator().manual_seed(1)) * 2 + 20
     lt = confident(1e-8, s, 20.0)
@@ -141,8 +142,8 @@ def test_lean_and_formula_agree_on_values_and_gradients(kind):
     w = torch.rand(7)
     (dl.LOSSES["lean"][kind](a, lt, s).float() * w).sum().backward()
     (dl.LOSSES["formula"][kind](b, lt, s).float() * w).sum().backward()
-    assert torch.allclose(dl.LOSSES["lean"][kind](ls, lt, s).float(), dl.LOSSES["formula"][kind](ls, lt, s).float(),
-                          atol=1e-6, rtol=1e-5)
+    lean, formula = dl.LOSSES["lean"][kind](ls, lt, s).float(), dl.LOSSES["formula"][kind](ls, lt, s).float()
+    assert torch.allclose(lean, formula, atol=1e-6, rtol=1e-5)
     assert torch.allclose(a.grad, b.grad, atol=1e-7, rtol=1e-4)
 
 
@@ -183,9 +184,9 @@ def test_collapsed_is_nonnegative_and_zero_iff_match_on_s_and_rest(impl):
 @pytest.mark.parametrize("kind", ["collapsed", "partial", "full"])
 @pytest.mark.parametrize("chunk", [2, 256])
 def test_gradient_matches_autograd_of_the_brute_force(kind, chunk, impl):
-    """The closed-form gradients p (a - ā) (lean) and autograd of the formulas against autograd through brute(),
-    in float64, with an uneven upstream gradient (as masking and per-sequence means give) and chunks that do
-    not divide n."""
+    """The closed-form gradients p (a - ā) (lean) and autograd of the formulas against autograd through
+    brute(), in float64, with an uneven upstream gradient (as masking and per-sequence means give) and chunks
+    that do not divide n."""
     torch.manual_seed(8)
     ls, lt = torch.randn(5, 9, dtype=torch.float64) * 2, torch.randn(5, 9, dtype=torch.float64) * 2
     w = torch.tensor([0.0, 1.0, 0.5, 2.0, -1.0], dtype=torch.float64)
@@ -263,15 +264,17 @@ def test_one_step_lowers_the_loss(tok, model):
     teacher = copy.deepcopy(model).requires_grad_(False)
     vec = torch.randn(model.config.hidden_size) * 3
     ids, mask = chat.encode_chats(tok, ["hello", "how are you"])
-    comp, cmask = steering.sample(model, ids, mask, 6, temperature=1.0, generator=torch.Generator().manual_seed(0),
-                                stop_ids=[10_000], pad_id=tok.pad_token_id)
+    comp, cmask = steering.sample(model, ids, mask, 6, temperature=1.0,
+                                  generator=torch.Generator().manual_seed(0), stop_ids=[10_000],
+                                  pad_id=tok.pad_token_id)
     s = torch.arange(10, 40)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
 
     def loss():
         with torch.no_grad(), steering.add_vector(teacher, 1, vec):
             lt = steering.completion_logits(teacher, ids, mask, comp)
-        return dl.localized_reverse_kl(steering.completion_logits(model, ids, mask, comp), lt, cmask, s, "collapsed")
+        ls = steering.completion_logits(model, ids, mask, comp)
+        return dl.localized_reverse_kl(ls, lt, cmask, s, "collapsed")
     before = loss()
     before.backward()
     opt.step()
@@ -285,8 +288,9 @@ def fixed_samples(tok, model, monkeypatch, prompts):
     teacher = copy.deepcopy(model).requires_grad_(False)
     vec = torch.randn(model.config.hidden_size) * 3
     ids, mask = chat.encode_chats(tok, [p for p in prompts for _ in range(2)])
-    comp, cmask = steering.sample(model, ids, mask, 5, temperature=1.0, generator=torch.Generator().manual_seed(0),
-                                  stop_ids=[10_000], pad_id=tok.pad_token_id)
+    comp, cmask = steering.sample(model, ids, mask, 5, temperature=1.0,
+                                  generator=torch.Generator().manual_seed(0), stop_ids=[10_000],
+                                  pad_id=tok.pad_token_id)
     monkeypatch.setattr(dl, "sample", lambda *a, **k: (comp, cmask))
     return teacher, vec, ids, mask, comp, cmask
 
@@ -304,8 +308,8 @@ class GradCapture(torch.optim.SGD):
 
 
 def test_anchored_step_gradient_is_harmful_loss_plus_lambda_anchor_loss(tok, model, monkeypatch):
-    """train_step with anchor prompts: the gradient it applies equals that of
-    L(harmful samples, steered πt) + λ·L(anchor samples, unsteered π0), computed by hand on the same samples."""
+    """train_step with anchor prompts: the gradient it applies equals that of L(harmful samples, steered πt)
+    + λ·L(anchor samples, unsteered π0), computed by hand on the same samples."""
     harmful, anchors = ["hello", "how are you"], ["what is 2+2"]
     teacher, vec, ids, mask, comp, cmask = fixed_samples(tok, model, monkeypatch, harmful + anchors)
     s = torch.arange(10, 40)
@@ -322,11 +326,14 @@ def test_anchored_step_gradient_is_harmful_loss_plus_lambda_anchor_loss(tok, mod
 
     opt = GradCapture(model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    rec = dl.train_step(model, tok, harmful, anchors, teacher=steering.Teacher(teacher, "hook", vec, 1),
-                        base=steering.Teacher(teacher, "base"), s_ids=s, opt=opt, sched=sched, gen=None, samples=2,
-                        max_new_tokens=5, loss="partial", anchor_weight=0.5, micro_batch=3, clip=1e9)
+    teachers = (steering.Teacher(teacher, "hook", vec, 1), steering.Teacher(teacher, "base"))
+    recipe = dl.Recipe(samples=2, max_new_tokens=5, loss="partial", anchor_weight=0.5, micro_batch=3,
+                       clip=1e9)
+    rec = dl.train_step(model, tok, harmful, anchors, teachers, s, recipe, dl.Loop(opt, sched))
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(opt.grads, expected))
     assert {"anchor_loss", "anchor_refusal"} <= rec.keys()
+    phases = ["sample", "teacher", "student_forward", "loss", "backward", "diagnostics", "optimizer"]
+    assert list(rec["seconds"]) == phases  # the step's order, timed phase by phase
     assert rec["loss"] == pytest.approx(rec["partial"] + 0.5 * rec["anchor_loss"], abs=1e-6)
 
 
@@ -337,17 +344,63 @@ def test_packed_samples_give_the_step_of_one_row_per_sample(tok, model, monkeypa
     packed, real = [], steering.packed_completion_logits
     monkeypatch.setattr(steering, "packed_completion_logits", lambda *a: packed.append(a[-1]) or real(*a))
     runs = []
+    teachers = (steering.Teacher(teacher, "hook", vec, 1), steering.Teacher(teacher, "base"))
     for pack in (True, False):
         opt = GradCapture(model)
-        rec = dl.train_step(model, tok, harmful, anchors, teacher=steering.Teacher(teacher, "hook", vec, 1),
-                            base=steering.Teacher(teacher, "base"), s_ids=torch.arange(10, 40), opt=opt,
-                            sched=torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0), gen=None, samples=2,
-                            max_new_tokens=5, micro_batch=4, clip=1e9, pack=pack)
+        loop = dl.Loop(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
+        recipe = dl.Recipe(samples=2, max_new_tokens=5, micro_batch=4, clip=1e9, pack=pack)
+        rec = dl.train_step(model, tok, harmful, anchors, teachers, torch.arange(10, 40), recipe, loop)
         runs.append((rec["loss"], opt.grads))
     (loss_packed, g_packed), (loss_plain, g_plain) = runs
     assert packed == [2, 2]  # harmful rows as one micro-batch of 2 prompts x 2, anchors as one of 1 x 2
     assert loss_packed == pytest.approx(loss_plain, rel=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5 * b.abs().max().item()) for a, b in zip(g_packed, g_plain))
+
+
+# ----------------------------------------------------------------------------- settings and --help
+
+def test_recipe_is_built_from_the_arguments_once():
+    """Recipe.from_args copies every setting of the step from its argument, and the defaults are Recipe's."""
+    args = dl.parse_args(["--samples", "3", "--loss", "full", "--loss-impl", "formula", "--no-pack-samples",
+                          "--keep-tokens", "5", "--refresh-every", "2", "--anchor-weight", "1.5",
+                          "--lr", "3e-4"])
+    recipe = dl.Recipe.from_args(args)
+    assert recipe == dl.Recipe(samples=3, loss="full", impl="formula", pack=False, keep_tokens=5,
+                               refresh_every=2, anchor_weight=1.5, lr=3e-4)
+    flag = {"impl": "loss_impl", "pack": "pack_samples"}
+    for f in dataclasses.fields(recipe):
+        assert getattr(recipe, f.name) == getattr(args, flag.get(f.name, f.name)), f.name
+    assert dl.Recipe.from_args(dl.parse_args([])) == dl.Recipe()
+
+
+def test_help_groups_the_options_and_every_option_has_help(monkeypatch, capsys):
+    headings = ["the paper's recipe:", "the authors' variants:", "ours:",
+                "scale: LoRA, sharding, checkpoints:"]
+    with pytest.raises(SystemExit):
+        dl.parse_args(["--help"])
+    text = capsys.readouterr().out
+    at = [text.index(f"\n{h}\n") for h in headings]  # group titles on lines of their own, in this order
+    assert at == sorted(at)
+    assert "--loss {collapsed,partial,full}" in text and "(default: collapsed)" in text
+    parsers = []
+    monkeypatch.setattr(common.Parser, "parse_args", lambda self, argv=None: parsers.append(self))
+    dl.parse_args([])
+    common_dests = {"help", "model", "out", "device", "seed", "max_prompt_tokens", "chat_template"}
+    for action in parsers[0]._actions:
+        assert action.help, action.option_strings
+        if action.default is None and action.nargs != 0 and action.dest not in common_dests:
+            assert "default" in action.help, action.option_strings  # says what happens when it is not given
+
+
+def test_step_prompts_shuffle_each_epoch_into_groups_of_p():
+    prompts = [f"p{i}" for i in range(10)]
+    steps = dl.step_prompts(prompts, 4, 2, seed=0)
+    assert [len(s) for s in steps] == [4, 4, 2, 4, 4, 2]
+    first, second = sum(steps[:3], []), sum(steps[3:], [])
+    assert sorted(first) == sorted(second) == sorted(prompts) and first != second
+    assert steps == dl.step_prompts(prompts, 4, 2, seed=0) != dl.step_prompts(prompts, 4, 2, seed=1)
+    anchors = dl.anchor_steps(["a", "b", "c"], 4, 2, seed=0)
+    assert [len(a) for a in anchors] == [2, 2, 2, 2] and dl.anchor_steps([], 3, 2, 0) == [[], [], []]
 
 
 # ----------------------------------------------------------------------------- the script
@@ -376,7 +429,8 @@ def test_main_trains_saves_and_reloads(model_dir, tok, tmp_path, capsys):
     dl.main(args_for(model_dir, out))
     student = AutoModelForCausalLM.from_pretrained(out / "student")  # no project code needed
     base = AutoModelForCausalLM.from_pretrained(model_dir)
-    assert any(not torch.equal(a, b) for a, b in zip(student.state_dict().values(), base.state_dict().values()))
+    pairs = zip(student.state_dict().values(), base.state_dict().values())
+    assert any(not torch.equal(a, b) for a, b in pairs)
     info = json.loads((out / "student" / "safesteer.json").read_text())
     assert info["loss"] == "collapsed" and info["s_token_ids"] == [10, 20, 30, 40]
     log = [json.loads(l) for l in (out / "student" / "train_log.jsonl").read_text().splitlines()]
@@ -387,15 +441,16 @@ def test_main_trains_saves_and_reloads(model_dir, tok, tmp_path, capsys):
     dl.main(args_for(model_dir, out, "--random-tokens", "--student", "rand", "--loss", "full"))
     rand = json.loads((out / "rand" / "safesteer.json").read_text())
     assert len(rand["s_token_ids"]) == 4 and rand["s_token_ids"] != [10, 20, 30, 40]
-    dl.main(args_for(model_dir, out, "--anchor", str(common.data_file("harmless_val")), "--student", "anchored",
-                     "--anchor-per-step", "3"))
+    dl.main(args_for(model_dir, out, "--anchor", str(common.data_file("harmless_val")),
+                     "--student", "anchored", "--anchor-per-step", "3"))
     log = [json.loads(l) for l in (out / "anchored" / "train_log.jsonl").read_text().splitlines()]
     assert all("anchor_refusal" in r and r["anchor_loss"] >= -1e-7 for r in log)  # ~0 at step 1: π0 = πs
     pooled, real = [], dl.anchor_steps  # several anchor files are pooled, in order
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(dl, "anchor_steps", lambda anchors, *a: pooled.append(anchors) or real(anchors, *a))
         files = [common.data_file(n) for n in ("harmless_val", "harmless_train_reform")]
-        dl.main(args_for(model_dir, out, "--anchor", *map(str, files), "--student", "pooled", "--max-steps", "1"))
+        dl.main(args_for(model_dir, out, "--anchor", *map(str, files), "--student", "pooled",
+                         "--max-steps", "1"))
     assert pooled == [[p for f in files for p in common.read_prompts(f)]]
 
 
@@ -464,7 +519,8 @@ def test_token_file_for_another_tokenizer(model_dir, tok, tmp_path):
 
 def test_lora_teacher_base_and_student_share_one_copy(model_dir, tok, tmp_path):
     """With --lora-rank the teacher is the student's own base weights with the adapters off and the hook on:
-    its logits equal a separately built steered copy of π0, the base weights exist once, and only adapters train."""
+    its logits equal a separately built steered copy of π0, the base weights exist once, and only adapters
+    train."""
     out = tmp_path / "run"
     make_run(out, model_dir, tok)
     a = dl.parse_args(args_for(model_dir, out, "--lora-rank", "4"))
@@ -508,11 +564,13 @@ def test_lora_student_merges_reloads_and_resumes(model_dir, tok, tmp_path, monke
     make_run(out, model_dir, tok)
     dl.main(args_for(model_dir, out, "--lora-rank", "4", "--student", "straight"))
     d = out / "straight"
-    assert (d / "adapter" / "adapter_config.json").exists() and (d / "adapter" / "adapter_model.safetensors").exists()
+    assert (d / "adapter" / "adapter_config.json").exists()
+    assert (d / "adapter" / "adapter_model.safetensors").exists()
     merged = AutoModelForCausalLM.from_pretrained(d).eval()  # a plain transformers directory, no peft needed
     base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     from peft import PeftModel
-    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), d / "adapter").eval()
+    base_again = AutoModelForCausalLM.from_pretrained(model_dir)
+    with_adapter = PeftModel.from_pretrained(base_again, d / "adapter").eval()
     ids, mask = chat.encode_chats(tok, ["hi there"])
     with torch.no_grad():
         lm = merged(input_ids=ids, attention_mask=mask).logits

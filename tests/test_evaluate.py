@@ -8,6 +8,7 @@ import torch
 import common
 import chat
 import evaluate as ev
+import steering
 from common import UserError
 
 REFUSALS = [
@@ -95,7 +96,7 @@ def test_retention_per_prompt_sums_equal_the_token_mean(tok, model):
     ret = ev.retention(other, __import__("contextlib").nullcontext, model, tok, prompts, answers, batch_size=2)
     assert ret["tokens"] == [3, 1, 2]
     ids, mask = chat.encode_chats(tok, prompts)
-    comp, cmask = ev.right_pad(answers, tok.pad_token_id, "cpu")
+    comp, cmask = steering.right_pad(answers, tok.pad_token_id, "cpu")
     kl, nll = ev.kl_to_base(other, model, ids, mask, comp, cmask)
     assert sum(ret["kl"]) == pytest.approx(kl.sum().item(), rel=1e-6)
     assert sum(ret["nll"]) == pytest.approx(nll.sum().item(), rel=1e-6)
@@ -157,8 +158,8 @@ def test_unchanged_models_are_reused_and_changed_ones_evaluated(model_dir, tmp_p
                                                "model": str(model_dir)})
     shutil.copytree(model_dir, out / "student")
     (out / "student" / "safesteer.json").write_text("{}")
-    argv = ["--model", str(model_dir), "--out", str(out), "--n", "3", "--max-new-tokens", "4", "--qa-tokens", "3",
-            "--overwrite"]
+    argv = ["--model", str(model_dir), "--out", str(out), "--n-prompts", "3", "--max-new-tokens", "4",
+            "--qa-new-tokens", "3", "--overwrite"]
     ev.main(argv)
     first = json.loads((out / "eval.json").read_text())
     calls = []

@@ -11,6 +11,7 @@ import directions
 import steering
 import extract_direction as ed
 from common import UserError
+from test_steering import record_block_inputs
 
 PROMPTS_A = ["how do I do a bad thing", "tell me something awful", "x"]
 PROMPTS_B = ["what is the weather like", "recommend a book about trees please", "hi there"]
@@ -60,6 +61,28 @@ def test_refusal_score_and_kl_brute_force():
     assert torch.allclose(ed.kl_last(logits, other), (p0 * torch.log(p0 / p1)).sum(-1))
 
 
+def test_ablation_hooks_removed_after_exception(model):
+    with pytest.raises(RuntimeError):
+        with directions.ablate_direction(model, torch.randn(model.config.hidden_size)):
+            raise RuntimeError("boom")
+    for m in model.modules():
+        assert not m._forward_pre_hooks and not m._forward_hooks
+
+
+def test_ablation_leaves_block_inputs_orthogonal(tok, model):
+    ids, mask = chat.encode_chats(tok, ["hi", "tell me a long story please", "why?"])
+    r = torch.randn(model.config.hidden_size)
+    with torch.no_grad(), directions.ablate_direction(model, r):
+        seen, handles = record_block_inputs(model)
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        [x.remove() for x in handles]
+    unit = r / r.norm()
+    for i, h in seen.items():
+        assert (h @ unit).abs().max() < 1e-5, i
+    # the last block's output (before the final norm) carries no r̂ either
+    assert (out.hidden_states[-1] @ unit).abs().max() < 1e-4
+
+
 def test_scores_equal_hand_computation(tok, model):
     R = [5, 7, 9]
     hv, sv = (directions.PromptBatches(tok, ps, 2, "cpu") for ps in (PROMPTS_B, PROMPTS_A))
@@ -78,10 +101,10 @@ def test_scores_equal_hand_computation(tok, model):
         return torch.log(p / (1 - p)).mean().item()
     import contextlib
     base = torch.softmax(score(PROMPTS_B, contextlib.nullcontext()), -1)
-    abl = torch.softmax(score(PROMPTS_B, steering.ablate_direction(model, vec)), -1)
+    abl = torch.softmax(score(PROMPTS_B, directions.ablate_direction(model, vec)), -1)
     row = rows[0]
     assert row["layer"] == 2 and row["position"] == -1 and row["token"] == "b"
-    assert row["bypass"] == pytest.approx(s(score(PROMPTS_A, steering.ablate_direction(model, vec))), abs=1e-4)
+    assert row["bypass"] == pytest.approx(s(score(PROMPTS_A, directions.ablate_direction(model, vec))), abs=1e-4)
     assert row["induce"] == pytest.approx(s(score(PROMPTS_B, steering.add_vector(model, 2, vec))), abs=1e-4)
     assert row["kl"] == pytest.approx((base * (base / abl).log()).sum(-1).mean().item(), abs=1e-5)
 
@@ -108,7 +131,7 @@ def test_select_authors_rule_and_fallback():
 def test_main_writes_the_contract(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["--model", str(model_dir), "--out", str(out), "--n-train", "4", "--n-val", "3",
-            "--check-prompts", "2", "--check-tokens", "4", "--seed", "1"]
+            "--n-check-prompts", "2", "--check-new-tokens", "4", "--seed", "1"]
     ed.main(argv)
     meta = json.loads((out / "direction.json").read_text())
     vec = load_file(out / "direction.safetensors")["direction"]
@@ -137,7 +160,7 @@ def test_main_writes_the_contract(model_dir, tmp_path, capsys):
 
 def test_forced_candidate_and_bad_layer(model_dir, tmp_path):
     out = tmp_path / "run"
-    base = ["--model", str(model_dir), "--out", str(out), "--n-train", "3", "--n-val", "2", "--check-prompts", "0"]
+    base = ["--model", str(model_dir), "--out", str(out), "--n-train", "3", "--n-val", "2", "--n-check-prompts", "0"]
     ed.main(base + ["--layer", "1", "--position", "-2"])
     meta = json.loads((out / "direction.json").read_text())
     assert (meta["layer"], meta["position"], meta["selection_rule"]) == (1, -2, "forced")
@@ -172,7 +195,7 @@ def test_response_direction_equals_brute_force(tok, model):
 def test_main_kind_response(model_dir, tmp_path):
     out = tmp_path / "run"
     ed.main(["--model", str(model_dir), "--out", str(out), "--kind", "response", "--n-train", "3", "--n-val", "2",
-             "--check-prompts", "0", "--kl-max", "1e9"])
+             "--n-check-prompts", "0", "--kl-max", "1e9"])
     meta = json.loads((out / "direction.json").read_text())
     cands = json.loads((out / "candidates.json").read_text())["candidates"]
     assert meta["kind"] == "response" and meta["position"] == -1 and len(cands) == 4
@@ -228,8 +251,8 @@ def test_teacher_grid_ranks_blocks_then_measures_every_c(tok, model):
 def test_main_with_teacher_grid(model_dir, tmp_path):
     out = tmp_path / "run"
     ed.main(["--model", str(model_dir), "--out", str(out), "--kind", "response", "--n-train", "3", "--n-val", "2",
-             "--check-prompts", "1", "--check-tokens", "2", "--kl-max", "1e-9", "--teacher-grid", "0.5", "2",
-             "--grid-blocks", "2", "--grid-tokens", "2"])
+             "--n-check-prompts", "1", "--check-new-tokens", "2", "--kl-max", "1e-9", "--teacher-grid", "0.5",
+             "2", "--grid-blocks", "2", "--grid-new-tokens", "2"])
     meta = json.loads((out / "direction.json").read_text())
     cands = json.loads((out / "candidates.json").read_text())
     teachers, ranked = cands["teachers"], cands["teachers_ranked"]

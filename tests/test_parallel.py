@@ -14,6 +14,7 @@ from test_distill import args_for, make_run
 
 import distill as dl
 import parallel
+import steering
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,9 +53,10 @@ def test_two_processes_equal_one(model_dir, tok, tmp_path):
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_sharded_equals_one_process(model_dir, tok, tmp_path, lora):
-    """--shard (FSDP2, every block its own unit): 2 prompts + 2 anchors per step split evenly over 2 ranks, greedy
-    samples; losses, gradient norms and final weights equal the 1-process run (checked once: a reduce-scatter
-    that divides by 2 halves the gradient norm and fails), with LoRA too (adapters only, merged on rank 0)."""
+    """--shard (FSDP2, every block its own unit): 2 prompts + 2 anchors per step split evenly over 2 ranks,
+    greedy samples; losses, gradient norms and final weights equal the 1-process run (checked once: a
+    reduce-scatter that divides by 2 halves the gradient norm and fails), with LoRA too (adapters only, merged
+    on rank 0)."""
     out = tmp_path / "run"
     make_run(out, model_dir, tok)
     extra = ["--lora-rank", "4"] if lora else []
@@ -89,8 +91,8 @@ def test_shard_needs_even_shares(model_dir, tok, tmp_path):
 
 @pytest.mark.parametrize("shard", [False, True])
 def test_resume_across_ranks(model_dir, tok, tmp_path, shard):
-    """A 2-process run stopped (SIGTERM to torchrun) after a checkpoint and resumed under 2 processes ends with
-    the uninterrupted run's weights: the checkpoint holds every rank's sampler stream (and, sharded, the
+    """A 2-process run stopped (SIGTERM to torchrun) after a checkpoint and resumed under 2 processes ends
+    with the uninterrupted run's weights: the checkpoint holds every rank's sampler stream (and, sharded, the
     weights and Adam states gathered from the slices)."""
     out = tmp_path / "run"
     make_run(out, model_dir, tok)
@@ -127,3 +129,84 @@ def test_shares_cover_every_prompt_once():
     assert w.share([1, 2, 3]) == []
     with pytest.raises(parallel.UserError, match="at most --prompts-per-step processes"):
         w.share([1, 2, 3], required=True)
+
+
+# ----------------------------------------------------------------------------- the run's pieces
+
+def test_even_shares_and_a_sampler_stream_per_rank():
+    w = parallel.World.__new__(parallel.World)
+    w.rank, w.size, w.sharded = 1, 2, True
+    w.check_even([[1, 2], [3, 4], []])
+    with pytest.raises(parallel.UserError, match="split evenly over 2 processes"):
+        w.check_even([[1, 2], [1, 2, 3]])
+    w.sharded = False
+    w.check_even([[1, 2, 3]])  # only a sharded run needs every rank to call the model equally often
+    draw = lambda gen: torch.rand(4, generator=gen)
+    w.rank = 0
+    assert torch.equal(draw(w.generator(5)), draw(torch.Generator().manual_seed(5)))  # as one process draws
+    w.rank = 1
+    assert not torch.equal(draw(w.generator(5)), draw(torch.Generator().manual_seed(5)))
+
+
+def test_checkpoint_interval_falls_on_refreshes():
+    assert parallel.checkpoint_interval(None, None) == 5 and parallel.checkpoint_interval(3, None) == 3
+    assert parallel.checkpoint_interval(None, 3) == 6 and parallel.checkpoint_interval(None, 5) == 5
+    assert parallel.checkpoint_interval(None, 7) == 7 and parallel.checkpoint_interval(4, 2) == 4
+    with pytest.raises(parallel.UserError, match="multiple of --refresh-every"):
+        parallel.checkpoint_interval(3, 2)
+
+
+def test_output_dirs_are_replaced_only_when_asked(tmp_path):
+    out = tmp_path / "run"
+    assert parallel.prepare_output_dirs(out, "s", False, False) == (out / "s", out / "s.work")
+    (out / "s.work").mkdir(parents=True)
+    with pytest.raises(parallel.UserError, match="holds an unfinished run"):
+        parallel.prepare_output_dirs(out, "s", False, False)
+    parallel.prepare_output_dirs(out, "s", False, True)  # --resume continues it
+    assert (out / "s.work").exists()
+    parallel.prepare_output_dirs(out, "s", True, False)  # --overwrite restarts
+    assert not (out / "s.work").exists()
+    (out / "s").mkdir()
+    with pytest.raises(parallel.UserError, match="already exists"):
+        parallel.prepare_output_dirs(out, "s", False, False)
+
+
+def models_for_summary(tok, model):
+    vec = torch.ones(model.config.hidden_size)
+    teacher = steering.Teacher(model, "hook", vec, 1, 2.0)
+    return parallel.Models(model, tok, teacher, steering.Teacher(model, "base"), {"layer": 1}), vec
+
+
+def test_startup_summary_names_the_loss_s_the_teacher_and_the_anchors(tok, model):
+    args = dl.parse_args(["--loss", "partial", "--anchor", "a.jsonl", "--anchor-weight", "1.5",
+                          "--random-tokens"])
+    models, vec = models_for_summary(tok, model)
+    world = parallel.World(torch.device("cpu"))
+    n = sum(p.numel() for p in model.parameters())
+    text = parallel.startup_summary(args, 7, 50, models, True, 3, world)
+    assert text == (f"distilling 7 steps x 4 prompts x 8 samples, loss partial (lean), |S| = 50 (random); "
+                    f"teacher hook at block 1, c = 2.0, |r| = {vec.norm():.2f}; "
+                    f"{n / 1e6:.1f}M trainable weights; anchor 2 x 8 harmless samples, λ = 1.5; "
+                    f"resuming at step 3")
+    plain = parallel.startup_summary(dl.parse_args([]), 7, 50, models, False, 0, world)
+    assert "loss collapsed (lean), |S| = 50; teacher" in plain
+    assert "anchor" not in plain and "resuming" not in plain
+
+
+def test_final_summary_and_the_info_saved_with_the_student(tok, model, tmp_path):
+    log = [{"loss": 0.5, "sampled_refusal": 0.25, "step_seconds": 2.0, "peak_memory_mb": 100.0},
+           {"loss": 0.125, "sampled_refusal": 0.5, "step_seconds": 4.0, "peak_memory_mb": 300.0}]
+    assert parallel.final_summary(log, 12.4, tmp_path / "s", lora=True) == (
+        "loss 0.5000 -> 0.1250; sampled refusal 0.25 -> 0.50; 3.0 s/step; peak memory 300 MB\n"
+        f"took 12 s; wrote {tmp_path / 's'} (model, safesteer.json, train_log.jsonl, adapter/)")
+    assert parallel.final_summary([], 1.0, tmp_path, lora=False).startswith("took 1 s; wrote")
+    args = dl.parse_args(["--out", str(tmp_path), "--refresh-every", "2"])
+    models, _ = models_for_summary(tok, model)
+    world = parallel.World(torch.device("cpu"))
+    info = parallel.student_info(args, models, torch.tensor([10, 20]), tmp_path / "t.json", 4, world, 1.5)
+    assert info["s_token_ids"] == [10, 20] and info["s_tokens"] == [tok.decode([10]), tok.decode([20])]
+    assert info["teacher"] == {"kind": "hook", "file": str(tmp_path / "direction.safetensors"), "layer": 1,
+                               "coefficient": 2.0, "system": None}
+    assert info["refresh_every"] == 2 and info["steps"] == 4
+    assert info["tokens_file"] == str(tmp_path / "t.json")
+    assert info["args"] == vars(args) and info["seconds"] == 1.5 and {"torch", "git_commit"} <= set(info)

@@ -1,5 +1,5 @@
-"""distill.py --refresh-every N: every N steps πt becomes the current student + c·r, with r measured again on that
-student by Stage 1's rule at Stage 1's block; π0 stays the anchor."""
+"""distill.py --refresh-every N: every N steps πt becomes the current student + c·r, with r measured again on
+that student by Stage 1's rule at Stage 1's block; π0 stays the anchor."""
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -21,12 +21,12 @@ def stage1(model_dir, out, kind):
 @pytest.mark.parametrize("kind", ["response", "prompt"])
 def test_refreshed_teacher_equals_stage1_on_the_saved_student(model_dir, tok, tmp_path, monkeypatch, kind):
     """Run A trains 1 step and saves the student; Stage 1 is run by hand on it. Run B trains 2 steps with
-    --refresh-every 1. B's teacher after step 1, used after step 2 has moved the student, must give the logits of
-    the hand-built teacher (A's student + c·r by Stage 1), and leave B's student as it was."""
+    --refresh-every 1. B's teacher after step 1, used after step 2 has moved the student, must give the logits
+    of the hand-built teacher (A's student + c·r by Stage 1), and leave B's student as it was."""
     out = tmp_path / "run"
     make_run(out, model_dir, tok)
     stage1(model_dir, out, kind)
-    argv = args_for(model_dir, out, "--warmup", "0")  # no warm-up: step 1 is the same in a 1- and a 2-step run
+    argv = args_for(model_dir, out, "--warmup", "0")  # no warm-up: step 1 is the same in 1- and 2-step runs
     dl.main(argv + ["--max-steps", "1", "--student", "one"])
     made = []
     real = dl.refresh_teacher

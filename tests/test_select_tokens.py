@@ -60,7 +60,8 @@ def test_vote_recovers_tokens_the_direction_raises(tok, model, score, aggregate)
     teacher = hook_teacher(model, vec, layer=len(steering.decoder_layers(model)) - 1)
     batches = st.teacher_samples(model, tok, teacher, ["hello", "what now"], m=2, h=4, batch_size=8,
                                  gen=torch.Generator().manual_seed(0))
-    sel = st.select(model, tok, teacher, batches, score=score, aggregate=aggregate, k=3, k_vote=3, prob_floor=0.0)
+    rule = st.Selection(score=score, aggregate=aggregate, k=3, k_vote=3, prob_floor=0.0)
+    sel = st.select(model, tok, teacher, batches, rule)
     assert sorted(sel["ids"].tolist()) == sorted(targets)
     assert special not in sel["ids"].tolist()
 
@@ -114,7 +115,7 @@ def test_coverage_of_one_pass_equals_teacher_forcing_again(tok, model):
     teacher = hook_teacher(model, torch.randn(model.config.hidden_size) * 3)
     batches = st.teacher_samples(model, tok, teacher, ["hi", "tell me more", "why"], m=2, h=4, batch_size=4,
                                  gen=torch.Generator().manual_seed(0))
-    sel = st.select(model, tok, teacher, batches, k=5, k_vote=10, prob_floor=0.0)
+    sel = st.select(model, tok, teacher, batches, st.Selection(k=5, k_vote=10, prob_floor=0.0))
     assert sel["coverage"] == pytest.approx(st.mean_coverage(model, tok, teacher, batches, sel["ids"]), rel=1e-6)
 
 
@@ -122,9 +123,9 @@ def test_main_writes_the_contract(model_dir, tmp_path, capsys):
     import extract_direction as ed
     out = tmp_path / "run"
     ed.main(["--model", str(model_dir), "--out", str(out), "--n-train", "3", "--n-val", "2",
-             "--layer", "1", "--position", "-1", "--check-prompts", "0", "--coefficient", "4"])
-    argv = ["--model", str(model_dir), "--out", str(out), "--n-prompts", "3", "--samples", "2", "--horizon", "3",
-            "--k", "5", "--k-vote", "10", "--score", "kl"]
+             "--layer", "1", "--position", "-1", "--n-check-prompts", "0", "--coefficient", "4"])
+    argv = ["--model", str(model_dir), "--out", str(out), "--n-prompts", "3", "--samples", "2",
+            "--max-new-tokens", "3", "--k", "5", "--k-vote", "10", "--score", "kl"]
     st.main(argv)
     res = json.loads((out / "safety_tokens.json").read_text())
     assert len(res["token_ids"]) == len(res["tokens"]) == len(res["votes"]) == len(res["mean_delta"]) <= 5
@@ -150,6 +151,6 @@ def test_contrast_keeps_what_is_specific_to_the_selection_prompts(tok, monkeypat
     mean_pt = torch.full((v,), 1.0 / v)
     calls = iter([(sel, sel.abs(), mean_pt, sel.mean(0)), (con, con.abs(), mean_pt, con.mean(0))])
     monkeypatch.setattr(st, "position_scores", lambda *a, **k: next(calls))
-    out = st.select(None, tok, None, ["sel"], score="kl", aggregate=aggregate, k=3, k_vote=2, prob_floor=0.0,
-                    contrast_batches=["con"])
+    rule = st.Selection(score="kl", aggregate=aggregate, k=3, k_vote=2, prob_floor=0.0)
+    out = st.select(None, tok, None, ["sel"], rule, contrast_batches=["con"])
     assert out["ids"].tolist() == [9]

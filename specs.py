@@ -1,0 +1,89 @@
+"""Model specs: the names Stage 4 compares models by, each checked in seconds before any work.
+
+    NAME or DIR   a model: `smollm2-135m` (bundled), a transformers directory (`runs/demo/student`), a hub id
+    steer:DIR     the teacher πt = π0 + c·r from DIR/direction.safetensors and DIR/direction.json (π0: the
+                  model direction.json names)
+
+    check_model_spec, check_spec   a missing path, a folder without config.json, a config or tokenizer that
+                                   does not parse, missing direction files: an error in seconds, no weights
+    load_spec                      (model, tokenizer, hook factory); a model in memory is not loaded again
+    fingerprint                    a hash of a spec's weights and settings: evaluate.py reuses the evaluation
+                                   of a model whose fingerprint is unchanged (`make ablate`)
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from pathlib import Path
+
+from common import BUNDLED_MODEL, UserError, bundled_package_dir, load_json, load_model
+from steering import load_teacher
+
+
+def check_model_spec(name: str) -> None:
+    """Fail in seconds on a model that cannot load: a missing path, a folder without config.json, a config or
+    tokenizer that does not parse. Loads no weights (a hub id is left to load_model)."""
+    if name == BUNDLED_MODEL:
+        bundled_package_dir()
+        return
+    path = Path(name)
+    if not path.exists():
+        if name.startswith((".", "/", "~")) or name.count("/") != 1:
+            hint = "not a directory here, nor a hub id of the form org/name"
+            raise UserError(f"model {name!r} not found ({hint})")
+        return
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} is not a model directory (no config.json); "
+                        "is it a student that did not finish?")
+    from transformers import AutoConfig, AutoTokenizer
+    try:
+        AutoConfig.from_pretrained(path)
+        AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load model {name!r}: {str(e).splitlines()[0]}") from None
+
+
+def check_spec(spec: str, default_model: str) -> str:
+    """Fail in seconds, before any work, on a spec that cannot load. Returns the model the spec loads (for
+    steer:DIR, direction.json's model)."""
+    if spec.startswith("steer:"):
+        folder = Path(spec[len("steer:"):])
+        for name in ("direction.safetensors", "direction.json"):
+            if not (folder / name).is_file():
+                raise UserError(f"{folder / name}: file not found (steer:DIR needs Stage 1's outputs)")
+        spec = load_json(folder / "direction.json").get("model", default_model)
+    check_model_spec(spec)
+    return spec
+
+
+def load_spec(spec: str, default_model: str, device, chat_template=None, loaded=None, device_map=None):
+    """(model, tokenizer, hook factory) for a spec: a model, or steer:DIR (π0 of direction.json + c·r).
+    `loaded` maps model names already in memory to (model, tok), so the base model is not loaded twice."""
+    name = check_spec(spec, default_model)
+    model, tok = (loaded or {}).get(name) or load_model(name, device, chat_template=chat_template,
+                                                        device_map=device_map)
+    if not spec.startswith("steer:"):
+        return model, tok, contextlib.nullcontext
+    teacher, _ = load_teacher(model, Path(spec[len("steer:"):]) / "direction.safetensors")
+    return model, tok, teacher.steer
+
+
+def fingerprint(spec: str, settings: dict) -> str:
+    """A hash of what a spec's results depend on: its weights (a directory's config and safetensors, or the
+    direction files and the model they steer) and `settings` (for Stage 4: the prompts, the settings, the
+    judge; settings["base"] is the model steer:DIR steers when direction.json names none)."""
+    h = hashlib.sha256(json.dumps({"spec": spec, **settings}, sort_keys=True).encode())
+    folders = []
+    if spec.startswith("steer:"):
+        folder = Path(spec[len("steer:"):])
+        folders.append((folder, ["direction.safetensors", "direction.json"]))
+        spec = load_json(folder / "direction.json").get("model", settings["base"])
+    if Path(spec).is_dir():
+        weights = sorted(f.name for f in Path(spec).glob("*.safetensors"))
+        folders.append((Path(spec), ["config.json", *weights]))
+    for folder, names in folders:
+        for name in names:  # streamed: an 8B student's 16 GB of weights never sit in memory at once
+            with open(folder / name, "rb") as f:
+                h.update(name.encode() + hashlib.file_digest(f, "sha256").digest())
+    return h.hexdigest()
