@@ -6,18 +6,18 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 RUN    ?= runs/demo
 
-# The demo's recipe, sized for 2 CPU cores (see README, Results). On SmolLM2-135M the paper's direction (harmful -
-# harmless prompts) makes no teacher that refuses at any layer or coefficient (results/teacher_sweep.txt); the
+# The demo's recipe, sized for 2 CPU cores (README, Results). On SmolLM2-135M the paper's direction (harmful -
+# harmless prompts) makes no teacher that refuses at any block or coefficient tried (results/teacher_sweep.txt); the
 # response direction (--kind response: prefilled refusal - compliance) does, and Stage 1 chooses its block and c
 # by measured selectivity (--teacher-grid: the 2 best blocks by first-token selectivity, each at 3 c, measured by
 # the judge on 32 greedy tokens; here it picks block 16, c = 0.5). Stage 3 anchors the student on harmless
-# prompts toward the unsteered model (ours): without it every student learned the teacher's over-refusal
-# (results/experiments.md, run collapsed_anchor4_lr8 is this recipe with the session-2 teacher).
+# prompts toward the unsteered model (ours): without it the students learn the teacher's over-refusal too.
 DIRECTION_ARGS ?= --kind response --teacher-grid 0.5 0.75 1.0 --grid-blocks 2
 TOKENS_ARGS    ?= --score kl --prompts data/harmful_train.jsonl
-DISTILL_ARGS   ?= --prompts-per-step 4 --samples 4 --max-new-tokens 48 --lr 8e-5 \
-                  --anchor data/harmless_train.jsonl --anchor-per-step 4 --anchor-weight 1.5
-EVAL_ARGS      ?= --max-new-tokens 64 --batch-size 512  # a model's splits in one batch: same answers, faster (bench/eval_batch.py)
+STUDENT_ARGS   ?= --lr 8e-5 --anchor data/harmless_train.jsonl --anchor-per-step 4 --anchor-weight 1.5
+DISTILL_ARGS   ?= --prompts-per-step 4 --samples 4 --max-new-tokens 48 $(STUDENT_ARGS)
+EVAL_ARGS      ?= --max-new-tokens 64 --batch-size 512  # a model's splits in one batch: same answers, faster
+SEEDS          ?= 0,1,2
 
 .PHONY: setup test test-fast demo ablate direction-full bench clean
 
@@ -41,15 +41,19 @@ demo: setup
 	$(PY) distill.py           --out $(RUN) --overwrite $(DISTILL_ARGS)
 	$(PY) evaluate.py          --out $(RUN) --overwrite $(EVAL_ARGS)
 
-# The paper's claim tested: three more students from the demo's direction and S (same budget), then all six
-# models side by side (base, teacher and the demo's student are reused from its eval.json). Runs the demo first.
+# The results table of the README: base and teacher once, then the demo's student, the same with the full-vocabulary
+# loss, and with a random S of the same size, each trained with every seed in SEEDS on the demo's direction and S
+# (results/experiment.py adds the demo's budget: 25 steps x 4 prompts x 4 samples x 48 tokens). Rows go to
+# results/experiments.md; each student trains as long as the demo's Stage 3. Runs the demo first.
 ablate: demo
-	$(PY) distill.py --out $(RUN) --overwrite $(DISTILL_ARGS) --loss partial   --student partial
-	$(PY) distill.py --out $(RUN) --overwrite $(DISTILL_ARGS) --loss full      --student full
-	$(PY) distill.py --out $(RUN) --overwrite $(DISTILL_ARGS) --loss collapsed --student random_s --random-tokens
-	$(PY) evaluate.py --out $(RUN) --overwrite $(EVAL_ARGS)
+	$(PY) results/experiment.py reference
+	$(PY) results/experiment.py demo --seeds $(SEEDS) -- --loss collapsed $(STUDENT_ARGS)
+	$(PY) results/experiment.py full --seeds $(SEEDS) --ref demo -- --loss full $(STUDENT_ARGS)
+	$(PY) results/experiment.py random --seeds $(SEEDS) --ref demo -- --loss collapsed $(STUDENT_ARGS) --random-tokens
+	$(PY) results/plot.py
 
-# Stage 1 with every candidate scored (all positions x all layers, 32 + 32 validation prompts): ~11 min here.
+# Stage 1 with every candidate scored (all positions x all layers, 32 + 32 validation prompts): ~11 min on 2 cores.
+# Its output on the bundled model is in results/paper_direction_full_scoring/.
 direction-full: setup
 	$(PY) extract_direction.py --out runs/direction_full --overwrite
 
@@ -62,6 +66,10 @@ bench: setup
 	$(PY) bench/eval_batch.py
 	$(PY) bench/prefill.py
 	$(PY) bench/memory_model.py --validate
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -c requirements.txt \
+	    -r requirements-bench.txt  # TRL, for the side by side below; requirements.txt keeps torch & co.
+	$(PY) -m pytest -q tests/test_vs_trl.py
+	$(PY) bench/vs_trl.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,7 +1,8 @@
 """Benchmark: one distillation step on the bundled model, by phase, and how it scales.
 
   phases   sampling, teacher forward, student forward, loss, backward, optimiser: seconds and share, for one row
-           per sample (session 7's demo), samples packed, and packed without checkpointing (the demo's now)
+           per sample, for the samples packed behind a tree mask (the demo's step), and packed without
+           gradient checkpointing
   scaling  step time and peak RSS against completion length and completions per step
 
 Each configuration runs in a fresh subprocess (peak RSS = resource.getrusage of that process, whole process,
@@ -10,9 +11,9 @@ never stops early (no stop token) so that every configuration generates exactly 
 
 Usage:
     python bench/distill_step.py phases
-    python bench/distill_step.py scaling --lengths 64 128 256 --completions 8 16 32
-    python bench/distill_step.py phases --check   # exit 1 if the loss takes 5% of the step or more (issue 7)
-    python bench/distill_step.py phases --steps 1 --repeats 2   # session 8's comparison
+    python bench/distill_step.py phases --steps 1 --repeats 2   # interleaved, so the box's drift hits all alike
+    python bench/distill_step.py phases --check   # exit 1 if the loss takes 5% of the step or more
+    python bench/distill_step.py scaling --max-new-tokens 64 128 256 --completions 8 16 32
 """
 import argparse
 import copy
@@ -45,13 +46,14 @@ def child(cfg):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     gen = torch.Generator().manual_seed(0)
     distill.stop_token_ids = lambda tok: [-1]  # never stop: every row generates exactly `length` tokens
+    recipe = distill.Recipe(loss="collapsed", samples=cfg["samples"], max_new_tokens=cfg["length"],
+                            micro_batch=cfg["micro_batch"], pack=cfg["pack"])
+    loop = distill.Loop(opt, sched, gen=gen)
     recs = []
     for step in range(cfg["steps"] + 1):
         ps = prompts[step * cfg["prompts"]:(step + 1) * cfg["prompts"]]
         anc = anchors[step * cfg["anchors"]:(step + 1) * cfg["anchors"]]
-        recs.append(distill.train_step(student, tok, ps, anc, teacher=teacher, base=base, s_ids=s_ids, opt=opt,
-                                       sched=sched, gen=gen, samples=cfg["samples"], max_new_tokens=cfg["length"],
-                                       micro_batch=cfg["micro_batch"], loss="collapsed", pack=cfg["pack"]))
+        recs.append(distill.train_step(student, tok, ps, anc, (teacher, base), s_ids, recipe, loop))
     recs = recs[1:]  # the first step warms up allocators and caches
     phases = {k: statistics.median(r["seconds"][k] for r in recs) for k in recs[0]["seconds"]}
     print(json.dumps({"phases": phases, "step": statistics.median(r["step_seconds"] for r in recs),
@@ -65,25 +67,33 @@ def run(cfg):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["phases", "scaling", "child"])
-    p.add_argument("--cfg", help=argparse.SUPPRESS)
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256])
-    p.add_argument("--completions", type=int, nargs="+", default=[8, 16, 32])
-    p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=1, help="phases: runs of each configuration, interleaved")
-    p.add_argument("--check", action="store_true", help="exit 1 if the loss is >= 5%% of a step")
-    a = p.parse_args()
+def parse_args(argv=None):
+    p = common.Parser(__doc__)
+    p.add_argument("what", choices=["phases", "scaling", "child"],
+                   help="phases: one step by phase; scaling: step time against length and completions")
+    p.add_argument("--cfg", help=argparse.SUPPRESS)  # child: the configuration to run, as JSON
+    p.add_argument("--steps", type=common.positive_int, default=2, help="measured steps after the warm-up step")
+    common.add_renamed(p, "--lengths", "--max-new-tokens", type=common.positive_int, nargs="+",
+                       default=[64, 128, 256], help="scaling: completion lengths")
+    p.add_argument("--completions", type=common.positive_int, nargs="+", default=[8, 16, 32],
+                   help="scaling: completions per step (prompts x samples, 4 samples per prompt)")
+    p.add_argument("--micro-batch", type=common.positive_int, default=8, help="sequences per forward/backward")
+    p.add_argument("--repeats", type=common.positive_int, default=1,
+                   help="phases: runs of each configuration, interleaved")
+    p.add_argument("--check", action="store_true", help="phases: exit 1 if the loss takes 5%% of a step or more")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
     if a.what == "child":
         return child(json.loads(a.cfg))
     base = {"steps": a.steps, "micro_batch": a.micro_batch, "prompts": 4, "anchors": 4, "samples": 4, "length": 48}
     if a.what == "phases":
         print("the demo's step: 4 harmful + 4 anchor prompts x 4 samples x 48 new tokens, micro-batch", a.micro_batch,
               f"; configurations interleaved, median of {a.repeats} runs\n")
-        configs = {"one row per sample, checkpointing on (session 7's demo)": (True, False),
-                   "packed, checkpointing on": (True, True), "packed, checkpointing off (the demo's now)": (False, True)}
+        configs = {"one row per sample": (True, False), "packed (the demo's step)": (True, True),
+                   "packed, no gradient checkpointing": (False, True)}
         results = {name: [] for name in configs}
         for _ in range(a.repeats):  # interleaved, so that the box's drift hits every configuration alike
             for name, (ck, pack) in configs.items():
@@ -105,7 +115,7 @@ def main():
                 sys.exit("the loss takes 5% of a step or more (target < 5%)")
         return
     print(f"{'length':>6} {'completions':>11} {'s/step':>7} {'s per 1k tokens':>16} {'peak RSS MB':>12}")
-    for length in a.lengths:
+    for length in a.max_new_tokens:
         for n in a.completions:
             r = run({**base, "length": length, "samples": n // 4, "anchors": 0, "checkpointing": True, "pack": True})
             if "error" in r:

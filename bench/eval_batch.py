@@ -5,11 +5,10 @@ attention mask hides the padding, RoPE positions skip it); this checks it on the
 a larger batch buys on this CPU. Batch sizes are interleaved over the repeats, so the box's drift hits all alike.
 
 Usage:
-    python bench/eval_batch.py --prompts 64 --tokens 64 --batch-sizes 16 32 64 --repeats 2
+    python bench/eval_batch.py --n-prompts 64 --max-new-tokens 64 --batch-sizes 16 32 64 --repeats 2
     python bench/eval_batch.py --splits harmful_test harmless_test harmful_reform_test harmless_reform_test \
-        --prompts 360 --batch-sizes 128 512 --repeats 1      # the demo's Stage 4: its splits in one batch
+        --n-prompts 360 --batch-sizes 128 512 --repeats 1      # the demo's Stage 4: its splits in one batch
 """
-import argparse
 import contextlib
 import statistics
 import sys
@@ -23,25 +22,34 @@ import common  # noqa: E402
 import evaluate  # noqa: E402
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--splits", nargs="+", default=["harmful_test"], help="data/ files, pooled as Stage 4 pools them")
-    p.add_argument("--prompts", type=int, default=64, help="first N prompts of the pooled splits")
-    p.add_argument("--tokens", type=int, default=64, help="greedy new tokens (Stage 4's default)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32, 64])
-    p.add_argument("--repeats", type=int, default=2)
-    args = p.parse_args()
+def parse_args(argv=None):
+    p = common.Parser(__doc__)
+    p.add_argument("--splits", nargs="+", default=["harmful_test"],
+                   help="data/ files, pooled as Stage 4 pools them")
+    common.add_renamed(p, "--prompts", "--n-prompts", type=common.positive_int, default=64,
+                       help="the first N prompts of the pooled splits")
+    common.add_renamed(p, "--tokens", "--max-new-tokens", type=common.positive_int, default=64,
+                       help="greedy new tokens per answer (Stage 4's default)")
+    p.add_argument("--batch-sizes", type=common.positive_int, nargs="+", default=[16, 32, 64],
+                   help="batch sizes compared; the answers of each are checked against the first's")
+    p.add_argument("--repeats", type=common.positive_int, default=2, help="runs of each batch size, interleaved")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     model, tok = common.load_model("smollm2-135m", torch.device("cpu"))
-    prompts = [p for s in args.splits for p in common.read_prompts(common.data_file(s))][:args.prompts]
+    prompts = [p for s in args.splits for p in common.read_prompts(common.data_file(s))][:args.n_prompts]
     seconds, texts = {b: [] for b in args.batch_sizes}, {}
     for _ in range(args.repeats):
         for b in args.batch_sizes:
             t = time.perf_counter()
-            out, _ = evaluate.greedy(model, tok, prompts, args.tokens, b, contextlib.nullcontext, f"batch {b}")
+            out, _ = evaluate.greedy(model, tok, prompts, args.max_new_tokens, b, contextlib.nullcontext,
+                                     f"batch {b}")
             seconds[b].append(time.perf_counter() - t)
             texts.setdefault(b, out)
     ref = args.batch_sizes[0]
-    print(f"{args.prompts} prompts x {args.tokens} greedy tokens, {torch.get_num_threads()} threads")
+    print(f"{args.n_prompts} prompts x {args.max_new_tokens} greedy tokens, {torch.get_num_threads()} threads")
     for b in args.batch_sizes:
         med = statistics.median(seconds[b])
         differ = sum(x != y for x, y in zip(texts[b], texts[ref]))

@@ -1,17 +1,18 @@
 """One Stage 3 step of any model, for a GPU: step time, tokens/s, peak memory, and the memory model's error.
 
 Runs a warm-up step and a measured one through distill.train_step with gradient checkpointing (bf16 on CUDA:
-float32 master weights for full fine-tuning, a bf16 base with --lora-rank), sampling exactly --new tokens per row.
+float32 master weights for full fine-tuning, a bf16 base with --lora-rank), sampling exactly --max-new-tokens
+tokens per row.
 Peak memory is torch.cuda.max_memory_allocated on a GPU and the process's peak RSS above its RSS after imports on
 the CPU; the prediction is bench/memory_model.py's for the same config and settings.
 
-Not run on a GPU here (this machine has none); on the CPU it runs the bundled model.
+Nothing has run it on a GPU yet; on the CPU it runs the bundled model.
 
 Usage:
     python bench/gpu_step.py                                            # bundled model, CPU, small settings
-    python bench/gpu_step.py --model /models/Llama-3-8B-Instruct --lora-rank 16 --samples 8 --new 512 --micro-batch 4
+    python bench/gpu_step.py --model /models/Llama-3-8B-Instruct --lora-rank 16 --samples 8 --max-new-tokens 512 \
+        --micro-batch 4
 """
-import argparse
 import json
 import resource
 import sys
@@ -29,16 +30,24 @@ import memory_model  # noqa: E402
 from chat import encode_chats  # noqa: E402
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--lora-rank", type=int)
-    p.add_argument("--prompts", type=int, default=4, help="prompts per step (paper: 4)")
-    p.add_argument("--samples", type=int, default=4, help="samples per prompt (paper: 8)")
-    p.add_argument("--new", type=int, default=48, help="new tokens per sample (paper: 512)")
-    p.add_argument("--micro-batch", type=int, default=8)
-    args = p.parse_args()
+def parse_args(argv=None):
+    p = common.Parser(__doc__)
+    p.add_argument("--model", default=common.BUNDLED_MODEL,
+                   help="'smollm2-135m' (bundled), a local transformers directory, or a hub id")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if available")
+    p.add_argument("--lora-rank", type=common.positive_int,
+                   help="train LoRA adapters of this rank, not all weights (default: full fine-tuning)")
+    common.add_renamed(p, "--prompts", "--prompts-per-step", type=common.positive_int, default=4,
+                       help="P, prompts per step (paper: 4)")
+    p.add_argument("--samples", type=common.positive_int, default=4, help="G, samples per prompt (paper: 8)")
+    common.add_renamed(p, "--new", "--max-new-tokens", type=common.positive_int, default=48,
+                       help="new tokens per sample (paper: 512)")
+    p.add_argument("--micro-batch", type=common.positive_int, default=8, help="sequences per forward/backward")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     device = common.pick_device(args.device)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,34 +65,37 @@ def main():
         student.enable_input_require_grads()
     opt = torch.optim.AdamW(distill.trainable(student).values(), lr=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    distill.stop_token_ids = lambda tok: [-1]  # every row generates exactly --new tokens
+    recipe = distill.Recipe(samples=args.samples, max_new_tokens=args.max_new_tokens, micro_batch=args.micro_batch)
+    loop = distill.Loop(opt, sched, gen=torch.Generator().manual_seed(0))
+    distill.stop_token_ids = lambda tok: [-1]  # every row generates exactly --max-new-tokens tokens
     prompts = common.read_prompts(common.data_file("harmful_train"))
     times = []
+    per_step = args.prompts_per_step
     for i in range(2):  # a warm-up step, then the measured one
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        rec = distill.train_step(student, tok, prompts[i * args.prompts:(i + 1) * args.prompts], [], teacher=teacher,
-                                 base=base, s_ids=torch.arange(100, 150, device=device), opt=opt, sched=sched,
-                                 gen=torch.Generator().manual_seed(0), samples=args.samples, max_new_tokens=args.new,
-                                 micro_batch=args.micro_batch)
+        rec = distill.train_step(student, tok, prompts[i * per_step:(i + 1) * per_step], [], (teacher, base),
+                                 torch.arange(100, 150, device=device), recipe, loop)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-    rows = args.prompts * args.samples
+    rows = per_step * args.samples
     if device.type == "cuda":
         measured = torch.cuda.max_memory_allocated() / 2**20
     else:
         measured = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss
-    prompt = max(len(encode_chats(tok, [q])[0][0]) for q in prompts[:2 * args.prompts])
+    prompt = max(len(encode_chats(tok, [q])[0][0]) for q in prompts[:2 * per_step])
     pred = memory_model.predict(memory_model.hf_config(student.config), lora_rank=args.lora_rank,
                                 c=2 if device.type == "cuda" else 4, rows=rows, micro_batch=args.micro_batch,
-                                prompt=prompt, new=args.new, attn_s2=device.type != "cuda")["peak"] / 2**20
+                                prompt=prompt, new=args.max_new_tokens,
+                                attn_s2=device.type != "cuda")["peak"] / 2**20
     print(json.dumps({"model": args.model, "device": device.type, "lora_rank": args.lora_rank,
-                      "step_seconds": round(times[-1], 2), "tokens_per_s": round(rows * args.new / times[-1], 1),
+                      "step_seconds": round(times[-1], 2),
+                      "tokens_per_s": round(rows * args.max_new_tokens / times[-1], 1),
                       "phases": rec["seconds"], "peak_memory_mb": round(measured), "predicted_mb": round(pred),
                       "memory_model_error": round(pred / measured - 1, 3)}, indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    common.run_cli(main)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
 import distill  # noqa: E402
 
 
@@ -62,7 +63,7 @@ VARIANTS = {
 PAIRS = (("collapsed (lean)", "collapsed (float32)"), ("partial (lean)", "partial (float32)"),
          ("full (lean)", "full (float32)"), ("collapsed (lean)", "collapsed (formula)"),
          ("partial (lean)", "partial (formula)"), ("full (lean)", "full (formula)"))
-TARGET_MEMORY, TARGET_SPEED = 3.0, 1.0  # issue 7: >= 3x less extra memory, no slower
+TARGET_MEMORY, TARGET_SPEED = 3.0, 1.0  # against the float32 formulas: >= 3x less extra memory, no slower
 
 
 def rss_mb():
@@ -84,14 +85,21 @@ def child(name, vocab, positions, repeats):
     print(json.dumps({"extra_mb": rss_mb() - before, "seconds": statistics.median(times)}))
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vocab", type=int, default=151_936)
-    p.add_argument("--positions", type=int, default=8 * 256)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--check", action="store_true", help="exit 1 if a pair misses the targets")
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    args = p.parse_args()
+def parse_args(argv=None):
+    p = common.Parser(__doc__)
+    p.add_argument("--vocab", type=common.positive_int, default=151_936, help="vocabulary size V (Qwen's)")
+    p.add_argument("--positions", type=common.positive_int, default=8 * 256,
+                   help="completion positions in one call (micro-batch x tokens)")
+    p.add_argument("--repeats", type=common.positive_int, default=3, help="timed runs per variant (the median)")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 if a lean loss holds less than 3x less memory than its float32 formula, "
+                        "or is slower")
+    p.add_argument("--child", help=argparse.SUPPRESS)  # the subprocess that measures one variant
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.child:
         return child(args.child, args.vocab, args.positions, args.repeats)
     gb = args.positions * args.vocab * 4 / 2**30
@@ -130,4 +138,4 @@ def main():
         sys.exit(f"targets missed: {', '.join(missed)}")
 
 if __name__ == "__main__":
-    main()
+    common.run_cli(main)

@@ -24,7 +24,7 @@ then counts memory that no tensor holds (+27% to +135% here with the default).
 Usage:
     python bench/memory_model.py                 # the table
     python bench/memory_model.py --validate      # predicted vs measured on this CPU (a few minutes)
-    python bench/memory_model.py --shard 8       # per GPU when Stage 3 is sharded over 8 GPUs
+    python bench/memory_model.py --gpus 8        # per GPU when Stage 3 is sharded over 8 GPUs
 """
 import argparse
 import json
@@ -36,6 +36,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
 
 GIB = 2 ** 30
 # Configs of the paper's models and others, as their config.json give them (public model cards).
@@ -126,10 +127,10 @@ def child(spec: dict) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     distill.stop_token_ids = lambda tok: [-1]  # every row generates exactly `new` tokens
     prompts = common.read_prompts(common.data_file("harmful_train"))[:spec["prompts"]]
+    recipe = distill.Recipe(samples=spec["samples"], max_new_tokens=spec["new"], micro_batch=spec["micro_batch"])
     for _ in range(2):  # the second step has AdamW's moments allocated
-        distill.train_step(student, tok, prompts, [], teacher=teacher, base=base, s_ids=torch.arange(100, 150),
-                           opt=opt, sched=sched, gen=torch.Generator().manual_seed(0), samples=spec["samples"],
-                           max_new_tokens=spec["new"], micro_batch=spec["micro_batch"])
+        loop = distill.Loop(opt, sched, gen=torch.Generator().manual_seed(0))
+        distill.train_step(student, tok, prompts, [], (teacher, base), torch.arange(100, 150), recipe, loop)
     prompt_len = max(len(encode_chats(tok, [p])[0][0]) for p in prompts)
     print(json.dumps({"base_rss_mb": base_rss, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       "prompt": prompt_len, "config": hf_config(student.config)}))
@@ -192,23 +193,31 @@ def table(rank: int, prompt: int, new: int, shard: int = 1) -> list[dict]:
     return rows
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--validate", action="store_true", help="measure real steps on this CPU and compare")
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank in the table")
-    p.add_argument("--prompt", type=int, default=128, help="prompt tokens in the table")
-    p.add_argument("--new", type=int, default=512, help="new tokens in the table (paper: 512)")
-    p.add_argument("--shard", type=int, default=1, help="per GPU when sharded over this many GPUs (--shard)")
-    p.add_argument("--micro-batch", type=int, default=8, help=argparse.SUPPRESS)
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    args = p.parse_args()
+def parse_args(argv=None):
+    p = common.Parser(__doc__)
+    p.add_argument("--validate", action="store_true", help="also measure real steps on this CPU and compare")
+    common.add_renamed(p, "--rank", "--lora-rank", type=common.positive_int, default=16,
+                       help="LoRA rank in the table")
+    common.add_renamed(p, "--prompt", "--prompt-tokens", type=common.positive_int, default=128,
+                       help="prompt tokens per row in the table")
+    common.add_renamed(p, "--new", "--max-new-tokens", type=common.positive_int, default=512,
+                       help="new tokens per row in the table (paper: 512)")
+    common.add_renamed(p, "--shard", "--gpus", type=common.positive_int, default=1,
+                       help="per GPU when Stage 3 is sharded over this many GPUs (distill.py --shard)")
+    p.add_argument("--child", help=argparse.SUPPRESS)  # --validate's subprocess: one measured step, as JSON
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.child:
         return child(json.loads(args.child))
-    where = f"per GPU, sharded over {args.shard} GPUs (FSDP2)" if args.shard > 1 else "on one GPU"
-    print(f"Stage 3 peak memory, bf16 {where}, 4 prompts x 8 samples, micro-batch 8, {args.prompt} + {args.new} "
-          f"tokens, gradient checkpointing, memory-efficient attention; LoRA rank {args.rank} on q,k,v,o,gate,up,down")
+    where = f"per GPU, sharded over {args.gpus} GPUs (FSDP2)" if args.gpus > 1 else "on one GPU"
+    print(f"Stage 3 peak memory, bf16 {where}, 4 prompts x 8 samples, micro-batch 8, {args.prompt_tokens} + "
+          f"{args.max_new_tokens} tokens, gradient checkpointing, memory-efficient attention; LoRA rank "
+          f"{args.lora_rank} on q,k,v,o,gate,up,down")
     print(f"{'model':<24} {'params':>7} {'mode':<5} {'peak GiB':>9} {'GPU':>8}   on 24 GB: micro-batch, peak GiB")
-    for r in table(args.rank, args.prompt, args.new, args.shard):
+    for r in table(args.lora_rank, args.prompt_tokens, args.max_new_tokens, args.gpus):
         on24 = f"{r['mb24']}, {r['peak24_gib']:.1f}" if r["mb24"] else "does not fit"
         print(f"{r['model']:<24} {r['params_b']:>6.1f}B {r['mode']:<5} {r['peak_gib']:>9.1f} {r['fits']:>8}   {on24}")
     if args.validate:
@@ -222,4 +231,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.run_cli(main)

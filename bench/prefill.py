@@ -15,7 +15,6 @@ and interleaved over the repeats so that the box's drift hits both alike:
 Usage:
     python bench/prefill.py --repeats 2
 """
-import argparse
 import json
 import statistics
 import sys
@@ -36,10 +35,15 @@ def timed(fn):
     return time.perf_counter() - t, out
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=2)
-    args = p.parse_args()
+def parse_args(argv=None):
+    p = common.Parser(__doc__)
+    p.add_argument("--repeats", type=common.positive_int, default=2,
+                   help="runs of each pair, interleaved (the best)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     torch.manual_seed(0)
     model, tok = common.load_model(common.BUNDLED_MODEL, "cpu")
     model.requires_grad_(False)
@@ -87,4 +91,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.run_cli(main)

@@ -1,14 +1,13 @@
 """Benchmark: the hand-written KV-cached sampler against transformers' model.generate (greedy).
 
-Same prompts, same lengths, neither stops early (generate: min_new_tokens; ours: no stop id), runs interleaved and repeated so that both
-see the same machine load; the ratio (ours / generate tokens per second) is what to read.
+Same prompts, same lengths, neither stops early (generate: min_new_tokens; ours: no stop id), runs interleaved and
+repeated so that both see the same machine load; the ratio (ours / generate tokens per second) is what to read.
 
 Usage:
     python bench/sampler_vs_generate.py                      # batch 8, 32 x new tokens 64, 256
-    python bench/sampler_vs_generate.py --batches 8 --lengths 64 --repeats 2
-    python bench/sampler_vs_generate.py --check              # exit 1 if a ratio falls below 0.9 (issue 7)
+    python bench/sampler_vs_generate.py --batch-sizes 8 --max-new-tokens 64 --repeats 2
+    python bench/sampler_vs_generate.py --check              # exit 1 if a ratio falls below 0.9
 """
-import argparse
 import statistics
 import sys
 import time
@@ -17,30 +16,38 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
 from chat import encode_chats  # noqa: E402
 from common import data_file, load_model, read_prompts  # noqa: E402
 from steering import sample  # noqa: E402
 
 
-TARGET = 0.9  # issue 7: ours / generate throughput at every size
+TARGET = 0.9  # ours / generate throughput, at every size
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--batches", type=int, nargs="+", default=[8, 32])
-    p.add_argument("--lengths", type=int, nargs="+", default=[64, 256])
-    p.add_argument("--repeats", type=int, default=3)
+def parse_args(argv=None):
+    p = common.Parser(__doc__)
+    p.add_argument("--model", default=common.BUNDLED_MODEL,
+                   help="'smollm2-135m' (bundled), a local transformers directory, or a hub id")
+    common.add_renamed(p, "--batches", "--batch-sizes", type=common.positive_int, nargs="+", default=[8, 32],
+                       help="rows decoded together")
+    common.add_renamed(p, "--lengths", "--max-new-tokens", type=common.positive_int, nargs="+", default=[64, 256],
+                       help="new tokens per row")
+    p.add_argument("--repeats", type=common.positive_int, default=3, help="interleaved runs of each (the median)")
     p.add_argument("--check", action="store_true", help=f"exit 1 if a ratio is below {TARGET}")
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     model, tok = load_model(args.model, "cpu")
     prompts = read_prompts(data_file("harmless_train"))
     print(f"torch threads {torch.get_num_threads()}; greedy; tokens/s = batch x new tokens / wall time\n")
     print(f"{'batch':>5} {'new':>5} {'ours tok/s':>11} {'generate tok/s':>15} {'ratio':>6}")
     missed = []
-    for b in args.batches:
+    for b in args.batch_sizes:
         ids, mask = encode_chats(tok, prompts[:b])
-        for n in args.lengths:
+        for n in args.max_new_tokens:
             ours_t, gen_t = [], []
             for _ in range(args.repeats):
                 t = time.perf_counter()
@@ -59,4 +66,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.run_cli(main)

@@ -7,15 +7,17 @@ $SAFESTEER_CACHE at an empty temporary folder (GGUF de-quantisation + saving the
 Usage:
     python bench/startup.py --repeats 3
 """
-import argparse
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+
 SNIPPET = ("import time, sys; sys.path.insert(0, %r); t = time.perf_counter(); import common; "
            "common.load_model('smollm2-135m'); print(time.perf_counter() - t)" % str(ROOT))
 
@@ -25,10 +27,15 @@ def timed(env):
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args()
+def parse_args(argv=None):
+    p = common.Parser(__doc__)
+    p.add_argument("--repeats", type=common.positive_int, default=3,
+                   help="cold and cached loads each (the median)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     cold, cached = [], []
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as d:
@@ -42,4 +49,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.run_cli(main)

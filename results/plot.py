@@ -12,8 +12,10 @@ Reads   results/experiments.jsonl (rows written by results/experiment.py, with t
 Writes  results/safety_vs_cost.png, results/frontier.png
 
 Usage:
-    python results/plot.py
+    python results/plot.py            # redraw both figures
+    python results/plot.py --help     # this text
 """
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -53,7 +55,14 @@ def points(rows: list[dict]) -> list[dict]:
     return out
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
+    """No options: the figures are drawn from results/experiments.jsonl as it stands."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    parse_args(argv)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

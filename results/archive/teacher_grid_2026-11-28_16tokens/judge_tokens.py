@@ -1,6 +1,6 @@
 """How many greedy tokens the teacher grid's judge needs: four teachers of the bundled model (response direction,
 blocks 16 and 18, c = 0.5 and 0.75) measured on harmful_val and harmless_val (32 + 32) at 16, 32 and 64 tokens.
-Output: judge_tokens.txt. Usage: python results/teacher_grid_session5/judge_tokens.py
+Output: judge_tokens.txt. Usage: python results/archive/teacher_grid_2026-11-28_16tokens/judge_tokens.py
 """
 import sys
 from pathlib import Path
