@@ -1,5 +1,6 @@
-"""One experiment = one command: train a student with the given distill.py arguments on the direction and S of a
-finished demo run, for one or more seeds, evaluate each, and add its rows to results/experiments.md.
+"""One experiment = one command: train a student with the given distill.py arguments (or baselines.py's, when they
+name a --method) on the direction and S of a finished demo run, for one or more seeds, evaluate each, and add its
+rows to results/experiments.md.
 
 Each row keeps its per-prompt verdicts (compactly), and every evaluated completion is kept in
 results/completions/ (gzipped JSONL), so anyone can read what a student said and judge it again
@@ -20,6 +21,7 @@ Usage:
     python results/experiment.py reference                       # base and teacher on every split, once
     python results/experiment.py demo --seeds 0,1,2 -- --loss collapsed --lr 8e-5 --anchor data/harmless_train.jsonl
     python results/experiment.py full --seeds 0,1,2 --ref demo -- --loss full --lr 8e-5 ...
+    python results/experiment.py sft_mix --seeds 0,1,2 --ref demo -- --method sft-mix --lr 8e-5 --anchor ...
     python results/experiment.py demo --seeds 0,1,2 --collect    # only rewrite the rows from runs/exp/
     python results/experiment.py reference --split val && python results/experiment.py x --split val -- ...
     python results/experiment.py --rejudge                       # judge every kept completion again
@@ -525,7 +527,8 @@ def train_and_evaluate(name: str, seed: int, extra: list[str], src: Path, split:
             for f in NEEDED:
                 shutil.copy(src / f, out / f)
             (out / "experiment_args.json").write_text(json.dumps(extra))
-            run([py, "distill.py", "--out", str(out), "--student", "student", "--overwrite", "--seed",
+            script = "baselines.py" if "--method" in extra else "distill.py"  # SFT/DPO share Stage 3's budget
+            run([py, script, "--out", str(out), "--student", "student", "--overwrite", "--seed",
                  str(seed), *BUDGET, *extra], out / "train.log")
         (out / sub).mkdir(parents=True, exist_ok=True)
         run([py, "evaluate.py", "--out", str(out / sub), "--overwrite", *EVAL, *eval_args(split),

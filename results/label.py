@@ -197,7 +197,7 @@ def to_markdown(res: dict) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, help="sample, label, import or report")
     s = sub.add_parser("sample", help="draw blind items from kept completions")
     s.add_argument("--groups", nargs="+", metavar="GROUP=RUN,RUN", required=True,
                    help="students per group, by row name (results/completions/NAME.jsonl.gz)")

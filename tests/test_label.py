@@ -1,0 +1,70 @@
+"""results/label.py: blind items, the judge against labels, by hand."""
+import gzip
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "results"))
+import label  # noqa: E402
+
+
+def kept(tmp_path, name, texts):
+    path = tmp_path / (name.replace(":", "_") + ".jsonl.gz")
+    sets = label.JUDGED_SETS
+    with gzip.open(path, "wt") as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"model": "student", "set": sets[i % 4], "prompt": f"p{i}", "completion": t}) + "\n")
+        f.write(json.dumps({"model": "student", "set": "general_qa", "prompt": "q", "completion": "Paris"}) + "\n")
+
+
+def test_items_are_blind_balanced_and_split(tmp_path, monkeypatch):
+    monkeypatch.setattr(label, "COMPLETIONS", tmp_path)
+    kept(tmp_path, "a@s0", [f"a{i}" for i in range(40)])
+    kept(tmp_path, "a@s1", [f"b{i}" for i in range(40)])
+    kept(tmp_path, "f@s0", [f"c{i}" for i in range(40)])
+    items, key = label.draw({"loc": ["a@s0", "a@s1"], "full": ["f@s0"]}, {"loc": 16, "full": 16}, seed=0)
+    assert len(items) == len(key) == 32 and all(set(it) == {"id", "prompt", "completion"} for it in items)
+    loc = [k for k in key if k["group"] == "loc"]
+    assert sum(k["run"] == "a@s0" for k in loc) == 8  # round-robin: both runs in equal measure
+    assert {k["set"] for k in loc} == set(label.JUDGED_SETS) and all(k["set"] != "general_qa" for k in key)
+    assert {k["half"] for k in key} == {"tune", "holdout"} and label.half("j0001") == label.half("j0001")
+    assert label.draw({"loc": ["a@s0", "a@s1"], "full": ["f@s0"]}, {"loc": 16, "full": 16}, seed=0)[0] == items
+    with pytest.raises(SystemExit):
+        label.draw({"x": ["missing@s0"]}, {"x": 1}, seed=0)
+
+
+def test_judge_against_labels_by_hand():
+    key = [{"id": f"j{i}", "group": g, "completion": c, "half": "tune" if i % 2 else "holdout"}
+           for i, (g, c) in enumerate([("loc", "I cannot do that."), ("loc", "Sure, here."),
+                                       ("loc", "I will not be swayed: here is how."), ("full", "No way."),
+                                       ("full", "I can't help with that.")])]
+    labels = [{"id": "j0", "refusal": True, "labeller": "x"}, {"id": "j1", "refusal": False, "labeller": "x"},
+              {"id": "j2", "refusal": False, "labeller": "x"}, {"id": "j3", "refusal": True, "labeller": "x"},
+              {"id": "j4", "refusal": True, "labeller": "x"}, {"id": "j4", "refusal": True, "labeller": "y"},
+              {"id": "j3", "refusal": False, "labeller": "y"}]  # j3: one yes, one no -> left out
+    res = label.evaluate_judge(key, labels)
+    loc = res["all"]["loc"]
+    # j0 judged yes (true), j1 no (true no), j2 judged yes ("i will not") but labelled no: one false positive
+    assert (loc["tp"], loc["fp"], loc["fn"], loc["n"]) == (1, 1, 0, 3)
+    assert loc["precision"][0] == 0.5 and loc["recall"][0] == 1.0 and loc["rate_bias"] == pytest.approx(1 / 3)
+    assert res["all"]["full"]["n"] == 1  # j3 is a tie between labellers
+    assert set(res["holdout"]) | set(res["tune"]) == {"loc", "full"}
+    a = res["agreement"]  # two labellers on j3 and j4: they agree on j4 only
+    assert a["items"] == 2 and a["agreement"] == 0.5
+    # labeller x: j3 yes, j4 yes (pa = 1); y: j3 no, j4 yes (pb = 0.5); chance = 1 * 0.5 + 0 = 0.5 -> kappa 0
+    assert a["kappa"] == pytest.approx(0.0)
+
+
+def test_import_refuses_unknown_ids(tmp_path, monkeypatch):
+    monkeypatch.setattr(label, "ITEMS", tmp_path / "items.jsonl")
+    monkeypatch.setattr(label, "LABELS", tmp_path / "labels.jsonl")
+    label.write_jsonl(label.ITEMS, [{"id": "j0000", "prompt": "p", "completion": "c"}])
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text('{"id": "j0000", "refusal": true}\n')
+    bad.write_text('{"id": "j9999", "refusal": true}\n')
+    assert label.import_labels(good, "a") == 1 and label.import_labels(good, "a") == 1  # replaces, not adds
+    assert len(label.read_jsonl(label.LABELS)) == 1
+    with pytest.raises(SystemExit, match="known id"):
+        label.import_labels(bad, "b")
