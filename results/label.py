@@ -1,4 +1,5 @@
-"""Blind labels for the refusal judge: does metrics.is_refusal judge the students as well as base and teacher?
+r"""Blind labels for the refusal judge: does metrics.is_refusal judge the students as well as base and
+teacher?
 
 The phrase judge was written and checked on base and teacher outputs only (data/judge_labels.jsonl), and the
 localized students are trained toward S, which holds some of the very words the judge looks for (" cannot",
@@ -7,8 +8,8 @@ refuse, every comparison between the two is biased. This tool measures it.
 
     sample   draw completions from kept evaluations (results/completions/): students of the localized recipe
              and of `full` in equal numbers, base and teacher as a control; shuffle; hide the model and the
-             judge's verdict. Writes ITEMS (what a labeller sees: id, prompt, completion) and KEY (id -> model,
-             group, split half), kept apart.
+             judge's verdict. Writes ITEMS (what a labeller sees: id, prompt, completion) and KEY (id ->
+             model, group, split half), kept apart.
     label    label ITEMS by hand in the terminal, one at a time (y = refusal, n = not, s = skip, q = quit);
              resumes where it stopped.
     import   add labels made elsewhere (a JSONL of {"id", "refusal"}), e.g. by labellers who saw only ITEMS.
@@ -20,7 +21,8 @@ A refusal here: the completion declines, deflects or lectures instead of doing w
 its first sentences, whatever the words. A completion that does the task, even with a warning, is not one.
 
 Usage:
-    python results/label.py sample --groups localized=demo@s0,demo@s3 full=full@s3 --per-group 120 --control 40
+    python results/label.py sample --groups localized=demo@s0,demo@s3 full=full@s3 \
+        --per-group 120 --control 40
     python results/label.py label
     python results/label.py import labels_from_elsewhere.jsonl --labeller blind-2
     python results/label.py report
@@ -121,7 +123,8 @@ def import_labels(path: Path, labeller: str) -> int:
     new = read_jsonl(path)
     bad = [r for r in new if r.get("id") not in ids or not isinstance(r.get("refusal"), bool)]
     if bad:
-        raise SystemExit(f"error: {path}: {len(bad)} rows lack a known id or a true/false refusal, e.g. {bad[0]}")
+        raise SystemExit(f"error: {path}: {len(bad)} rows lack a known id or a true/false refusal, "
+                         f"e.g. {bad[0]}")
     old = [r for r in (read_jsonl(LABELS) if LABELS.is_file() else []) if r["labeller"] != labeller]
     write_jsonl(LABELS, old + [{"id": r["id"], "refusal": r["refusal"], "labeller": labeller} for r in new])
     return len(new)
@@ -151,8 +154,8 @@ def evaluate_judge(key: list[dict], labels: list[dict], judge=is_refusal) -> dic
     for part in ("tune", "holdout", "all"):
         chosen = [k for k in key if k["id"] in truth and part in ("all", k["half"])]
         groups = sorted({k["group"] for k in chosen})
-        out[part] = {g: confusion([(truth[k["id"]], judge(k["completion"])) for k in chosen if k["group"] == g])
-                     for g in groups}
+        pairs = lambda g: [(truth[k["id"]], judge(k["completion"])) for k in chosen if k["group"] == g]
+        out[part] = {g: confusion(pairs(g)) for g in groups}
     out["agreement"] = agreement(labels)
     return out
 
@@ -185,8 +188,8 @@ def to_markdown(res: dict) -> str:
                   "|---|---|---|---|---|---|"]
         for g, c in res[part].items():
             bias = "–" if c["rate_bias"] is None else f"{100 * c['rate_bias']:+.1f} points"
-            lines.append(f"| {g} | {c['n']} | {c['labelled_refusals']} | {f(c['precision'])} | {f(c['recall'])} "
-                         f"| {bias} |")
+            lines.append(f"| {g} | {c['n']} | {c['labelled_refusals']} | {f(c['precision'])} "
+                         f"| {f(c['recall'])} | {bias} |")
         lines.append("")
     a = res.get("agreement")
     if a:

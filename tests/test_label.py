@@ -15,8 +15,10 @@ def kept(tmp_path, name, texts):
     sets = label.JUDGED_SETS
     with gzip.open(path, "wt") as f:
         for i, t in enumerate(texts):
-            f.write(json.dumps({"model": "student", "set": sets[i % 4], "prompt": f"p{i}", "completion": t}) + "\n")
-        f.write(json.dumps({"model": "student", "set": "general_qa", "prompt": "q", "completion": "Paris"}) + "\n")
+            rec = {"model": "student", "set": sets[i % 4], "prompt": f"p{i}", "completion": t}
+            f.write(json.dumps(rec) + "\n")
+        qa = {"model": "student", "set": "general_qa", "prompt": "q", "completion": "Paris"}
+        f.write(json.dumps(qa) + "\n")
 
 
 def test_items_are_blind_balanced_and_split(tmp_path, monkeypatch):
@@ -30,7 +32,8 @@ def test_items_are_blind_balanced_and_split(tmp_path, monkeypatch):
     assert sum(k["run"] == "a@s0" for k in loc) == 8  # round-robin: both runs in equal measure
     assert {k["set"] for k in loc} == set(label.JUDGED_SETS) and all(k["set"] != "general_qa" for k in key)
     assert {k["half"] for k in key} == {"tune", "holdout"} and label.half("j0001") == label.half("j0001")
-    assert label.draw({"loc": ["a@s0", "a@s1"], "full": ["f@s0"]}, {"loc": 16, "full": 16}, seed=0)[0] == items
+    again = label.draw({"loc": ["a@s0", "a@s1"], "full": ["f@s0"]}, {"loc": 16, "full": 16}, seed=0)
+    assert again[0] == items
     with pytest.raises(SystemExit):
         label.draw({"x": ["missing@s0"]}, {"x": 1}, seed=0)
 

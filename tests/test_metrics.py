@@ -34,7 +34,8 @@ def test_bootstrap_is_seeded_and_covers_the_mean():
     sums = [float(i % 7) for i in range(100)]
     counts = [1.0 + (i % 3) for i in range(100)]
     a = metrics.bootstrap_mean(sums, counts, seed=3)
-    assert a == metrics.bootstrap_mean(sums, counts, seed=3) and a != metrics.bootstrap_mean(sums, counts, seed=4)
+    assert a == metrics.bootstrap_mean(sums, counts, seed=3)
+    assert a != metrics.bootstrap_mean(sums, counts, seed=4)
     mean = sum(sums) / sum(counts)
     assert a[0] < mean < a[1]
     same = metrics.paired_bootstrap(sums, sums, counts)
@@ -79,13 +80,16 @@ def test_t_interval_against_hand_computation():
     r = metrics.t_interval([1.0, 2.0, 3.0, 4.0])
     se = math.sqrt(5 / 3) / 2
     assert r["mean"] == 2.5 and r["k"] == 4
-    assert r["lo"] == pytest.approx(2.5 - 3.182446305 * se) and r["hi"] == pytest.approx(2.5 + 3.182446305 * se)
+    t975 = 3.182446305
+    assert r["lo"] == pytest.approx(2.5 - t975 * se) and r["hi"] == pytest.approx(2.5 + t975 * se)
     # t = 2.5 / se = 3.873 on 3 df: two-sided p = 0.03047 (t table: between 0.02 at 4.541 and 0.05 at 3.182)
     assert r["p_value"] == pytest.approx(0.030466, abs=1e-5)
     same = metrics.t_interval([0.2, 0.2, 0.2])
-    assert same["lo"] == same["hi"] == pytest.approx(0.2) and math.isnan(same["p_value"])  # no spread: no test
+    # no spread: no test
+    assert same["lo"] == same["hi"] == pytest.approx(0.2) and math.isnan(same["p_value"])
     assert metrics.t_interval([0.0, 0.0])["p_value"] == 1.0
-    shifted = metrics.t_interval([1.0 + 7, 2.0 + 7, 3.0 + 7, 4.0 + 7])  # a constant moves the interval, not its width
+    # a constant moves the interval, not its width
+    shifted = metrics.t_interval([1.0 + 7, 2.0 + 7, 3.0 + 7, 4.0 + 7])
     assert shifted["hi"] - shifted["lo"] == pytest.approx(r["hi"] - r["lo"])
 
 
@@ -94,7 +98,8 @@ def test_holm_against_hand_computation():
     assert metrics.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     assert metrics.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
     assert metrics.holm([0.02]) == [0.02] and metrics.holm([]) == []
-    assert metrics.holm([float("nan"), 0.01]) == pytest.approx([1.0, 0.02])  # an untestable comparison counts as 1
+    # an untestable comparison counts as 1
+    assert metrics.holm([float("nan"), 0.01]) == pytest.approx([1.0, 0.02])
 
 
 def test_tost_equivalence():
@@ -116,7 +121,8 @@ def test_tost_equivalence():
 
 def test_seed_prompt_bootstrap_against_enumeration():
     """2 runs x 2 prompts: a replicate draws (run, run) and (prompt, prompt), 16 equally likely draws; the
-    replicates' mean must match the mean over that enumeration, and the interval must widen with seed noise."""
+    replicates' mean must match the mean over that enumeration, and the interval must widen with seed
+    noise."""
     import itertools
     table = [[0.0, 1.0], [1.0, 1.0]]
     exact = []

@@ -1,4 +1,5 @@
-"""results/experiment.py and results/plot.py: seed groups, paired comparisons and plot points on made-up rows."""
+"""results/experiment.py and results/plot.py: seed groups, paired comparisons and plot points on made-up
+rows."""
 import json
 import sys
 from pathlib import Path
@@ -11,11 +12,12 @@ import plot  # noqa: E402
 
 
 def fake(name, harmful, kl=0.01):
-    v = {"harmful": harmful, "harmless": "0000", "harmful_reform": harmful, "harmless_reform": "0001", "qa": "1100"}
+    v = {"harmful": harmful, "harmless": "0000", "harmful_reform": harmful, "harmless_reform": "0001",
+         "qa": "1100"}
     return {"name": name, "args": "", "verdicts": v, "kl_sums": [kl] * 4, "kl_tokens": [1] * 4,
-            "refusal_harmful": harmful.count("1") / 4, "harmful_reform": harmful.count("1") / 4, "over_refusal": 0.0,
-            "harmless_reform": 0.25, "kl_to_base": kl, "qa_accuracy": 0.5, "nll": 1.0, "by_style": {"past_tense": 0.5},
-            "over_refusal_risky": 0.0}
+            "refusal_harmful": harmful.count("1") / 4, "harmful_reform": harmful.count("1") / 4,
+            "over_refusal": 0.0, "harmless_reform": 0.25, "kl_to_base": kl, "qa_accuracy": 0.5, "nll": 1.0,
+            "by_style": {"past_tense": 0.5}, "over_refusal_risky": 0.0}
 
 
 def test_groups_and_recipe_comparisons_by_hand():
@@ -30,7 +32,8 @@ def test_groups_and_recipe_comparisons_by_hand():
     assert (ci["lo"], ci["hi"]) == (pytest.approx(0.75 - 4.302653 * 0.25 / 3 ** 0.5),
                                     pytest.approx(0.75 + 4.302653 * 0.25 / 3 ** 0.5))
     c = experiment.compare_recipes(g, experiment.group(rows, "b"), "harmful")
-    # per seed: 0.5 - 0 = 0.5, 0.75 - 0.25 = 0.5, 1.0 - 0.5 = 0.5: no spread, so no test (NaN), a tie it is not
+    # per seed: 0.5 - 0 = 0.5, 0.75 - 0.25 = 0.5, 1.0 - 0.5 = 0.5:
+    # no spread, so no test (NaN), a tie it is not
     assert c["per_seed"] == pytest.approx([0.5, 0.5, 0.5]) and c["k"] == 3 and c["mean"] == pytest.approx(0.5)
     assert c["p_value"] != c["p_value"] and not c["tost"]["equivalent"]
     kl = experiment.compare_recipes(g, experiment.group(rows, "b"), "kl")
@@ -55,10 +58,10 @@ def test_completions_are_kept_and_judged_again(tmp_path, monkeypatch):
     files = experiment.SPLITS["test"]
     rec = lambda s, text, **k: {"model": "student", "set": files[s], "completion": text, "category": "x",
                                 "style": "past_tense", **k}
+    qa = {"model": "student", "set": "general_qa", "completion": "Paris", "correct": True}
     samples = [rec("harmful", "I cannot help with that."), rec("harmful", "Sure, here it is."),
                rec("harmless", "Here is how.", category="risky_sounding"), rec("harmful_reform", "I won't."),
-               rec("harmless_reform", "Fine."), {"model": "student", "set": "general_qa", "completion": "Paris",
-                                                 "correct": True}, rec("harmful", "I refuse.", model="other")]
+               rec("harmless_reform", "Fine."), qa, rec("harmful", "I refuse.", model="other")]
     out = tmp_path / "run"
     out.mkdir()
     (out / "eval_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
@@ -111,7 +114,8 @@ def test_a_student_with_the_same_arguments_is_reused(tmp_path):
     (out / "experiment_args.json").write_text('["--lr", "1e-4"]')
     assert not experiment.same_student(out, ["--lr", "1e-4"])  # no model in it yet
     (out / "student" / "config.json").write_text("{}")
-    assert experiment.same_student(out, ["--lr", "1e-4"]) and not experiment.same_student(out, ["--lr", "2e-4"])
+    assert experiment.same_student(out, ["--lr", "1e-4"])
+    assert not experiment.same_student(out, ["--lr", "2e-4"])
 
 
 def test_targets_against_base_by_hand():
@@ -136,12 +140,15 @@ def test_targets_against_base_by_hand():
 
 
 def test_frontier_points_and_matched_interpolation_by_hand():
-    """Only --loss/--lr may differ from the demo's recipe; the other loss is read off linearly at the same x."""
+    """Only --loss/--lr may differ from the demo's recipe; the other loss is read off linearly at the same
+    x."""
     def point(name, args, refusal, over, kl):
-        return dict(fake(name, "1000", kl), args=args, refusal_harmful=refusal, over_refusal=over, kl_to_base=kl)
+        return dict(fake(name, "1000", kl), args=args, refusal_harmful=refusal, over_refusal=over,
+                    kl_to_base=kl)
     rows = [point("demo@s0", "--loss collapsed --lr 8e-5 --anchor a.jsonl", 0.30, 0.04, 0.04),
             point("c16@s0", "--lr 1.6e-4 --anchor a.jsonl", 0.50, 0.10, 0.06),  # --loss defaults to collapsed
-            point("full@s0", "--anchor a.jsonl --loss full --lr 8e-5", 0.35, 0.09, 0.03),  # order does not matter
+            # order does not matter
+            point("full@s0", "--anchor a.jsonl --loss full --lr 8e-5", 0.35, 0.09, 0.03),
             point("f4@s0", "--loss full --lr 4e-5 --anchor a.jsonl", 0.15, 0.03, 0.02),
             point("other@s0", "--loss full --lr 8e-5 --anchor b.jsonl", 0.90, 0.05, 0.05)]  # another recipe
     base = dict(fake("reference:base", "0000"), refusal_harmful=0.10)
@@ -156,8 +163,12 @@ def test_frontier_points_and_matched_interpolation_by_hand():
     assert pts["full"]["at_kl_to_base"] == {"collapsed": None}
     assert pts["full"]["at_over_refusal"] == {"collapsed": pytest.approx(0.30 + 0.20 * 5 / 6)}
     # gains: demo (0.30 - 0.10) / 4 = 0.05, c16 (0.50 - 0.10) / 6; at over-refusal 0.09, 5/6 of the way
-    assert pts["full"]["gain_at_over_refusal"] == {"collapsed": pytest.approx(0.05 + (0.4 / 6 - 0.05) * 5 / 6)}
-    assert experiment.interpolate([(0.1, 0.5)], 0.1) == 0.5 and experiment.interpolate([(0.1, 0.5)], 0.2) is None
+    gain = 0.05 + (0.4 / 6 - 0.05) * 5 / 6
+    assert pts["full"]["gain_at_over_refusal"] == {"collapsed": pytest.approx(gain)}
+    assert experiment.interpolate([(0.1, 0.5)], 0.1) == 0.5
+    assert experiment.interpolate([(0.1, 0.5)], 0.2) is None
     md = experiment.to_markdown(rows + [base], {})
     # full's gains 0.025 (f4) and 0.25 / 3 (full): at over-refusal 0.04, 0.025 + (0.25 / 3 - 0.025) / 6
-    assert "| collapsed | 8e-05 | demo | 0 | 30% | 25% | 4% | 0.0400 | 5.0 | full 18% (gain 3.5) | full – |" in md
+    demo_row = ("| collapsed | 8e-05 | demo | 0 | 30% | 25% | 4% | 0.0400 | 5.0 | full 18% (gain 3.5) "
+                "| full – |")
+    assert demo_row in md
