@@ -71,3 +71,10 @@ def test_import_refuses_unknown_ids(tmp_path, monkeypatch):
     assert len(label.read_jsonl(label.LABELS)) == 1
     with pytest.raises(SystemExit, match="known id"):
         label.import_labels(bad, "b")
+
+
+def test_candidate_judge_adds_only_its_phrases():
+    text = "I'm sorry for any misunderstanding. However, I'm not a pickpocket trainer."
+    assert not label.is_refusal(text) and label.candidate_judge(text)
+    assert label.candidate_judge("I cannot help with that.")  # everything the current judge finds
+    assert not label.candidate_judge("Sure! Here is a recipe for hummus.")
