@@ -19,7 +19,7 @@ DISTILL_ARGS   ?= --prompts-per-step 4 --samples 4 --max-new-tokens 48 $(STUDENT
 EVAL_ARGS      ?= --max-new-tokens 64 --batch-size 512  # a model's splits in one batch: same answers, faster
 SEEDS          ?= 0,1,2
 
-.PHONY: setup test test-fast demo ablate direction-full bench clean
+.PHONY: setup test test-fast demo ablate direction-full bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -70,6 +70,11 @@ bench: setup
 	    -r requirements-bench.txt  # TRL, for the side by side below; requirements.txt keeps torch & co.
 	$(PY) -m pytest -q tests/test_vs_trl.py
 	$(PY) bench/vs_trl.py
+
+# On one GPU, <= 5 minutes, nothing downloaded: the dtype policy, packing and the memory model measured on
+# random-weight models shaped as Qwen3-4B, Llama-3-8B and a 0.5B model; writes results/gpu_check.json.
+gpu-check: setup
+	$(PY) bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -6,15 +6,15 @@
                         save_model_dir, peak_memory_mb
     files               read_prompts, read_records, truncate_prompts, write_json etc., save_tensors, run_info
 
-None of the method's math lives here. Beside it: chat.py (chat templates and the tokens of each model family),
-steering.py (the hooks, the teacher πt and the sampler), metrics.py (the refusal judge and the statistics),
-lean_losses.py (Stage 3's memory-lean losses), parallel.py (Stage 3 under torchrun), specs.py (the model specs
-Stage 4 compares); each stage's math is in its own file.
+None of the method's math lives here. Beside it: chat.py (chat templates, each family's tokens), steering.py
+(the hooks, the teacher πt, the sampler), metrics.py (the refusal judge, the statistics), lean_losses.py
+(Stage 3's memory-lean losses), parallel.py (Stage 3 under torchrun), specs.py (the models Stage 4 compares),
+precision.py (the dtype policy: what is loaded, saved and evaluated in which dtype); each stage's math is
+in its own file.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import importlib.metadata
 import importlib.util
@@ -28,6 +28,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from precision import add_dtype_arg, load_dtype
 
 PROJECT_DIR = Path(__file__).resolve().parent
 DATA_DIR = PROJECT_DIR / "data"
@@ -111,8 +113,8 @@ def add_renamed(parser, old: str, new: str, **kwargs) -> argparse.Action:
     return action
 
 
-def add_common_args(p, out_default: str = "runs/demo", device_map: bool = False) -> None:
-    """The options every stage has, on a parser or an argument group."""
+def add_common_args(p, out_default: str = "runs/demo", device_map: bool = False, dtype: bool = False) -> None:
+    """The options every stage has, on a parser or an argument group (dtype: --dtype, for Stage 4)."""
     p.add_argument("--model", default=BUNDLED_MODEL,
                    help="'smollm2-135m' (bundled), a local transformers directory, or a hub id")
     p.add_argument("--out", default=out_default, help="run directory shared by all stages")
@@ -127,6 +129,8 @@ def add_common_args(p, out_default: str = "runs/demo", device_map: bool = False)
     if device_map:  # the forward-only stages; Stage 3 scales out with torchrun instead
         p.add_argument("--device-map", help="e.g. 'auto': spread a model too big for one GPU over all of "
                                             "them (default: none, the whole model on --device)")
+    if dtype:
+        add_dtype_arg(p)
 
 
 def pick_device(name: str) -> torch.device:
@@ -210,14 +214,11 @@ def save_model_dir(model, tokenizer, path: Path, extra_files: dict[str, object] 
 
 def load_model(name: str = BUNDLED_MODEL, device="cpu", dtype: torch.dtype | None = None,
                chat_template: str | None = None, device_map: str | None = None):
-    """Load (model, tokenizer) in eval mode. float32 on CPU, bf16 on CUDA unless dtype is given.
-
+    """Load (model, tokenizer) in eval mode, in `dtype` or else precision.load_dtype's (CUDA: as saved).
     chat_template: a file whose Jinja template replaces the tokenizer's. device_map (e.g. "auto") spreads a
     model too big for one device over all of them (transformers/accelerate); the hooks follow each block."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
-    device = torch.device(device)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     template = None
     if chat_template:
         if not Path(chat_template).is_file():
@@ -233,6 +234,7 @@ def load_model(name: str = BUNDLED_MODEL, device="cpu", dtype: torch.dtype | Non
         raise UserError(f"model {name!r} not found")
     else:
         path = name  # a hub id: works where a hub is reachable
+    dtype = load_dtype(path, device, dtype)
     hf_logging.disable_progress_bar()  # a 0.1 s "Loading weights" bar per load is noise in every stage
     try:
         tok = AutoTokenizer.from_pretrained(path)
@@ -343,8 +345,7 @@ def _atomic_write(path: Path, write) -> Path:
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
     return path
 

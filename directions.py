@@ -5,7 +5,7 @@ and what taking r away does.
     candidate_directions   r[p, l] = mean harmful - mean harmless input of block l at post-instruction token p
     response_directions    r[l] = mean over a prefilled refusal - the same over a prefilled compliance (ours)
     recompute_direction    Stage 1's r at its chosen block, measured again on another model (distill.py
-                           --refresh-every: the teacher becomes the current student + c·r)
+                           --refresh-every, --teacher-ema); refresh_inputs finds its prompts before step 1
     ablate_direction       r̂ projected out of the residual stream everywhere (Stage 1's bypass and kl scores)
 
 Stage 1 (extract_direction.py) scores and chooses among the candidates; the means themselves are here so that
@@ -14,11 +14,12 @@ Stage 3 can measure them again without importing a stage.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 
 from chat import encode_chats, post_instruction_ids, render_chat
-from common import UserError, read_prompts
+from common import UserError, data_file, read_prompts
 from steering import decoder_layers, prefill, replace_hidden
 
 
@@ -99,15 +100,48 @@ def response_directions(model, tok, prompts: list[str], refusal: str, comply: st
     return ((totals[0] - totals[1]) / len(prompts))[None]
 
 
-def recompute_direction(model, tok, meta: dict, batch_size: int = 16) -> torch.Tensor:
-    """r at direction.json's block (and position), by its rule (kind, prompts, prefilled texts), on `model`
-    as it is now: float32 [hidden]."""
+def check_remeasurable(meta: dict) -> None:
+    """Stage 1's settings that measuring r again needs are in direction.json, or a one-line UserError."""
     data = meta.get("data") or {}
     if not {"kind", "seed"} <= meta.keys() or not {"harmful", "n_harmful"} <= data.keys():
         raise UserError("direction.json lacks kind, seed or data (made by an older extract_direction.py?): "
                         "cannot measure r again")
+    if meta["kind"] != "response" and not {"harmless", "n_harmless"} <= data.keys():
+        raise UserError("direction.json lacks data.harmless: cannot measure r again")
     if meta.get("filter"):
         raise UserError("the direction was made with --filter, which measuring it again does not redo")
+
+
+def find_prompt_file(recorded: str, n: int, folders: list[Path], what: str) -> str:
+    """The prompt file a stage recorded, wherever the run is now: the same file name in each of `folders`
+    (e.g. --refresh-prompts), else the recorded path, else the same name in data/. It must hold >= n prompts,
+    or the seeded subset would differ. A run directory copied elsewhere keeps working; a missing file is a
+    one-line error before training, not after minutes of it."""
+    name = Path(recorded).name
+    tried = [d / name for d in folders] + [Path(recorded), data_file(Path(name).stem).with_name(name)]
+    found = next((p for p in tried if p.is_file()), None)
+    if found is None:
+        raise UserError(f"{what}: {name} not found (tried {', '.join(map(str, dict.fromkeys(tried)))}); "
+                        f"pass --refresh-prompts DIR holding it")
+    if len(read_prompts(found)) < n:
+        raise UserError(f"{what}: {found} holds fewer than the {n} prompts recorded (another file?)")
+    return str(found)
+
+
+def refresh_inputs(meta: dict, folders: list[Path]) -> dict:
+    """direction.json, checked for what measuring r again needs, with its prompt files found now (above)."""
+    check_remeasurable(meta)
+    data = dict(meta["data"])
+    for key in ("harmful",) + (() if meta["kind"] == "response" else ("harmless",)):
+        data[key] = find_prompt_file(data[key], data[f"n_{key}"], folders, f"direction.json's {key} prompts")
+    return {**meta, "data": data}
+
+
+def recompute_direction(model, tok, meta: dict, batch_size: int = 16) -> torch.Tensor:
+    """r at direction.json's block (and position), by its rule (kind, prompts, prefilled texts), on `model`
+    as it is now: float32 [hidden]."""
+    check_remeasurable(meta)
+    data = meta["data"]
     layer, device = int(meta["layer"]), next(model.parameters()).device
     harmful = read_prompts(data["harmful"], data["n_harmful"], meta["seed"])
     if meta["kind"] == "response":

@@ -16,7 +16,8 @@ where that subtraction in float32 is noise. The loss covers completion positions
 end-of-turn token, mean per sequence, then over sequences.
 
 The paper's path comes first (Recipe, the loss formulas, localized_reverse_kl, train_step, step_prompts);
-then, as --help groups them, the authors' variants (prompt teacher, refresh, loss window), ours (anchoring to
+then, as --help groups them, the authors' variants (prompt teacher, loss window; the teacher schedules, a
+hard refresh and their moving average, are in schedule.py), ours (anchoring to
 π0, lest the student learn the teacher's over-refusal; lean losses; packing) and, in parallel.py, scale.
 
 Reads   OUT/direction.safetensors + .json (Stage 1), OUT/safety_tokens.json (Stage 2), data/harmful_train
@@ -54,8 +55,8 @@ from parallel import (Loop, Models, World, add_scale_args, build_models, build_s
                       enable_grad_checkpointing, final_summary, prepare_output_dirs, save_student,
                       startup_summary, student_info, trainable, unsharded)
 from lean_losses import collapsed_kl, full_kl, partial_kl, rest_term
-from directions import recompute_direction
-from steering import Teacher, completion_logits, decode_completions, sample, swapped_weights
+from schedule import add_schedule_args, refresh_teacher, start_schedule
+from steering import Teacher, completion_logits, decode_completions, sample
 
 
 @dataclass
@@ -75,8 +76,8 @@ class Recipe:
     clip: float = 1.0                # gradient-norm clip (paper: 1.0)
     micro_batch: int = 8             # sequences per forward/backward (gradient accumulation, for memory)
     # the authors' variants
-    refresh_every: int | None = None  # πt := the student + c·r every N steps (their ref_model_sync_steps)
-    skip_tokens: int = 0             # the loss on completion positions [K, K + M) only
+    refresh_every: int | None = None  # πt := the student + c·r every N steps (a hard copy; schedule.py)
+    skip_tokens: int = 0             # the loss on completion positions [K, M) only (as the authors')
     keep_tokens: int | None = None
     # ours
     anchor_per_step: int = 2         # harmless prompts per step, pulled toward π0 (with --anchor)
@@ -89,6 +90,10 @@ class Recipe:
         """Each field from the argument of the same name; two flags say more: --loss-impl, --pack-samples."""
         flag = {"impl": "loss_impl", "pack": "pack_samples"}
         return cls(**{f.name: getattr(args, flag.get(f.name, f.name)) for f in fields(cls)})
+
+    def __post_init__(self):
+        if self.keep_tokens is not None and self.keep_tokens <= self.skip_tokens:
+            raise UserError("--keep-tokens M must exceed --skip-tokens K: the loss covers positions [K, M)")
 
 
 # ----------------------------------------------------------------------------- the paper's losses
@@ -278,32 +283,21 @@ def step_prompts(prompts: list[str], per_step: int, epochs: int, seed: int) -> l
 
 
 def make_optimizer(student, recipe: Recipe, n_steps: int):
-    """AdamW on what trains, and its schedule: a linear warm-up, then a cosine decay. (opt, sched)"""
+    """AdamW on what trains (fused on CUDA: no foreach temporary), warm-up, cosine decay. (opt, sched)"""
     from transformers import get_cosine_schedule_with_warmup
-    opt = torch.optim.AdamW(trainable(student).values(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    opt = torch.optim.AdamW(trainable(student).values(), lr=recipe.lr, weight_decay=recipe.weight_decay,
+                            fused=next(student.parameters()).is_cuda)
     return opt, get_cosine_schedule_with_warmup(opt, math.ceil(recipe.warmup * n_steps), n_steps)
 
 
 # ----------------------------------------------------------------------------- the authors' variants
 
 def loss_window(comp_mask: torch.Tensor, skip: int = 0, keep: int | None = None) -> torch.Tensor:
-    """Completion positions [K, K + M) of each row, in its mask (authors' num_loss_tokens_to_skip/keep)."""
+    """Completion positions [K, M) of each row, in its mask: the authors' num_loss_tokens_to_skip K and
+    num_loss_tokens_to_keep M (M > K; M counts from the completion's start, not from K; None: no end)."""
     pos = torch.arange(comp_mask.shape[1], device=comp_mask.device)
-    inside = (pos >= skip) & (pos < skip + keep if keep is not None else True)
+    inside = (pos >= skip) & (pos < keep if keep is not None else True)
     return comp_mask * inside.to(comp_mask.dtype)
-
-
-def refresh_teacher(student, tok, teacher: Teacher, dmeta: dict) -> Teacher:
-    """πt := the student as it is now + c·r, r measured again on it by Stage 1's rule at its block (authors'
-    update_refusal_vector). What trains is copied now and swapped in whenever πt runs, so πt stays fixed
-    until the next refresh; π0 (anchoring's target) never changes."""
-    params = trainable(student)
-    snapshot = {n: p.detach().clone() for n, p in params.items()}
-    training = student.training
-    vec = recompute_direction(student.eval(), tok, dmeta) if teacher.kind == "hook" else None
-    student.train(training)
-    return Teacher(student, teacher.kind, vec, teacher.layer, teacher.coefficient, teacher.system,
-                   base_context=lambda: swapped_weights(student, params, snapshot))
 
 
 # ----------------------------------------------------------------------------- ours: anchoring
@@ -359,13 +353,12 @@ def parse_args(argv=None):
                          help="hook: π0 + c·r; prompt: π0 behind a safety system prompt (authors' variant)")
     authors.add_argument("--system", metavar="FILE",
                          help="--teacher prompt's system prompt (default: steering's)")
-    authors.add_argument("--refresh-every", type=positive_int, metavar="N", default=Recipe.refresh_every,
-                         help="every N steps πt becomes the current student + c·r, r measured again on it at "
-                              "Stage 1's block (authors' ref_model_sync_steps; default: never)")
+    add_schedule_args(authors)  # --refresh-every, --teacher-ema, --refresh-tokens-every, --refresh-prompts
     authors.add_argument("--skip-tokens", type=non_negative_int, default=Recipe.skip_tokens,
                          help="K: no loss on the first K positions")
     authors.add_argument("--keep-tokens", type=positive_int,
-                         help="M: loss on positions [K, K + M) only (default: every position from K)")
+                         help="M > K: loss on positions [K, M) only, as the authors' num_loss_tokens_to_keep "
+                              "(default: every position from K)")
     ours = p.add_argument_group("ours")
     ours.add_argument("--anchor", nargs="+", metavar="FILE", help="harmless prompts (several files are "
                       "pooled) whose samples are pulled toward the unsteered π0 on S (default: none)")
@@ -383,18 +376,22 @@ def parse_args(argv=None):
 
 
 def train(models: Models, s_ids, recipe: Recipe, loop: Loop, harmful: list[list[str]],
-          anchors: list[list[str]], start: int, log: list[dict]) -> list[dict]:
-    """Steps start + 1 ... len(harmful), each one train_step on that step's prompts (this rank's share);
-    πt refreshed every N steps, but not after the last; the log and checkpoints written (Loop.after_step)."""
+          anchors: list[list[str]], start: int, log: list[dict], ema=None) -> list[dict]:
+    """Steps start + 1 ... len(harmful), each one train_step on that step's prompts (this rank's share); πt
+    refreshed every N steps but not after the last, or (ema) following the student; the log, checkpoints."""
     world, n_steps = loop.world, len(harmful)
     bar = tqdm(range(start, n_steps), desc=f"distill ({recipe.loss})", unit="step", initial=start,
                total=n_steps, disable=not world.main)
     for step in bar:
         mine, my_anchors = world.share(harmful[step], required=True), world.share(anchors[step])
+        if ema:  # the authors' schedule: πt's weights, r and S follow the student (schedule.EmaTeacher)
+            models.teacher, s_ids = ema.teacher, ema.s_ids
         teachers = (models.teacher, models.base)
         rec = {"step": step + 1,
                **train_step(models.student, models.tok, mine, my_anchors, teachers, s_ids, recipe, loop)}
-        if recipe.refresh_every and (step + 1) % recipe.refresh_every == 0 and step + 1 < n_steps:
+        if ema:
+            rec.update(ema.after_step(step + 1, n_steps, loop))
+        elif recipe.refresh_every and (step + 1) % recipe.refresh_every == 0 and step + 1 < n_steps:
             models.teacher = refresh_teacher(models.student, models.tok, models.teacher, models.direction)
             rec["teacher_refreshed"] = models.teacher.describe()
         log.append(rec)
@@ -426,20 +423,23 @@ def main(argv=None):
     plan = step_prompts(prompts, recipe.prompts_per_step, recipe.epochs, args.seed)[:args.max_steps]
     anchor_plan = anchor_steps(anchors, len(plan), recipe.anchor_per_step, args.seed)
     world.check_even(plan + anchor_plan)
+    ema = start_schedule(args, models, s_ids, tokens_file, out)  # a refresh's inputs, checked before step 1
     loop = Loop(*make_optimizer(models.student, recipe, len(plan)), gen, world, work, args.checkpoint_every)
     start, log = loop.open(models.student, args.resume)
+    if ema and start:
+        ema.load(work, start)
     if args.refresh_every and start >= args.refresh_every:  # checkpoints fall on refresh steps
         models.teacher = refresh_teacher(models.student, models.tok, models.teacher, models.direction)
     if world.main:
         print(startup_summary(args, len(plan), len(s_ids), models, bool(anchors), start, world))
-    log = train(models, s_ids, recipe, loop, plan, anchor_plan, start, log)
+    log = train(models, s_ids, recipe, loop, plan, anchor_plan, start, log, ema)
     info = student_info(args, models, s_ids, tokens_file, len(plan), world, round(time.time() - t0, 1))
     if world.sharded:  # rank 0 gathers the slices into a plain model to save
         models.student = unsharded(models.student, world, lambda: build_student(args, torch.device("cpu"))[0])
     world.barrier()
     if not world.main:
         return world.close()
-    save_student(models.student, models.tok, final_dir, info, lora=bool(args.lora_rank))
+    save_student(models.student, models.tok, final_dir, info, bool(args.lora_rank), args.save_dtype)
     write_jsonl(final_dir / "train_log.jsonl", log)
     shutil.rmtree(work, ignore_errors=True)
     world.close()

@@ -77,7 +77,7 @@ def build_parser() -> Parser:
     add_renamed(sets, "--n", "--n-prompts", type=positive_int,
                 help="use at most this many prompts of each set, a seeded subset (default: all)")
     run = p.add_argument_group("model and run")
-    add_common_args(run, device_map=True)
+    add_common_args(run, device_map=True, dtype=True)
     run.add_argument("--batch-size", type=positive_int, default=16, help="prompts per greedy decoding batch")
     run.add_argument("--overwrite", action="store_true", help="replace this stage's outputs in --out")
     return p
@@ -423,7 +423,7 @@ def main(argv=None):
     if any(not r["answers"] for r in sets["qa"]):
         raise UserError(f"{args.qa}: every question needs an 'answers' list")
     prepare_out_dir(out, OUTPUTS, args.overwrite)
-    model, tok = load_model(args.model, device, chat_template=args.chat_template, device_map=args.device_map)
+    model, tok = load_model(args.model, device, args.dtype, args.chat_template, args.device_map)
     for name, rows in sets.items():
         cut = truncate_prompts(tok, [r["prompt"] for r in rows], args.max_prompt_tokens, paths[name])
         for r, p in zip(rows, cut):
@@ -431,9 +431,9 @@ def main(argv=None):
     ev = Evaluation(sets, paths, args.max_new_tokens, args.qa_new_tokens, args.batch_size, args.seed,
                     args.model, (model, tok))
     settings = {"base": args.model, "sets": sets, "device": str(device), "seed": args.seed,  # for fingerprint
-                "max_new_tokens": args.max_new_tokens, "qa_tokens": args.qa_new_tokens,
+                "max_new_tokens": args.max_new_tokens, "qa_tokens": args.qa_new_tokens, "dtype": args.dtype,
                 "chat_template": args.chat_template, "judge": list(REFUSAL_PHRASES)}
-    load = functools.partial(load_spec, default_model=args.model, device=device,
+    load = functools.partial(load_spec, default_model=args.model, device=device, dtype=args.dtype,
                              chat_template=args.chat_template, loaded={args.model: (model, tok)},
                              device_map=args.device_map)
     results, samples, answers = evaluate_all(pairs, settings, out, load, ev)

@@ -16,7 +16,6 @@ and writes; without torchrun (WORLD_SIZE unset) every method here is a no-op.
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import random
 import shutil
@@ -28,7 +27,8 @@ import torch.distributed as dist
 
 from common import (UserError, load_model, positive_float, positive_int, run_info, save_model_dir,
                     seed_everything, write_jsonl)
-from steering import Teacher, decoder_layers, load_teacher
+from precision import DTYPES, frozen_copy, merge_lora
+from steering import Teacher, decoder_layers, load_teacher, packing_path
 
 
 # ----------------------------------------------------------------------------- the models: full or LoRA
@@ -58,17 +58,15 @@ def build_student(args, device):
 
 
 def build_models(args, out: Path, device, world: World | None = None):
-    """(student, tok, πt, π0, direction.json). Full fine-tuning: a float32 student and a frozen copy of π0
-    (bf16 on CUDA) for πt and π0. LoRA: one copy, adapters off is π0, adapters off + hook is πt. --shard:
-    each copy sharded."""
+    """(student, tok, πt, π0, direction.json). Full fine-tuning: a float32 student and a frozen float32 copy
+    of π0 for πt and π0, run under the student's autocast (precision.frozen_copy). LoRA: one copy, adapters
+    off is π0, adapters off + hook is πt. --shard: each copy sharded."""
     student, tok = build_student(args, device)
     system = Path(args.system).read_text().strip() if args.system else None
     if args.lora_rank:
         frozen, base_ctx = student, student.disable_adapter
     else:
-        frozen, base_ctx = copy.deepcopy(student).requires_grad_(False).eval(), contextlib.nullcontext
-        if device.type == "cuda":
-            frozen.to(torch.bfloat16)
+        frozen, base_ctx = frozen_copy(student), contextlib.nullcontext
     if world is not None and world.sharded:
         world.shard(student)
         if frozen is not student:  # full fine-tuning's frozen copy (LoRA has none)
@@ -319,22 +317,22 @@ def load_checkpoint(path: Path, student, opt, sched, gen, world: World):
 
 def startup_summary(args, steps: int, n_s: int, models: Models, anchored: bool, start: int,
                     world: World) -> str:
-    """The line printed before the first step: the plan, the loss, |S|, πt, what trains, and the extras."""
+    """The lines printed before the first step: the plan, the loss, |S|, πt, what trains, and the extras;
+    then how the student scores its samples (steering.packing_path)."""
     n_train = sum(p.numel() for p in trainable(models.student).values())
     text = f"distilling {steps} steps x {args.prompts_per_step} prompts x {args.samples} samples"
     text += f", loss {args.loss} ({args.loss_impl}), |S| = {n_s}"
     if args.random_tokens:
         text += " (random)"
     text += f"; teacher {models.teacher.describe()}; {n_train / 1e6:.1f}M trainable weights"
-    if args.lora_rank:
-        text += " (LoRA)"
+    text += " (LoRA)" if args.lora_rank else ""
     if anchored:
         text += f"; anchor {args.anchor_per_step} x {args.samples} harmless samples, λ = {args.anchor_weight}"
     if start:
         text += f"; resuming at step {start}"
     if world.size > 1:
         text += f"; {world.size} processes" + (", sharded (FSDP2)" if world.sharded else "")
-    return text
+    return text + f"\nstudent scores samples {packing_path(models.student, args.pack_samples)}"
 
 
 def student_info(args, models: Models, s_ids, tokens_file: Path, steps: int, world: World,
@@ -351,17 +349,17 @@ def student_info(args, models: Models, s_ids, tokens_file: Path, steps: int, wor
             **run_info()}
 
 
-def save_student(student, tok, path: Path, info: dict, lora: bool) -> None:
-    """A plain transformers directory; with LoRA the merged weights, plus the adapter in adapter/."""
+def save_student(student, tok, path: Path, info: dict, lora: bool, dtype: str = "float32") -> None:
+    """A plain transformers directory in `dtype` ("float32" or "bf16"); with LoRA the weights merged in
+    float32 (precision.merge_lora), plus the adapter in adapter/."""
     if hasattr(student, "activation_checkpointing_disable"):
         student.activation_checkpointing_disable()
     if not lora:
-        save_model_dir(student.eval(), tok, path, extra_files={"safesteer.json": info})
+        save_model_dir(student.to(DTYPES[dtype]).eval(), tok, path, extra_files={"safesteer.json": info})
         return
     staged = path.parent / f".{path.name}.adapter"
     student.save_pretrained(staged)  # peft's own format, before merging
-    with torch.no_grad():  # merge in place: no second copy of the weights
-        merged = student.merge_and_unload().eval()
+    merged = merge_lora(student, DTYPES[dtype])
     write_adapter = lambda tmp: shutil.move(staged, Path(tmp) / "adapter")
     save_model_dir(merged, tok, path, extra_files={"safesteer.json": info}, also=write_adapter)
 
@@ -393,6 +391,8 @@ def add_scale_args(p) -> None:
                        default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     scale.add_argument("--shard", action="store_true", help="under torchrun: FSDP2, each process holds 1/N "
                        "of the weights, gradients and Adam states (for a model that does not fit one device)")
+    scale.add_argument("--save-dtype", choices=list(DTYPES), default="float32", help="the saved student's "
+                       "weights (bf16 halves the file but rounds away updates smaller than its step)")
     scale.add_argument("--no-grad-checkpointing", action="store_true",
                        help="keep activations, not recomputing them in backward (more memory, same numbers)")
     scale.add_argument("--checkpoint-every", type=positive_int, help="save a resumable checkpoint every N "

@@ -6,7 +6,8 @@
 
     check_model_spec, check_spec   a missing path, a folder without config.json, a config or tokenizer that
                                    does not parse, missing direction files: an error in seconds, no weights
-    load_spec                      (model, tokenizer, hook factory); a model in memory is not loaded again
+    load_spec                      (model, tokenizer, hook factory); a model in memory is not loaded again;
+                                   each in the dtype it was saved in unless --dtype says (precision.py)
     fingerprint                    a hash of a spec's weights and settings: evaluate.py reuses the evaluation
                                    of a model whose fingerprint is unchanged (`make ablate`)
 """
@@ -17,7 +18,10 @@ import hashlib
 import json
 from pathlib import Path
 
+import torch
+
 from common import BUNDLED_MODEL, UserError, bundled_package_dir, load_json, load_model
+from precision import saved_dtype, to_bf16_with_warning
 from steering import load_teacher
 
 
@@ -57,12 +61,22 @@ def check_spec(spec: str, default_model: str) -> str:
     return spec
 
 
-def load_spec(spec: str, default_model: str, device, chat_template=None, loaded=None, device_map=None):
+def load_spec(spec: str, default_model: str, device, chat_template=None, loaded=None, device_map=None,
+              dtype=None):
     """(model, tokenizer, hook factory) for a spec: a model, or steer:DIR (π0 of direction.json + c·r).
-    `loaded` maps model names already in memory to (model, tok), so the base model is not loaded twice."""
+    `loaded` maps model names already in memory to (model, tok), so the base model is not loaded twice.
+    dtype: None or "saved" keeps each checkpoint's dtype (float32 on the CPU), or "bf16" or "float32"."""
     name = check_spec(spec, default_model)
-    model, tok = (loaded or {}).get(name) or load_model(name, device, chat_template=chat_template,
-                                                        device_map=device_map)
+    loaded = loaded or {}
+    if name in loaded:
+        model, tok = loaded[name]
+    elif dtype == "bf16" and not device_map and Path(name).is_dir() and saved_dtype(name) == torch.float32:
+        # float32 weights rounded on request: first say how much of the update over π0 survives it
+        model, tok = load_model(name, "cpu", torch.float32, chat_template)
+        base = loaded.get(default_model, (None,))[0]
+        model = to_bf16_with_warning(model, base, name).to(device)
+    else:
+        model, tok = load_model(name, device, dtype, chat_template, device_map)
     if not spec.startswith("steer:"):
         return model, tok, contextlib.nullcontext
     teacher, _ = load_teacher(model, Path(spec[len("steer:"):]) / "direction.safetensors")
@@ -73,6 +87,8 @@ def fingerprint(spec: str, settings: dict) -> str:
     """A hash of what a spec's results depend on: its weights (a directory's config and safetensors, or the
     direction files and the model they steer) and `settings` (for Stage 4: the prompts, the settings, the
     judge; settings["base"] is the model steer:DIR steers when direction.json names none)."""
+    if settings.get("dtype") == "saved":  # the default leaves the hash as it was before --dtype existed
+        settings = {k: v for k, v in settings.items() if k != "dtype"}
     h = hashlib.sha256(json.dumps({"spec": spec, **settings}, sort_keys=True).encode())
     folders = []
     if spec.startswith("steer:"):

@@ -319,6 +319,15 @@ def packs_exactly(model) -> bool:
     return model.config._attn_implementation in ("sdpa", "eager") and not has_sliding_window(model)
 
 
+def packing_path(model, pack: bool = True) -> str:
+    """How Stage 3's student scores its G samples, for the log: packed (tree mask), or a row each and why."""
+    impl = model.config._attn_implementation
+    if pack and packs_exactly(model):
+        return f"packed, each prompt once for its G samples behind a tree mask ({impl} attention)"
+    why = "sliding-window attention" if has_sliding_window(model) else f"{impl} ignores a 4-D mask"
+    return f"unpacked, a row per sample ({why if pack else '--no-pack-samples'})"
+
+
 def packed_completion_logits(model, prompt_ids, prompt_mask, comp_ids, g: int) -> torch.Tensor:
     """completion_logits for runs of G identical prompts, each prompt computed once: a row
     [prompt | y_1 | ... | y_G] with a tree-shaped mask (y_j sees the prompt and its own past, no other y) and

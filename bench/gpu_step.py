@@ -3,8 +3,10 @@
 Runs a warm-up step and a measured one through distill.train_step with gradient checkpointing (bf16 on CUDA:
 float32 master weights for full fine-tuning, a bf16 base with --lora-rank), sampling exactly --max-new-tokens
 tokens per row.
-Peak memory is torch.cuda.max_memory_allocated on a GPU and the process's peak RSS above its RSS after imports on
-the CPU; the prediction is bench/memory_model.py's for the same config and settings.
+Peak memory on a GPU: torch.cuda.max_memory_allocated (tensors), max_memory_reserved (what the caching
+allocator holds, fragmentation included) and the card's used memory from torch.cuda.mem_get_info (the CUDA
+context too); on the CPU the process's peak RSS above its RSS after imports. The prediction is
+bench/memory_model.py's for the same config and settings, compared with the card's used memory on a GPU.
 
 Nothing has run it on a GPU yet; on the CPU it runs the bundled model.
 
@@ -81,19 +83,25 @@ def main(argv=None):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     rows = per_step * args.samples
+    cuda_mb = {}
     if device.type == "cuda":
-        measured = torch.cuda.max_memory_allocated() / 2**20
+        free, total = torch.cuda.mem_get_info()
+        cuda_mb = {"allocated_peak_mb": round(torch.cuda.max_memory_allocated() / 2**20),
+                   "reserved_peak_mb": round(torch.cuda.max_memory_reserved() / 2**20),
+                   "card_used_mb": round((total - free) / 2**20), "card_total_mb": round(total / 2**20)}
+        measured = cuda_mb["card_used_mb"]  # the allocator keeps its reserved peak; plus the context
     else:
         measured = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss
     prompt = max(len(encode_chats(tok, [q])[0][0]) for q in prompts[:2 * per_step])
     pred = memory_model.predict(memory_model.hf_config(student.config), lora_rank=args.lora_rank,
                                 c=2 if device.type == "cuda" else 4, rows=rows, micro_batch=args.micro_batch,
                                 prompt=prompt, new=args.max_new_tokens,
-                                attn_s2=device.type != "cuda")["peak"] / 2**20
+                                attn_s2=device.type != "cuda", cuda=device.type == "cuda")["peak"] / 2**20
     print(json.dumps({"model": args.model, "device": device.type, "lora_rank": args.lora_rank,
                       "step_seconds": round(times[-1], 2),
                       "tokens_per_s": round(rows * args.max_new_tokens / times[-1], 1),
-                      "phases": rec["seconds"], "peak_memory_mb": round(measured), "predicted_mb": round(pred),
+                      "phases": rec["seconds"], "peak_memory_mb": round(measured), **cuda_mb,
+                      "predicted_mb": round(pred),
                       "memory_model_error": round(pred / measured - 1, 3)}, indent=1))
 
 

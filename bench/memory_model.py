@@ -1,23 +1,33 @@
 """Memory model of Stage 3: peak memory of a distillation step predicted from a model's config, full vs LoRA.
 
-What a step holds (bytes; P = parameters, b = micro-batch, S = prompt + completion tokens, T = completion, V =
-vocabulary, h = hidden, I = MLP width, L = blocks, c = compute dtype's bytes: 2 for bf16 on a GPU, 4 on the CPU):
+What a step holds (bytes; P = parameters, b = micro-batch, S = prompt + completion tokens, T = completion,
+V = vocabulary, h = hidden, I = MLP width, L = blocks, c = compute dtype's bytes: 2 for bf16 on a GPU, 4 on
+the CPU):
 
-    resident   full:  float32 student (4P) + its gradient (4P) + AdamW moments (8P) + frozen π0/πt copy (cP)
+    resident   full:  float32 student (4P) + its gradient (4P) + AdamW moments (8P) + a frozen float32 π0/πt
+                      copy (4P: it runs under the student's autocast, precision.py); on CUDA also autocast's
+                      cached bf16 copy of the weights (2P) and, with foreach AdamW, its temporary (4P; 0 with
+                      the fused AdamW that distill.py uses on CUDA)
                LoRA:  one base copy (cP) + adapters A in float32 with gradient and moments (16A)
-    sampling   KV cache 2·L·n·S·kv·d·c for the n = P·G (+ anchor) rows decoded together, and their last logits
-    training   checkpointed block inputs L·b·S·h·c, one block recomputed (b·S·(6h + 3I)·c + attention b·H·S²·c),
-               teacher and student logits 2·b·T·V·c, the logits' gradient b·T·V·c, and the loss's chunk (256·V·4·2)
-    peak       resident + max(sampling, training)
+    sampling   KV cache 2·L·n·S·kv·d·c for the n = (P + A)·G rows decoded together (A anchor prompts), and
+               their last logits
+    training   checkpointed block inputs L·b·S·h·c, one block recomputed (b·S·(6h + 3I)·c + attention
+               b·H·S²·c), teacher and student logits 2·b·T·V·c, the logits' gradient b·T·V·c, and the loss's
+               chunk (256·V·4·2)
+    CUDA       the context (~0.4 GiB), NCCL's buffers per rank under torchrun (~0.6 GiB), and the caching
+               allocator's fragmentation (~20% of what a step allocates and frees)
+    peak       resident + max(sampling, training) · (1.2 on CUDA) + CUDA's fixed costs
 
 Sharded over N GPUs (distill.py --shard under torchrun, FSDP2 with one unit per block): resident / N, plus the
 units gathered whole while they run: the root (embeddings, head; kept gathered through forward and backward)
 and two blocks (the running one and the prefetched next) in the parameters' dtype; each rank samples and trains
 its rows / N. Not validated here (the CPU test checks the numbers of a sharded run, not its memory).
 
-The model is checked against measured peaks on the CPU (`--validate`: the bundled 135M model and a tiny one, full
-and LoRA; measured = peak RSS of a fresh process minus its RSS after imports), and the table printed for the paper's
-models at the paper's settings (4 prompts x 8 samples per step, micro-batch 8, 512 new tokens, prompts ~128 tokens).
+The CUDA terms are public measurements (issue 31), not measured here. The model is checked against measured
+peaks on the CPU (`--validate`: the bundled 135M model and a tiny one, full and LoRA; measured = peak RSS of a
+fresh process minus its RSS after imports), and the table printed for the paper's models at the paper's
+settings (4 prompts x 8 samples per step, plus README's 4 anchor prompts, micro-batch 8, 512 new tokens,
+prompts ~128 tokens) against real cards' capacities in GiB.
 The children run with a fixed malloc mmap threshold: glibc's default keeps freed blocks in the heap, and peak RSS
 then counts memory that no tensor holds (+27% to +135% here with the default).
 
@@ -30,7 +40,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +58,11 @@ MODELS = {
     "Llama-3.1-70B-Instruct": dict(h=8192, I=28672, L=80, V=128256, H=64, kv=8, d=128, tied=False),
 }
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+# What torch.cuda.mem_get_info reports as a card's total, in GiB (not the GB on the box).
+CARDS = {"A10G/L4": 22.49, "3090/4090": 23.99, "A100-40GB": 39.39, "A100/H100-80GB": 79.15}
+CUDA_CONTEXT = 0.4 * GIB  # the driver's context and cuBLAS/cuDNN workspaces, before any tensor
+NCCL_BUFFERS = 0.6 * GIB  # per rank, under torchrun with more than one process
+FRAGMENTATION = 0.2  # the caching allocator's reserved-but-unused share of what a step allocates and frees
 
 
 def block_params(m: dict) -> int:
@@ -75,14 +89,23 @@ def lora_params(m: dict, rank: int) -> int:
 
 
 def predict(m: dict, *, lora_rank: int | None, c: int, rows: int, micro_batch: int, prompt: int, new: int,
-            attn_s2: bool, shard: int = 1) -> dict:
-    """Peak bytes of one step and its parts on one device (see the module docstring)."""
+            attn_s2: bool, shard: int = 1, cuda: bool = False, fused_adam: bool | None = None,
+            world: int | None = None) -> dict:
+    """Peak bytes of one step and its parts on one device (see the module docstring). rows: (P + A)·G,
+    all the step's rows; cuda: add the CUDA terms; fused_adam: default on CUDA; world: processes (default:
+    shard)."""
     p, s = params(m), prompt + new
+    fused_adam = cuda if fused_adam is None else fused_adam
+    world = shard if world is None else world
     if lora_rank:
         a = lora_params(m, lora_rank)
         resident = {"weights": c * p / shard, "trainable (fp32 + grad + AdamW)": 16 * a / shard}
     else:
-        resident = {"student fp32 + grad + AdamW": 16 * p / shard, "frozen π0/πt copy": c * p / shard}
+        resident = {"student fp32 + grad + AdamW": 16 * p / shard, "frozen π0/πt copy (fp32)": 4 * p / shard}
+        if cuda:
+            resident["autocast's bf16 weight cache"] = 2 * p / shard
+        if not fused_adam and cuda:  # foreach AdamW's temporary; the CPU's AdamW is per-tensor (for loops)
+            resident["AdamW foreach temporary"] = 4 * p / shard
     if shard > 1:  # gathered units: root + two blocks, in the student's dtype (float32 when fully fine-tuned)
         resident["gathered units"] = (root_params(m) + 2 * block_params(m)) * (c if lora_rank else 4)
         rows, micro_batch = math.ceil(rows / shard), min(micro_batch, math.ceil(rows / shard))
@@ -95,8 +118,14 @@ def predict(m: dict, *, lora_rank: int | None, c: int, rows: int, micro_batch: i
                 "teacher + student logits": 2 * b * new * m["V"] * c,
                 "logits gradient": b * new * m["V"] * c,
                 "loss chunk": 256 * m["V"] * 4 * 2}  # lean_losses._logsumexp: the masked copy and exp(z - max)
-    peak = sum(resident.values()) + max(sum(sampling.values()), sum(training.values()))
-    return {"resident": resident, "sampling": sampling, "training": training, "peak": peak}
+    per_step = max(sum(sampling.values()), sum(training.values()))
+    fixed = {}
+    if cuda:
+        fixed = {"CUDA context": CUDA_CONTEXT, "allocator fragmentation": FRAGMENTATION * per_step}
+        if world > 1:
+            fixed["NCCL buffers"] = NCCL_BUFFERS
+    peak = sum(resident.values()) + per_step + sum(fixed.values())
+    return {"resident": resident, "sampling": sampling, "training": training, "cuda": fixed, "peak": peak}
 
 
 def hf_config(cfg) -> dict:
@@ -108,6 +137,13 @@ def hf_config(cfg) -> dict:
 
 # ----------------------------------------------------------------------------- validation on this CPU
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS since it started (VmHWM). Not getrusage's ru_maxrss: Linux keeps that across
+    exec, so a child started by a parent holding 550 MB begins with a "peak" of 550 MB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
 def child(spec: dict) -> None:
     """One real distillation step (plus its sampling) in this process; print RSS after imports and the peak."""
     import torch
@@ -115,7 +151,7 @@ def child(spec: dict) -> None:
     import distill
     from chat import encode_chats  # noqa: F401  (imports done before the baseline is read)
     torch.manual_seed(0)
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base_rss = peak_rss_mb()
     out = Path(spec["out"])
     args = distill.parse_args(["--model", spec["model"], "--out", str(out)]
                               + (["--lora-rank", str(spec["lora"])] if spec["lora"] else []))
@@ -132,7 +168,7 @@ def child(spec: dict) -> None:
         loop = distill.Loop(opt, sched, gen=torch.Generator().manual_seed(0))
         distill.train_step(student, tok, prompts, [], (teacher, base), torch.arange(100, 150), recipe, loop)
     prompt_len = max(len(encode_chats(tok, [p])[0][0]) for p in prompts)
-    print(json.dumps({"base_rss_mb": base_rss, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    print(json.dumps({"base_rss_mb": base_rss, "peak_rss_mb": peak_rss_mb(),
                       "prompt": prompt_len, "config": hf_config(student.config)}))
 
 
@@ -177,19 +213,22 @@ def validate(tmp: Path) -> list[dict]:
     return rows
 
 
-def table(rank: int, prompt: int, new: int, shard: int = 1) -> list[dict]:
-    """Peak at micro-batch 8, the smallest GPU that holds it (95% of its memory usable), and the largest
-    micro-batch (8, 4, 2, 1) that fits a 24 GB GPU; per GPU of `shard`."""
+def table(rank: int, prompt: int, new: int, shard: int = 1, anchors: int = 4) -> list[dict]:
+    """On CUDA, 4 prompts and `anchors` anchor prompts x 8 samples: the peak at micro-batch 8, the smallest
+    card that holds it (CARDS, GiB), and the largest micro-batch (8, 4, 2, 1) that fits an A10G/L4; per GPU of
+    `shard`."""
     rows = []
     for name, m in MODELS.items():
         for mode in ("full", "LoRA"):
-            peak = lambda mb: predict(m, lora_rank=rank if mode == "LoRA" else None, c=2, rows=32, micro_batch=mb,
-                                      prompt=prompt, new=new, attn_s2=False, shard=shard)["peak"]
-            fits = [g for g in (24, 48, 80) if peak(8) <= g * 1e9 * 0.95]
-            mb24 = next((mb for mb in (8, 4, 2, 1) if peak(mb) <= 24e9 * 0.95), None)
-            rows.append({"model": name, "params_b": params(m) / 1e9, "mode": mode, "peak_gib": peak(8) / GIB,
-                         "fits": f"{fits[0]} GB" if fits else "> 80 GB", "mb24": mb24,
-                         "peak24_gib": peak(mb24) / GIB if mb24 else None})
+            def peak(mb):
+                return predict(m, lora_rank=rank if mode == "LoRA" else None, c=2, rows=(4 + anchors) * 8,
+                               micro_batch=mb, prompt=prompt, new=new, attn_s2=False, shard=shard,
+                               cuda=True)["peak"] / GIB
+            fits = [card for card, gib in CARDS.items() if peak(8) <= gib]
+            mb_small = next((mb for mb in (8, 4, 2, 1) if peak(mb) <= CARDS["A10G/L4"]), None)
+            rows.append({"model": name, "params_b": params(m) / 1e9, "mode": mode, "peak_gib": peak(8),
+                         "fits": fits[0] if fits else "> 80 GB", "mb_small": mb_small,
+                         "peak_small_gib": peak(mb_small) if mb_small else None})
     return rows
 
 
@@ -202,6 +241,8 @@ def parse_args(argv=None):
                        help="prompt tokens per row in the table")
     common.add_renamed(p, "--new", "--max-new-tokens", type=common.positive_int, default=512,
                        help="new tokens per row in the table (paper: 512)")
+    p.add_argument("--anchor-per-step", type=common.non_negative_int, default=4,
+                   help="anchor prompts per step in the table (README's command: 4); rows = (4 + A) x 8")
     common.add_renamed(p, "--shard", "--gpus", type=common.positive_int, default=1,
                        help="per GPU when Stage 3 is sharded over this many GPUs (distill.py --shard)")
     p.add_argument("--child", help=argparse.SUPPRESS)  # --validate's subprocess: one measured step, as JSON
@@ -213,13 +254,18 @@ def main(argv=None):
     if args.child:
         return child(json.loads(args.child))
     where = f"per GPU, sharded over {args.gpus} GPUs (FSDP2)" if args.gpus > 1 else "on one GPU"
-    print(f"Stage 3 peak memory, bf16 {where}, 4 prompts x 8 samples, micro-batch 8, {args.prompt_tokens} + "
-          f"{args.max_new_tokens} tokens, gradient checkpointing, memory-efficient attention; LoRA rank "
+    print(f"Stage 3 peak memory in GiB, bf16 {where}, (4 prompts + {args.anchor_per_step} anchors) x 8 "
+          f"samples, micro-batch 8, {args.prompt_tokens} + {args.max_new_tokens} tokens, gradient "
+          f"checkpointing, memory-efficient attention, CUDA context and fragmentation; LoRA rank "
           f"{args.lora_rank} on q,k,v,o,gate,up,down")
-    print(f"{'model':<24} {'params':>7} {'mode':<5} {'peak GiB':>9} {'GPU':>8}   on 24 GB: micro-batch, peak GiB")
-    for r in table(args.lora_rank, args.prompt_tokens, args.max_new_tokens, args.gpus):
-        on24 = f"{r['mb24']}, {r['peak24_gib']:.1f}" if r["mb24"] else "does not fit"
-        print(f"{r['model']:<24} {r['params_b']:>6.1f}B {r['mode']:<5} {r['peak_gib']:>9.1f} {r['fits']:>8}   {on24}")
+    print("cards (GiB, as torch reports them): " + ", ".join(f"{k} {v}" for k, v in CARDS.items()))
+    print(f"{'model':<24} {'params':>7} {'mode':<5} {'peak GiB':>9} {'smallest card':>15}   "
+          f"on A10G/L4: micro-batch, peak GiB")
+    rows = table(args.lora_rank, args.prompt_tokens, args.max_new_tokens, args.gpus, args.anchor_per_step)
+    for r in rows:
+        small = f"{r['mb_small']}, {r['peak_small_gib']:.1f}" if r["mb_small"] else "does not fit"
+        print(f"{r['model']:<24} {r['params_b']:>6.1f}B {r['mode']:<5} {r['peak_gib']:>9.1f} "
+              f"{r['fits']:>15}   {small}")
     if args.validate:
         import tempfile
         print("\nvalidation on this CPU (float32; measured = peak RSS - RSS after imports; 4 x 4 rows x 48 tokens):")

@@ -248,15 +248,26 @@ def test_masking_and_reduction(impl):
         assert got.item() == pytest.approx(torch.stack(per_seq).mean().item(), abs=1e-6)
 
 
-@pytest.mark.parametrize("skip,keep", [(0, None), (2, None), (1, 2), (0, 1), (9, None)])
+@pytest.mark.parametrize("skip,keep", [(0, None), (2, None), (1, 2), (0, 1), (9, None), (2, 5), (0, 6),
+                                       (5, 6), (1, 9)])
 def test_loss_window_equals_a_mask_built_by_hand(skip, keep):
+    """The authors' semantics: positions [K, M), M counted from the completion's start."""
     comp_mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
     expected = comp_mask.clone()
     for r in range(3):
         for t in range(6):
-            if t < skip or (keep is not None and t >= skip + keep):
+            if t < skip or (keep is not None and t >= keep):
                 expected[r, t] = 0
     assert torch.equal(dl.loss_window(comp_mask, skip, keep), expected)
+    if keep is not None:
+        assert int(dl.loss_window(torch.ones(1, 20), skip, keep).sum()) == keep - skip  # [K, M) holds M - K
+
+
+@pytest.mark.parametrize("skip,keep", [(3, 3), (4, 2), (1, 1)])
+def test_loss_window_must_end_after_it_starts(skip, keep):
+    with pytest.raises(common.UserError, match=r"must exceed --skip-tokens K: .* positions \[K, M\)"):
+        dl.Recipe.from_args(dl.parse_args(["--skip-tokens", str(skip), "--keep-tokens", str(keep)]))
+    assert dl.Recipe(skip_tokens=skip, keep_tokens=skip + 1).keep_tokens == skip + 1  # M = K + 1: one token
 
 
 def test_one_step_lowers_the_loss(tok, model):

@@ -1,11 +1,14 @@
 """distill.py --refresh-every N: every N steps πt becomes the current student + c·r, with r measured again on
 that student by Stage 1's rule at Stage 1's block; π0 stays the anchor."""
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file
 from test_distill import args_for, make_run
 
 import common
+import directions
 import distill as dl
 import extract_direction as ed
 import steering
@@ -90,3 +93,45 @@ def test_refresh_needs_stage1_metadata(model_dir, tok, tmp_path):
     make_run(out, model_dir, tok)  # a hand-written direction.json without Stage 1's rule
     with pytest.raises(UserError, match="cannot measure r again"):
         dl.main(args_for(model_dir, out, "--refresh-every", "1", "--student", "x"))
+
+
+def test_a_moved_run_finds_its_prompts_or_stops_before_step_1(model_dir, tok, tmp_path, monkeypatch):
+    """direction.json records the absolute paths of the checkout Stage 1 ran in. Once that place is gone a
+    refresh finds the files by name (--refresh-prompts DIR, the run directory, data/), or stops at start."""
+    old = tmp_path / "old"
+    (old / "data").mkdir(parents=True)
+    for name in ("harmful_train", "harmless_train"):  # names data/ does not hold
+        shutil.copy(common.data_file(name), old / "data" / f"mine_{name}.jsonl")
+    out = old / "run"
+    make_run(out, model_dir, tok)
+    ed.main(["--model", str(model_dir), "--out", str(out), "--kind", "prompt", "--layer", "1",
+             "--position", "-1", "--n-train", "6", "--n-val", "2", "--check-prompts", "0", "--overwrite",
+             "--harmful-train", str(old / "data" / "mine_harmful_train.jsonl"),
+             "--harmless-train", str(old / "data" / "mine_harmless_train.jsonl")])
+    new = tmp_path / "new"
+    old.rename(new)  # the checkout moved: every recorded path now points nowhere
+    run, steps, real = new / "run", [], dl.train_step
+    monkeypatch.setattr(dl, "train_step", lambda *a, **k: steps.append(1) or real(*a, **k))
+    argv = args_for(model_dir, run, "--refresh-every", "1", "--max-steps", "2")
+    with pytest.raises(UserError, match=r"mine_harmful_train.jsonl not found \(tried .*--refresh-prompts"):
+        dl.main(argv + ["--student", "a"])
+    assert not steps  # a one-line error before step 1, not after minutes of training
+    dl.main(argv + ["--student", "b", "--refresh-prompts", str(new / "data")])
+    assert len(steps) == 2
+    for f in (new / "data").iterdir():  # copies in the run directory itself are found too
+        shutil.copy(f, run / f.name)
+    dl.main(argv + ["--student", "c"])
+    assert len(steps) == 4
+
+    # a file named as in data/ is found there; one too short for the recorded count is refused
+    meta = common.load_json(run / "direction.json")
+    gone = tmp_path / "gone" / "data"
+    meta["data"] = {**meta["data"], "harmful": str(gone / "harmful_train.jsonl"),
+                    "harmless": str(gone / "harmless_train.jsonl")}
+    common.write_json(run / "direction.json", meta)
+    found = directions.refresh_inputs(meta, [run])["data"]
+    assert found["harmful"] == str(common.data_file("harmful_train"))
+    (run / "harmful_train.jsonl").write_text('{"prompt": "only one"}\n')
+    with pytest.raises(UserError, match="fewer than the 6 prompts"):
+        dl.main(argv + ["--student", "d"])
+    assert len(steps) == 4
