@@ -1,7 +1,7 @@
 """Benchmark: one distillation step on the bundled model, by phase, and how it scales.
 
-  phases   sampling, teacher forward, student forward, loss, backward, optimiser: seconds and share, for one row
-           per sample, for the samples packed behind a tree mask (the demo's step), and packed without
+  phases   sampling, teacher forward, student forward, loss, backward, optimiser: seconds and share, for one
+           row per sample, for the samples packed behind a tree mask (the demo's step), and packed without
            gradient checkpointing
   scaling  step time and peak RSS against completion length and completions per step
 
@@ -11,7 +11,8 @@ never stops early (no stop token) so that every configuration generates exactly 
 
 Usage:
     python bench/distill_step.py phases
-    python bench/distill_step.py phases --steps 1 --repeats 2   # interleaved, so the box's drift hits all alike
+    python bench/distill_step.py phases --steps 1 --repeats 2
+        # interleaved, so the box's drift hits all alike
     python bench/distill_step.py phases --check   # exit 1 if the loss takes 5% of the step or more
     python bench/distill_step.py scaling --max-new-tokens 64 128 256 --completions 8 16 32
 """
@@ -61,7 +62,8 @@ def child(cfg):
 
 
 def run(cfg):
-    out = subprocess.run([sys.executable, __file__, "child", "--cfg", json.dumps(cfg)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, __file__, "child", "--cfg", json.dumps(cfg)],
+                         capture_output=True, text=True)
     if out.returncode:
         return {"error": (out.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -72,15 +74,18 @@ def parse_args(argv=None):
     p.add_argument("what", choices=["phases", "scaling", "child"],
                    help="phases: one step by phase; scaling: step time against length and completions")
     p.add_argument("--cfg", help=argparse.SUPPRESS)  # child: the configuration to run, as JSON
-    p.add_argument("--steps", type=common.positive_int, default=2, help="measured steps after the warm-up step")
+    p.add_argument("--steps", type=common.positive_int, default=2,
+                   help="measured steps after the warm-up step")
     common.add_renamed(p, "--lengths", "--max-new-tokens", type=common.positive_int, nargs="+",
                        default=[64, 128, 256], help="scaling: completion lengths")
     p.add_argument("--completions", type=common.positive_int, nargs="+", default=[8, 16, 32],
                    help="scaling: completions per step (prompts x samples, 4 samples per prompt)")
-    p.add_argument("--micro-batch", type=common.positive_int, default=8, help="sequences per forward/backward")
+    p.add_argument("--micro-batch", type=common.positive_int, default=8,
+                   help="sequences per forward/backward")
     p.add_argument("--repeats", type=common.positive_int, default=1,
                    help="phases: runs of each configuration, interleaved")
-    p.add_argument("--check", action="store_true", help="phases: exit 1 if the loss takes 5%% of a step or more")
+    p.add_argument("--check", action="store_true",
+                   help="phases: exit 1 if the loss takes 5%% of a step or more")
     return p.parse_args(argv)
 
 
@@ -88,10 +93,11 @@ def main(argv=None):
     a = parse_args(argv)
     if a.what == "child":
         return child(json.loads(a.cfg))
-    base = {"steps": a.steps, "micro_batch": a.micro_batch, "prompts": 4, "anchors": 4, "samples": 4, "length": 48}
+    base = {"steps": a.steps, "micro_batch": a.micro_batch, "prompts": 4, "anchors": 4, "samples": 4,
+            "length": 48}
     if a.what == "phases":
-        print("the demo's step: 4 harmful + 4 anchor prompts x 4 samples x 48 new tokens, micro-batch", a.micro_batch,
-              f"; configurations interleaved, median of {a.repeats} runs\n")
+        print("the demo's step: 4 harmful + 4 anchor prompts x 4 samples x 48 new tokens, micro-batch",
+              a.micro_batch, f"; configurations interleaved, median of {a.repeats} runs\n")
         configs = {"one row per sample": (True, False), "packed (the demo's step)": (True, True),
                    "packed, no gradient checkpointing": (False, True)}
         results = {name: [] for name in configs}
@@ -117,7 +123,8 @@ def main(argv=None):
     print(f"{'length':>6} {'completions':>11} {'s/step':>7} {'s per 1k tokens':>16} {'peak RSS MB':>12}")
     for length in a.max_new_tokens:
         for n in a.completions:
-            r = run({**base, "length": length, "samples": n // 4, "anchors": 0, "checkpointing": True, "pack": True})
+            r = run({**base, "length": length, "samples": n // 4, "anchors": 0, "checkpointing": True,
+                     "pack": True})
             if "error" in r:
                 print(f"{length:>6} {n:>11} failed: {r['error']}")
                 continue

@@ -1,8 +1,10 @@
-"""Benchmark: Stage 4's greedy evaluation at several batch sizes, side by side, and whether the answers change.
+"""Benchmark: Stage 4's greedy evaluation at several batch sizes, side by side, and whether the answers
+change.
 
 Greedy decoding of the same prompts with left padding should give the same tokens whatever the batch (the
-attention mask hides the padding, RoPE positions skip it); this checks it on the bundled model and measures what
-a larger batch buys on this CPU. Batch sizes are interleaved over the repeats, so the box's drift hits all alike.
+attention mask hides the padding, RoPE positions skip it); this checks it on the bundled model and measures
+what a larger batch buys on this CPU. Batch sizes are interleaved over the repeats, so the box's drift hits
+all alike.
 
 Usage:
     python bench/eval_batch.py --n-prompts 64 --max-new-tokens 64 --batch-sizes 16 32 64 --repeats 2
@@ -32,7 +34,8 @@ def parse_args(argv=None):
                        help="greedy new tokens per answer (Stage 4's default)")
     p.add_argument("--batch-sizes", type=common.positive_int, nargs="+", default=[16, 32, 64],
                    help="batch sizes compared; the answers of each are checked against the first's")
-    p.add_argument("--repeats", type=common.positive_int, default=2, help="runs of each batch size, interleaved")
+    p.add_argument("--repeats", type=common.positive_int, default=2,
+                   help="runs of each batch size, interleaved")
     return p.parse_args(argv)
 
 
@@ -49,7 +52,8 @@ def main(argv=None):
             seconds[b].append(time.perf_counter() - t)
             texts.setdefault(b, out)
     ref = args.batch_sizes[0]
-    print(f"{args.n_prompts} prompts x {args.max_new_tokens} greedy tokens, {torch.get_num_threads()} threads")
+    print(f"{args.n_prompts} prompts x {args.max_new_tokens} greedy tokens, "
+          f"{torch.get_num_threads()} threads")
     for b in args.batch_sizes:
         med = statistics.median(seconds[b])
         differ = sum(x != y for x, y in zip(texts[b], texts[ref]))

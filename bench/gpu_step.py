@@ -12,8 +12,8 @@ Nothing has run it on a GPU yet; on the CPU it runs the bundled model.
 
 Usage:
     python bench/gpu_step.py                                            # bundled model, CPU, small settings
-    python bench/gpu_step.py --model /models/Llama-3-8B-Instruct --lora-rank 16 --samples 8 --max-new-tokens 512 \
-        --micro-batch 4
+    python bench/gpu_step.py --model /models/Llama-3-8B-Instruct --lora-rank 16 --samples 8 \
+        --max-new-tokens 512 --micro-batch 4
 """
 import json
 import resource
@@ -36,7 +36,8 @@ def parse_args(argv=None):
     p = common.Parser(__doc__)
     p.add_argument("--model", default=common.BUNDLED_MODEL,
                    help="'smollm2-135m' (bundled), a local transformers directory, or a hub id")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if available")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: CUDA if available")
     p.add_argument("--lora-rank", type=common.positive_int,
                    help="train LoRA adapters of this rank, not all weights (default: full fine-tuning)")
     common.add_renamed(p, "--prompts", "--prompts-per-step", type=common.positive_int, default=4,
@@ -44,7 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=common.positive_int, default=4, help="G, samples per prompt (paper: 8)")
     common.add_renamed(p, "--new", "--max-new-tokens", type=common.positive_int, default=48,
                        help="new tokens per sample (paper: 512)")
-    p.add_argument("--micro-batch", type=common.positive_int, default=8, help="sequences per forward/backward")
+    p.add_argument("--micro-batch", type=common.positive_int, default=8,
+                   help="sequences per forward/backward")
     return p.parse_args(argv)
 
 
@@ -55,7 +57,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         from transformers import AutoConfig
-        cfg = AutoConfig.from_pretrained(common.bundled_model_dir() if args.model == "smollm2-135m" else args.model)
+        model_dir = common.bundled_model_dir() if args.model == "smollm2-135m" else args.model
+        cfg = AutoConfig.from_pretrained(model_dir)
         common.save_tensors(out / "direction.safetensors",
                             {"direction": torch.zeros(cfg.get_text_config().hidden_size)})
         common.write_json(out / "direction.json", {"layer": 1, "coefficient": 1.0})
@@ -67,7 +70,8 @@ def main(argv=None):
         student.enable_input_require_grads()
     opt = torch.optim.AdamW(distill.trainable(student).values(), lr=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    recipe = distill.Recipe(samples=args.samples, max_new_tokens=args.max_new_tokens, micro_batch=args.micro_batch)
+    recipe = distill.Recipe(samples=args.samples, max_new_tokens=args.max_new_tokens,
+                            micro_batch=args.micro_batch)
     loop = distill.Loop(opt, sched, gen=torch.Generator().manual_seed(0))
     distill.stop_token_ids = lambda tok: [-1]  # every row generates exactly --max-new-tokens tokens
     prompts = common.read_prompts(common.data_file("harmful_train"))

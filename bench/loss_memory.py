@@ -4,7 +4,8 @@ Qwen-sized vocabulary (151,936), 8 x 256 positions, |S| = 50. Each variant runs 
 extra memory is peak RSS (resource.getrusage, the whole process) minus the RSS after the inputs exist, so the
 student and teacher logits themselves (2 x 1.2 GB) are not counted. Times are the median of --repeats runs.
 
-    lean       lean_losses.py: hand-written backward, logsumexp over chunks + |S| gathered columns (the default)
+    lean       lean_losses.py: hand-written backward, logsumexp over chunks + |S| gathered columns (the
+               default)
     formula    distill.py's *_formula: a few lines on log_softmax outputs in float64, autograd does the rest
     float32    the same few lines in float32 (what a port would write first; the collapsed one exact, with R
                summed from masked probabilities, not 1 - Σ_S)
@@ -90,7 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=common.positive_int, default=151_936, help="vocabulary size V (Qwen's)")
     p.add_argument("--positions", type=common.positive_int, default=8 * 256,
                    help="completion positions in one call (micro-batch x tokens)")
-    p.add_argument("--repeats", type=common.positive_int, default=3, help="timed runs per variant (the median)")
+    p.add_argument("--repeats", type=common.positive_int, default=3,
+                   help="timed runs per variant (the median)")
     p.add_argument("--check", action="store_true",
                    help="exit 1 if a lean loss holds less than 3x less memory than its float32 formula, "
                         "or is slower")
@@ -103,13 +105,15 @@ def main(argv=None):
     if args.child:
         return child(args.child, args.vocab, args.positions, args.repeats)
     gb = args.positions * args.vocab * 4 / 2**30
-    print(f"vocab {args.vocab}, {args.positions} positions, |S| = 50; one [positions, vocab] float32 tensor = "
-          f"{gb:.2f} GiB; extra = peak RSS - RSS with inputs and grad buffer allocated\n")
+    print(f"vocab {args.vocab}, {args.positions} positions, |S| = 50; "
+          f"one [positions, vocab] float32 tensor = {gb:.2f} GiB; "
+          f"extra = peak RSS - RSS with inputs and grad buffer allocated\n")
     print(f"{'variant':<22} {'extra MB':>9} {'fwd+bwd s':>10}")
     res = {}
     for name in VARIANTS:
-        out = subprocess.run([sys.executable, __file__, "--child", name, "--vocab", str(args.vocab), "--positions",
-                              str(args.positions), "--repeats", str(args.repeats)], capture_output=True, text=True)
+        cmd = [sys.executable, __file__, "--child", name, "--vocab", str(args.vocab),
+               "--positions", str(args.positions), "--repeats", str(args.repeats)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             print(f"{name:<20} failed: {out.stderr.strip().splitlines()[-1]}")
             continue
@@ -117,16 +121,19 @@ def main(argv=None):
         print(f"{name:<22} {res[name]['extra_mb']:>9.0f} {res[name]['seconds']:>10.2f}", flush=True)
     print()
     missed = []
-    for ours, naive in PAIRS[:3]:  # the targets are against the float32 formulas; float64 ones are printed too
+    # the targets are against the float32 formulas; float64 ones are printed too
+    for ours, naive in PAIRS[:3]:
         if ours in res and naive in res:
             a, b = res[ours], res[naive]
             memory, speed = b["extra_mb"] / max(a["extra_mb"], 1), b["seconds"] / a["seconds"]
-            # compared at the printed precision: ours holds one [positions, V] tensor (the gradient any loss must
-            # return) and naive partial holds three, so that pair measures 3.0x at best (2.97x plus a few MB)
+            # compared at the printed precision: ours holds one [positions, V] tensor (the gradient any loss
+            # must return) and naive partial holds three, so that pair measures 3.0x at best (2.97x plus a few
+            # MB)
             ok = round(memory, 1) >= TARGET_MEMORY and speed >= TARGET_SPEED
             missed += [] if ok else [ours]
             print(f"{ours:<18} vs {naive:<18}: {memory:.1f}x less extra memory, time ratio (naive / ours) "
-                  f"{speed:.2f}  {'ok' if ok else 'MISSED'} (targets >= {TARGET_MEMORY:.0f}x, >= {TARGET_SPEED:.1f})")
+                  f"{speed:.2f}  {'ok' if ok else 'MISSED'} "
+                  f"(targets >= {TARGET_MEMORY:.0f}x, >= {TARGET_SPEED:.1f})")
         else:
             missed.append(ours)
     for ours, ref in PAIRS[3:]:

@@ -20,16 +20,16 @@ the CPU):
 
 Sharded over N GPUs (distill.py --shard under torchrun, FSDP2 with one unit per block): resident / N, plus the
 units gathered whole while they run: the root (embeddings, head; kept gathered through forward and backward)
-and two blocks (the running one and the prefetched next) in the parameters' dtype; each rank samples and trains
-its rows / N. Not validated here (the CPU test checks the numbers of a sharded run, not its memory).
+and two blocks (the running one and the prefetched next) in the parameters' dtype; each rank samples and
+trains its rows / N. Not validated here (the CPU test checks the numbers of a sharded run, not its memory).
 
 The CUDA terms are public measurements (issue 31), not measured here. The model is checked against measured
 peaks on the CPU (`--validate`: the bundled 135M model and a tiny one, full and LoRA; measured = peak RSS of a
 fresh process minus its RSS after imports), and the table printed for the paper's models at the paper's
 settings (4 prompts x 8 samples per step, plus README's 4 anchor prompts, micro-batch 8, 512 new tokens,
 prompts ~128 tokens) against real cards' capacities in GiB.
-The children run with a fixed malloc mmap threshold: glibc's default keeps freed blocks in the heap, and peak RSS
-then counts memory that no tensor holds (+27% to +135% here with the default).
+The children run with a fixed malloc mmap threshold: glibc's default keeps freed blocks in the heap, and peak
+RSS then counts memory that no tensor holds (+27% to +135% here with the default).
 
 Usage:
     python bench/memory_model.py                 # the table
@@ -117,7 +117,8 @@ def predict(m: dict, *, lora_rank: int | None, c: int, rows: int, micro_batch: i
                 + (b * m["H"] * s * s * c * 2 if attn_s2 else 0),
                 "teacher + student logits": 2 * b * new * m["V"] * c,
                 "logits gradient": b * new * m["V"] * c,
-                "loss chunk": 256 * m["V"] * 4 * 2}  # lean_losses._logsumexp: the masked copy and exp(z - max)
+                # lean_losses._logsumexp: the masked copy and exp(z - max)
+                "loss chunk": 256 * m["V"] * 4 * 2}
     per_step = max(sum(sampling.values()), sum(training.values()))
     fixed = {}
     if cuda:
@@ -145,7 +146,8 @@ def peak_rss_mb() -> float:
 
 
 def child(spec: dict) -> None:
-    """One real distillation step (plus its sampling) in this process; print RSS after imports and the peak."""
+    """One real distillation step (plus its sampling) in this process; print RSS after imports and the
+    peak."""
     import torch
     import common
     import distill
@@ -163,7 +165,8 @@ def child(spec: dict) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     distill.stop_token_ids = lambda tok: [-1]  # every row generates exactly `new` tokens
     prompts = common.read_prompts(common.data_file("harmful_train"))[:spec["prompts"]]
-    recipe = distill.Recipe(samples=spec["samples"], max_new_tokens=spec["new"], micro_batch=spec["micro_batch"])
+    recipe = distill.Recipe(samples=spec["samples"], max_new_tokens=spec["new"],
+                            micro_batch=spec["micro_batch"])
     for _ in range(2):  # the second step has AdamW's moments allocated
         loop = distill.Loop(opt, sched, gen=torch.Generator().manual_seed(0))
         distill.train_step(student, tok, prompts, [], (teacher, base), torch.arange(100, 150), recipe, loop)
@@ -183,8 +186,9 @@ def validate(tmp: Path) -> list[dict]:
         if model == "tiny":  # a small Llama, built here: 8 blocks, hidden 256, SmolLM2's tokenizer
             from transformers import LlamaConfig, LlamaForCausalLM
             _, tok = common.load_model("smollm2-135m")
-            cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=768, num_hidden_layers=8,
-                              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+            cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=768,
+                              num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
+                              tie_word_embeddings=True)
             LlamaForCausalLM(cfg).save_pretrained(tmp / "tiny_model")
             tok.save_pretrained(tmp / "tiny_model")
             path = str(tmp / "tiny_model")
@@ -197,19 +201,21 @@ def validate(tmp: Path) -> list[dict]:
         common.write_json(out / "direction.json", {"layer": 2, "coefficient": 1.0})
         spec = {"model": path, "lora": lora, "out": str(out), "prompts": 4, "samples": 4, "new": 48,
                 "micro_batch": 8}
-        # glibc's dynamic mmap threshold keeps freed blocks below 32 MB in the heap, so peak RSS would count memory
-        # no tensor holds any more; a fixed threshold returns it, and RSS follows live tensors.
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "OMP_NUM_THREADS": "1"}
-        res = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                             env=env)
+        # glibc's dynamic mmap threshold keeps freed blocks below 32 MB in the heap, so peak RSS would count
+        # memory no tensor holds any more; a fixed threshold returns it, and RSS follows live tensors.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
+               "OMP_NUM_THREADS": "1"}
+        res = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
+                             text=True, env=env)
         if res.returncode:
             raise SystemExit(res.stderr[-2000:])
         got = json.loads(res.stdout.strip().splitlines()[-1])
-        pred = predict(got["config"], lora_rank=lora, c=4, rows=16, micro_batch=8, prompt=got["prompt"], new=48,
-                       attn_s2=True)
+        pred = predict(got["config"], lora_rank=lora, c=4, rows=16, micro_batch=8, prompt=got["prompt"],
+                       new=48, attn_s2=True)
         measured = (got["peak_rss_mb"] - got["base_rss_mb"]) * 2 ** 20
-        rows.append({"model": model, "mode": f"LoRA r={lora}" if lora else "full", "predicted_mb": pred["peak"] / 2**20,
-                     "measured_mb": measured / 2**20, "error": pred["peak"] / measured - 1})
+        rows.append({"model": model, "mode": f"LoRA r={lora}" if lora else "full",
+                     "predicted_mb": pred["peak"] / 2**20, "measured_mb": measured / 2**20,
+                     "error": pred["peak"] / measured - 1})
     return rows
 
 
@@ -268,12 +274,13 @@ def main(argv=None):
               f"{r['fits']:>15}   {small}")
     if args.validate:
         import tempfile
-        print("\nvalidation on this CPU (float32; measured = peak RSS - RSS after imports; 4 x 4 rows x 48 tokens):")
+        print("\nvalidation on this CPU (float32; measured = peak RSS - RSS after imports; "
+              "4 x 4 rows x 48 tokens):")
         print(f"{'model':<14} {'mode':<10} {'predicted MB':>13} {'measured MB':>12} {'error':>7}")
         with tempfile.TemporaryDirectory() as tmp:
             for r in validate(Path(tmp)):
-                print(f"{r['model']:<14} {r['mode']:<10} {r['predicted_mb']:>13.0f} {r['measured_mb']:>12.0f} "
-                      f"{r['error']:>+7.1%}")
+                print(f"{r['model']:<14} {r['mode']:<10} {r['predicted_mb']:>13.0f} "
+                      f"{r['measured_mb']:>12.0f} {r['error']:>+7.1%}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """Benchmark: what steering.prefill saves, side by side, on the bundled model, and that nothing changes.
 
 prefill runs each distinct prompt once (Stage 2 samples M = 8 continuations per prompt, Stage 3 G = 4) and the
-template prefix all prompts share once (SmolLM2: a 24-token system turn). Compared here, each pair in one process
-and interleaved over the repeats so that the box's drift hits both alike:
+template prefix all prompts share once (SmolLM2: a 24-token system turn). Compared here, each pair in one
+process and interleaved over the repeats so that the box's drift hits both alike:
 
-  teacher forcing  steering.completion_logits without autograd (prefill + cache) against the plain forward over
-                   prompt + completion (the same function with autograd on and every weight frozen: no graph,
-                   the code path the student takes), at Stage 2's and Stage 3's shapes; max |logit difference|
+  teacher forcing  steering.completion_logits without autograd (prefill + cache) against the plain forward
+                   over prompt + completion (the same function with autograd on and every weight frozen: no
+                   graph, the code path the student takes), at Stage 2's and Stage 3's shapes; max |logit
+                   difference|
   greedy decoding  steering.sample against transformers' generate (no shared prefix) at Stage 4's shape;
                    identical tokens expected
   sampling         steering.sample at Stage 3's shape (8 prompts x 4 samples, 48 tokens), against generate
@@ -47,7 +48,8 @@ def main(argv=None):
     torch.manual_seed(0)
     model, tok = common.load_model(common.BUNDLED_MODEL, "cpu")
     model.requires_grad_(False)
-    prompts = [json.loads(line)["prompt"] for line in common.data_file("harmful_test").read_text().splitlines()]
+    lines = common.data_file("harmful_test").read_text().splitlines()
+    prompts = [json.loads(line)["prompt"] for line in lines]
     stops, pad = chat.stop_token_ids(tok), tok.pad_token_id
 
     print("teacher forcing (πt, π0 in Stages 2-4): plain forward vs prefill + cache")
@@ -77,7 +79,8 @@ def main(argv=None):
             s, (a, _) = timed(lambda: steering.sample(model, ids, mask, new, temperature=temp,
                                                       generator=torch.Generator().manual_seed(0), **kw))
             ours.append(s)
-            gen_kw = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0) if temp else dict(do_sample=False)
+            gen_kw = (dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0) if temp
+                      else dict(do_sample=False))
             s, b = timed(lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
                                                 eos_token_id=stops, pad_token_id=pad, **gen_kw))
             ref.append(s)

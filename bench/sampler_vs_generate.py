@@ -1,7 +1,8 @@
 """Benchmark: the hand-written KV-cached sampler against transformers' model.generate (greedy).
 
-Same prompts, same lengths, neither stops early (generate: min_new_tokens; ours: no stop id), runs interleaved and
-repeated so that both see the same machine load; the ratio (ours / generate tokens per second) is what to read.
+Same prompts, same lengths, neither stops early (generate: min_new_tokens; ours: no stop id), runs interleaved
+and repeated so that both see the same machine load; the ratio (ours / generate tokens per second) is what to
+read.
 
 Usage:
     python bench/sampler_vs_generate.py                      # batch 8, 32 x new tokens 64, 256
@@ -31,9 +32,10 @@ def parse_args(argv=None):
                    help="'smollm2-135m' (bundled), a local transformers directory, or a hub id")
     common.add_renamed(p, "--batches", "--batch-sizes", type=common.positive_int, nargs="+", default=[8, 32],
                        help="rows decoded together")
-    common.add_renamed(p, "--lengths", "--max-new-tokens", type=common.positive_int, nargs="+", default=[64, 256],
-                       help="new tokens per row")
-    p.add_argument("--repeats", type=common.positive_int, default=3, help="interleaved runs of each (the median)")
+    common.add_renamed(p, "--lengths", "--max-new-tokens", type=common.positive_int, nargs="+",
+                       default=[64, 256], help="new tokens per row")
+    p.add_argument("--repeats", type=common.positive_int, default=3,
+                   help="interleaved runs of each (the median)")
     p.add_argument("--check", action="store_true", help=f"exit 1 if a ratio is below {TARGET}")
     return p.parse_args(argv)
 

@@ -1,9 +1,9 @@
 """The paper's picture for this project: safety against its cost, one point per model and seed.
 
-Left: refusal on the held-out harmful prompts (harmful_test and harmful_reform_test together, 200 prompts) against
-KL to base (drift on π0's own answers). Right: the same refusal against over-refusal (harmless_test and
-harmless_reform_test, 160 prompts). Error bars: 95% Wilson intervals for rates, 95% bootstrap intervals over
-prompts for KL. Each seed is a small marker; each recipe's mean over seeds a large one.
+Left: refusal on the held-out harmful prompts (harmful_test and harmful_reform_test together, 200 prompts)
+against KL to base (drift on π0's own answers). Right: the same refusal against over-refusal (harmless_test
+and harmless_reform_test, 160 prompts). Error bars: 95% Wilson intervals for rates, 95% bootstrap intervals
+over prompts for KL. Each seed is a small marker; each recipe's mean over seeds a large one.
 
 A second figure draws the frontier of results/experiments.md (the demo's recipe with only --loss and --lr
 changed): one line per loss through its learning rates, refusal on harmful_test against KL and over-refusal.
@@ -69,7 +69,8 @@ def main(argv=None):
     rows = [json.loads(line) for line in (HERE / "experiments.jsonl").read_text().splitlines()]
     pts = points(rows)
     if not pts:
-        sys.exit("error: no rows with per-prompt verdicts in results/experiments.jsonl; run results/experiment.py")
+        sys.exit("error: no rows with per-prompt verdicts in results/experiments.jsonl; "
+                 "run results/experiment.py")
     base = next((r for r in rows if r["name"] == "reference:base"), None)
     front = frontier(seed_groups(rows), base) if base else []
     # the frontier's extra learning rates have a figure of their own; here the recipes at the demo's budget
@@ -83,18 +84,22 @@ def main(argv=None):
             mine = [p for p in pts if p["group"] == g]
             for p in mine:
                 x, y = p[xkey], p["refusal"]
-                ax.errorbar(x[0], y[0], xerr=[[x[0] - x[1]], [x[2] - x[0]]], yerr=[[y[0] - y[1]], [y[2] - y[0]]],
+                xerr = [[x[0] - x[1]], [x[2] - x[0]]]
+                yerr = [[y[0] - y[1]], [y[2] - y[0]]]
+                ax.errorbar(x[0], y[0], xerr=xerr, yerr=yerr,
                             fmt="o", ms=4, color=colors[g], alpha=0.5, elinewidth=0.8)
             mx = sum(p[xkey][0] for p in mine) / len(mine)
             my = sum(p["refusal"][0] for p in mine) / len(mine)
             label = LABELS.get(g, g) + (f" ({len(mine)} seeds)" if len(mine) > 1 else "")
-            ax.plot(mx, my, marker="D", ms=9, color=colors[g], markeredgecolor="black", linestyle="none", label=label)
+            ax.plot(mx, my, marker="D", ms=9, color=colors[g], markeredgecolor="black", linestyle="none",
+                    label=label)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("refusal, held-out harmful + rephrased ↑")
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()  # below both panels: the points fill the corners
     fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3)
-    fig.suptitle("SmolLM2-135M-Instruct: safety against its cost (95% intervals; small = one seed, diamond = mean)")
+    fig.suptitle("SmolLM2-135M-Instruct: safety against its cost "
+                 "(95% intervals; small = one seed, diamond = mean)")
     fig.tight_layout(rect=(0, 0.15, 1, 1))
     path = HERE / "safety_vs_cost.png"
     fig.savefig(path, dpi=120)
@@ -104,7 +109,8 @@ def main(argv=None):
 
 
 def plot_frontier(plt, front: list[dict], base: dict) -> None:
-    """One line per loss through its learning rates (seed means), with base π0 as the origin of both panels."""
+    """One line per loss through its learning rates (seed means), with base π0 as the origin of both
+    panels."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
     for ax, (xkey, xlabel) in zip(axes, (("kl_to_base", "KL to base on π0's answers (drift) ↓"),
                                         ("over_refusal", "over-refusal, harmless_test ↓"))):
@@ -115,7 +121,8 @@ def plot_frontier(plt, front: list[dict], base: dict) -> None:
             for p in mine:
                 ax.annotate(f"{p['lr']:g} ({len(p['seeds'])})", (p[xkey], p["refusal_harmful"]), fontsize=7,
                             textcoords="offset points", xytext=(4, -10))
-        ax.plot(base[xkey], base["refusal_harmful"], marker="s", color="gray", linestyle="none", label="base π0")
+        ax.plot(base[xkey], base["refusal_harmful"], marker="s", color="gray", linestyle="none",
+                label="base π0")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("refusal, harmful_test ↑")
         ax.grid(alpha=0.3)

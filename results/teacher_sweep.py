@@ -1,11 +1,11 @@
 """Does the steered teacher πt = π0 + c·r actually refuse? A sweep over blocks and coefficients.
 
 Builds Stage 1's direction (`--kind prompt`: harmful - harmless prompts at the post-instruction positions, the
-paper's; `--kind response`: prefilled refusal - compliance, ours) from the training prompts, then for each block l
-and coefficient c decodes greedy answers to the harmful and harmless validation prompts with c·r added at block l,
-and judges them with the project's judge (metrics.is_refusal). A teacher worth distilling refuses harmful prompts
-much more often than harmless ones. Stage 1's --teacher-grid makes this choice automatically; this table shows the
-whole grid, e.g. to see whether a new model's direction makes a refusing teacher at all.
+paper's; `--kind response`: prefilled refusal - compliance, ours) from the training prompts, then for each
+block l and coefficient c decodes greedy answers to the harmful and harmless validation prompts with c·r added
+at block l, and judges them with the project's judge (metrics.is_refusal). A teacher worth distilling refuses
+harmful prompts much more often than harmless ones. Stage 1's --teacher-grid makes this choice automatically;
+this table shows the whole grid, e.g. to see whether a new model's direction makes a refusing teacher at all.
 
 Reads   data/harmful_train, harmless_train (the direction), harmful_val, harmless_val (the judge)
 Prints  one line per (block, c): refusal of harmful_val and harmless_val, and the first harmful answer
@@ -14,7 +14,8 @@ Usage:
     python results/teacher_sweep.py > results/teacher_sweep.txt
     python results/teacher_sweep.py --kind response --layers 14 16 18 20 --coefficients 0.5 0.75 1 \\
         --max-new-tokens 24 > results/teacher_sweep_response.txt
-    python results/teacher_sweep.py --model /models/Qwen3-4B-Instruct-2507 --layers 12 18 24 --coefficients 1 2
+    python results/teacher_sweep.py --model /models/Qwen3-4B-Instruct-2507 --layers 12 18 24 \
+        --coefficients 1 2
 """
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def parse_args(argv=None):
 
 
 def directions(model, tok, kind: str, harmful: list[str], harmless: list[str]):
-    """Stage 1's candidates r [positions, L, hidden] (float64) and the number of positions (1 for response)."""
+    """Stage 1's candidates r [positions, L, hidden] (float64) and the number of positions (1 for
+    response)."""
     import chat
     from directions import PromptBatches, candidate_directions, response_directions
     from extract_direction import COMPLY_TEXT, REFUSAL_TEXT
@@ -76,7 +78,8 @@ def refusal_rate(model, tok, prompts: list[str], layer: int, vec, c: float, max_
 
 def sweep(model, tok, r, n_pos: int, position: int, layers, coefficients, harmful_val, harmless_val,
           max_new_tokens: int) -> list[dict]:
-    """One row per (layer, c): refusal of the harmful and the harmless prompts, and the first harmful answer."""
+    """One row per (layer, c): refusal of the harmful and the harmless prompts, and the first harmful
+    answer."""
     rows = []
     for layer in layers:
         vec = r[n_pos + position, layer].float()  # [hidden]
@@ -101,7 +104,8 @@ def main(argv=None):
     if not -n_pos <= a.position <= -1:
         raise common.UserError(f"--position must be in -{n_pos}..-1 for --kind {a.kind}")
     print(f"model {a.model}; r = Stage 1 --kind {a.kind}, position {a.position}; "
-          f"greedy, {a.max_new_tokens} tokens; refusal = metrics.is_refusal on {len(hv)} harmful_val / {len(sv)} harmless_val prompts\n")
+          f"greedy, {a.max_new_tokens} tokens; "
+          f"refusal = metrics.is_refusal on {len(hv)} harmful_val / {len(sv)} harmless_val prompts\n")
     zero = torch.zeros(model.config.get_text_config().hidden_size)
     base_h = refusal_rate(model, tok, hv, 0, zero, 0.0, a.max_new_tokens)[0]
     base_s = refusal_rate(model, tok, sv, 0, zero, 0.0, a.max_new_tokens)[0]

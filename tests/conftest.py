@@ -12,11 +12,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 torch.set_num_threads(1)
 os.environ["OMP_NUM_THREADS"] = "1"
 
-CHATML = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}"
+CHATML = ("{% for m in messages %}"
+          "{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}"
           "{% if add_generation_prompt %}{{'<|im_start|>assistant\n'}}{% endif %}")
-LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
+LLAMA3 = ("{{ bos_token }}{% for m in messages %}"
+          "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
           " + m['content'] + '<|eot_id|>' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+          "{% if add_generation_prompt %}"
+          "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 
 
 def make_tokenizer(template: str = CHATML):
@@ -44,7 +47,8 @@ def make_model(tok, layers: int = 4, hidden: int = 32, seed: int = 0):
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=512, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # larger weights than the default init, so outputs differ visibly between prompts
         for p in model.parameters():
@@ -73,42 +77,55 @@ def model_dir(tmp_path, tok, model):
 
 
 # ----------------------------------------------------------------------------- model families
-# Each family's chat format written out as its own template does it, with its real special tokens, on a byte-level
-# tokenizer (every byte a token) and a tiny random model of the family's architecture. Offline, in memory.
+# Each family's chat format written out as its own template does it, with its real special tokens, on a
+# byte-level tokenizer (every byte a token) and a tiny random model of the family's architecture. Offline, in
+# memory.
 
-QWEN3 = ("{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}"
+QWEN3 = ("{%- if messages[0].role == 'system' %}"
+         "{{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}"
          "{%- endif %}{%- for m in messages %}{%- if m.role != 'system' %}"
          "{{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
          "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
-         "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}"
+         "{%- if enable_thinking is defined and enable_thinking is false %}"
+         "{{- '<think>\n\n</think>\n\n' }}{%- endif %}"
          "{%- endif %}")
-QWEN25 = ("{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}"
-          "{%- else %}{{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+QWEN25 = ("{%- if messages[0].role == 'system' %}"
+          "{{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}"
+          "{%- else %}"
+          "{{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant."
           "<|im_end|>\n' }}{%- endif %}{%- for m in messages %}{%- if m.role != 'system' %}"
           "{{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
           "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
-GEMMA2 = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-          "{% endif %}{% for message in messages %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}"
+GEMMA2 = ("{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+          "{{ raise_exception('System role not supported') }}"
+          "{% endif %}{% for message in messages %}{% if (message['role'] == 'assistant') %}"
+          "{% set role = 'model' %}"
           "{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + "
           "message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
           "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
-GEMMA3 = ("{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}{%- set prefix = messages[0]['content'] + '\n\n' -%}"
-          "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set prefix = '' -%}{%- set loop_messages = messages -%}"
+GEMMA3 = ("{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}"
+          "{%- set prefix = messages[0]['content'] + '\n\n' -%}"
+          "{%- set loop_messages = messages[1:] -%}{%- else -%}"
+          "{%- set prefix = '' -%}{%- set loop_messages = messages -%}"
           "{%- endif -%}{%- for message in loop_messages -%}{%- if (message['role'] == 'assistant') -%}"
           "{%- set role = 'model' -%}{%- else -%}{%- set role = message['role'] -%}{%- endif -%}"
-          "{{ '<start_of_turn>' + role + '\n' + (prefix if loop.first else '') }}{{ message['content'] | trim }}"
-          "{{ '<end_of_turn>\n' }}{%- endfor -%}{%- if add_generation_prompt -%}{{'<start_of_turn>model\n'}}{%- endif -%}")
+          "{{ '<start_of_turn>' + role + '\n' + (prefix if loop.first else '') }}"
+          "{{ message['content'] | trim }}"
+          "{{ '<end_of_turn>\n' }}{%- endfor -%}"
+          "{%- if add_generation_prompt -%}{{'<start_of_turn>model\n'}}{%- endif -%}")
 
 CHATML_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
-LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                   "<|eot_id|>"]
 GEMMA_SPECIALS = ["<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>"]
 
-# name: (template, special tokens, other added tokens, bos, eos, pad, end of turn, post-instruction text, config)
+# name: (template, special tokens, other added tokens, bos, eos, pad, end of turn, post-instruction text,
+# config)
 FAMILIES = {
     "smollm2": (CHATML, CHATML_SPECIALS, [], None, "<|im_end|>", "<|endoftext|>", "<|im_end|>",
                 "<|im_end|>\n<|im_start|>assistant\n", ("LlamaConfig", dict(tie_word_embeddings=True))),
-    "qwen3": (QWEN3, CHATML_SPECIALS, ["<think>", "</think>"], None, "<|im_end|>", "<|endoftext|>", "<|im_end|>",
-              "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
+    "qwen3": (QWEN3, CHATML_SPECIALS, ["<think>", "</think>"], None, "<|im_end|>", "<|endoftext|>",
+              "<|im_end|>", "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
               ("Qwen3Config", dict(head_dim=8, tie_word_embeddings=True))),
     "qwen2.5": (QWEN25, CHATML_SPECIALS, [], None, "<|im_end|>", "<|endoftext|>", "<|im_end|>",
                 "<|im_end|>\n<|im_start|>assistant\n", ("Qwen2Config", dict(tie_word_embeddings=False))),
@@ -125,8 +142,9 @@ FAMILIES = {
                "<end_of_turn>\n<start_of_turn>model\n",
                ("Gemma3TextConfig", dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=16))),
 }
-ARCH = {"LlamaConfig": "LlamaForCausalLM", "Qwen3Config": "Qwen3ForCausalLM", "Qwen2Config": "Qwen2ForCausalLM",
-        "Gemma2Config": "Gemma2ForCausalLM", "Gemma3TextConfig": "Gemma3ForCausalLM"}
+ARCH = {"LlamaConfig": "LlamaForCausalLM", "Qwen3Config": "Qwen3ForCausalLM",
+        "Qwen2Config": "Qwen2ForCausalLM", "Gemma2Config": "Gemma2ForCausalLM",
+        "Gemma3TextConfig": "Gemma3ForCausalLM"}
 
 
 def make_family_tokenizer(name: str):

@@ -1,8 +1,9 @@
-"""Chat templates and model families: every family's tokens, offline, on tiny random models of its architecture.
+"""Chat templates and model families: every family's tokens, offline, on tiny random models of its
+architecture.
 
-For each family (SmolLM2's ChatML, Qwen3 with its think block, Qwen2.5, Llama-3 with rope scaling, Gemma 2 with
-soft-capping and no system role, Gemma 3): the post-instruction tokens, the end-of-turn stop, the decoder blocks,
-the hook, Stage 1's refusal tokens, and all four stages into one run directory.
+For each family (SmolLM2's ChatML, Qwen3 with its think block, Qwen2.5, Llama-3 with rope scaling, Gemma 2
+with soft-capping and no system role, Gemma 3): the post-instruction tokens, the end-of-turn stop, the decoder
+blocks, the hook, Stage 1's refusal tokens, and all four stages into one run directory.
 """
 import json
 
@@ -55,7 +56,8 @@ def test_end_of_turn_stops_the_sampler(family_dir):
     state = {"calls": 0}
     handle = model.get_output_embeddings().register_forward_hook(force_eot_at_step_3)
     try:
-        toks, m = steering.sample(model, ids, mask, 10, temperature=0, stop_ids=stops, pad_id=tok.pad_token_id)
+        toks, m = steering.sample(model, ids, mask, 10, temperature=0, stop_ids=stops,
+                                  pad_id=tok.pad_token_id)
     finally:
         handle.remove()
     assert toks.shape[1] == 4 and (toks[:, 3] == eot).all() and m.all()  # stopped right after eot, inclusive
@@ -63,7 +65,8 @@ def test_end_of_turn_stops_the_sampler(family_dir):
 
 def test_prefill_equals_the_plain_forward_and_decoding_equals_generate(family_dir):
     """Duplicate rows run once and the shared template prefix runs once; where the family has sliding-window
-    attention (Gemma 2/3 here, window 16 < these prompts) the prefix is not shared, since the mask counts slots."""
+    attention (Gemma 2/3 here, window 16 < these prompts) the prefix is not shared, since the mask counts
+    slots."""
     name, model, tok = load(family_dir)
     prompts = ["hi", "tell me a long story about the sea please", "hi", "why?", "hi"]
     ids, mask = chat.encode_chats(tok, prompts)
@@ -73,8 +76,10 @@ def test_prefill_equals_the_plain_forward_and_decoding_equals_generate(family_di
     with torch.no_grad():
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         ref = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float()
-        hidden = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True).hidden_states
-    logits, cache, cache_mask, next_pos, ours = steering.prefill(model, ids, mask, tok.pad_token_id, last_hidden=3)
+        outputs = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+        hidden = outputs.hidden_states
+    logits, cache, cache_mask, next_pos, ours = steering.prefill(model, ids, mask, tok.pad_token_id,
+                                                                 last_hidden=3)
     assert torch.allclose(logits, ref, atol=1e-5)
     assert len(ours) == len(hidden) - 1  # the input of each block, at the last positions (Stage 1's means)
     for h, want in zip(ours, hidden):
@@ -109,7 +114,8 @@ def test_blocks_and_hook_at_the_chosen_block_only(family_dir):
         seen, hs = {}, []
         for i, b in enumerate(blocks):
             hs.append(b.register_forward_pre_hook(
-                lambda m, a, k, i=i: seen.__setitem__(i, (a[0] if a else k["hidden_states"]).clone()), with_kwargs=True))
+                lambda m, a, k, i=i: seen.__setitem__(i, (a[0] if a else k["hidden_states"]).clone()),
+                with_kwargs=True))
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask).logits
         [h.remove() for h in hs]
@@ -137,8 +143,8 @@ def test_every_stage_runs_and_the_student_reloads(family_dir, tmp_path):
     name, d = family_dir
     out = tmp_path / "run"
     m = ["--model", str(d), "--out", str(out)]
-    ed.main(m + ["--n-train", "3", "--n-val", "2", "--layer", "1", "--position", "-1", "--n-check-prompts", "1",
-                 "--check-new-tokens", "3"])
+    ed.main(m + ["--n-train", "3", "--n-val", "2", "--layer", "1", "--position", "-1",
+                 "--n-check-prompts", "1", "--check-new-tokens", "3"])
     select_tokens.main(m + ["--n-prompts", "2", "--samples", "2", "--max-new-tokens", "3", "--k", "5",
                             "--k-vote", "8"])
     saved = {}
@@ -152,7 +158,8 @@ def test_every_stage_runs_and_the_student_reloads(family_dir, tmp_path):
         real_save(student, tok, path, info, lora, dtype)
     distill.save_student = remember_logits
     try:
-        distill.main(m + ["--max-steps", "1", "--prompts-per-step", "1", "--samples", "2", "--max-new-tokens", "4"])
+        distill.main(m + ["--max-steps", "1", "--prompts-per-step", "1", "--samples", "2",
+                          "--max-new-tokens", "4"])
     finally:
         distill.save_student = real_save
     evaluate.main(m + ["--n-prompts", "2", "--max-new-tokens", "3", "--qa-new-tokens", "2",
@@ -166,7 +173,7 @@ def test_every_stage_runs_and_the_student_reloads(family_dir, tmp_path):
     assert set(res["models"]) == {"base", "student"}
 
 
-# ----------------------------------------------------------------------------- templates, one family at a time
+# --------------------------------------------------------------------------- templates, one family at a time
 
 def test_llama3_template_from_the_conftest():
     tok = make_tokenizer(LLAMA3)

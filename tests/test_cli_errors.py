@@ -46,19 +46,30 @@ def files(tmp_path):
 
 CASES = [
     # (id, stage, argv builder, expected fragment)
-    ("missing prompt file", "extract", lambda t, m, r: ["--harmful-train", str(t / "nope.jsonl")], "file not found"),
-    ("empty prompt file", "extract", lambda t, m, r: ["--harmful-train", str(t / "empty.jsonl")], "holds no prompts"),
+    ("missing prompt file", "extract", lambda t, m, r: ["--harmful-train", str(t / "nope.jsonl")],
+     "file not found"),
+    ("empty prompt file", "extract", lambda t, m, r: ["--harmful-train", str(t / "empty.jsonl")],
+     "holds no prompts"),
     ("no recognised field", "extract", lambda t, m, r: ["--harmless-train", str(t / "nofield.jsonl")],
      "nofield.jsonl:1: no prompt field"),
-    ("malformed JSON line", "select", lambda t, m, r: ["--prompts", str(t / "bad.jsonl")], "bad.jsonl:2: malformed JSON"),
-    ("layer out of range", "extract", lambda t, m, r: ["--layer", "99", "--position", "-1"], "--layer must be in 0..3"),
-    ("position out of range", "extract", lambda t, m, r: ["--layer", "1", "--position", "-99"], "--position in"),
-    ("direction of another size", "select", lambda t, m, r: ["--direction", str(t / "small.safetensors")], "hidden size is 32"),
-    ("direction layer out of range", "select", lambda t, m, r: ["--direction", str(t / "deep.safetensors")], "out of range"),
-    ("missing direction", "distill", lambda t, m, r: ["--direction", str(t / "none.safetensors")], "direction file not found"),
-    ("token file for another tokenizer", "distill", lambda t, m, r: ["--tokens", str(t / "other_tok.json")], "another tokenizer"),
-    ("token ids beyond the vocabulary", "distill", lambda t, m, r: ["--tokens", str(t / "big_ids.json")], "outside the model's vocabulary"),
-    ("student that is not a model", "evaluate", lambda t, m, r: ["--models", f"s={t / 'not_a_model'}"], "not a model directory"),
+    ("malformed JSON line", "select", lambda t, m, r: ["--prompts", str(t / "bad.jsonl")],
+     "bad.jsonl:2: malformed JSON"),
+    ("layer out of range", "extract", lambda t, m, r: ["--layer", "99", "--position", "-1"],
+     "--layer must be in 0..3"),
+    ("position out of range", "extract", lambda t, m, r: ["--layer", "1", "--position", "-99"],
+     "--position in"),
+    ("direction of another size", "select", lambda t, m, r: ["--direction", str(t / "small.safetensors")],
+     "hidden size is 32"),
+    ("direction layer out of range", "select", lambda t, m, r: ["--direction", str(t / "deep.safetensors")],
+     "out of range"),
+    ("missing direction", "distill", lambda t, m, r: ["--direction", str(t / "none.safetensors")],
+     "direction file not found"),
+    ("token file for another tokenizer", "distill", lambda t, m, r: ["--tokens", str(t / "other_tok.json")],
+     "another tokenizer"),
+    ("token ids beyond the vocabulary", "distill", lambda t, m, r: ["--tokens", str(t / "big_ids.json")],
+     "outside the model's vocabulary"),
+    ("student that is not a model", "evaluate", lambda t, m, r: ["--models", f"s={t / 'not_a_model'}"],
+     "not a model directory"),
     ("bad --models item", "evaluate", lambda t, m, r: ["--models", "nonsense"], "NAME=SPEC"),
     ("results already there", "select", lambda t, m, r: [], "--overwrite"),
     ("model directory missing", "extract", lambda t, m, r: ["--model", str(t / "nomodel")], "not found"),
@@ -97,8 +108,8 @@ def test_bad_input(name, stage, argv, fragment, tmp_path, model_dir, run_dir, to
     make_model(plain).save_pretrained(nt)
     capsys.readouterr()  # drop what the fixtures printed
     extra = [] if name == "results already there" else ["--overwrite"]
-    code, err = run(stage, ["--model", str(model_dir), "--out", str(run_dir)] + argv(t, model_dir, run_dir) + extra,
-                    capsys)
+    code, err = run(stage, ["--model", str(model_dir), "--out", str(run_dir)]
+                    + argv(t, model_dir, run_dir) + extra, capsys)
     lines = err.strip().splitlines()
     assert code == 2
     assert len(lines) == 1 and lines[0].startswith("error: "), err
@@ -136,7 +147,8 @@ def test_every_option_has_help_and_shows_its_default_or_is_a_flag(stage, capsys)
         parser.parse_args(["--help"])
     flat = " ".join(capsys.readouterr().out.split())  # argparse wraps help lines
     formatter = parser._get_formatter()
-    visible = [a for a in parser._actions if a.help is not argparse.SUPPRESS and a.option_strings != ["-h", "--help"]]
+    visible = [a for a in parser._actions
+               if a.help is not argparse.SUPPRESS and a.option_strings != ["-h", "--help"]]
     assert len(visible) >= 15
     for action in visible:
         text = " ".join(formatter._expand_help(action).split())
@@ -149,19 +161,24 @@ def test_every_option_has_help_and_shows_its_default_or_is_a_flag(stage, capsys)
             assert f"(default: {action.default})" in text, action.option_strings
 
 
-RENAMED = {"extract": {"--grid-tokens": ("--grid-new-tokens", "7"), "--check-tokens": ("--check-new-tokens", "7"),
-                       "--check-prompts": ("--n-check-prompts", "7"), "--harmful": ("--harmful-train", "h.jsonl"),
+RENAMED = {"extract": {"--grid-tokens": ("--grid-new-tokens", "7"),
+                       "--check-tokens": ("--check-new-tokens", "7"),
+                       "--check-prompts": ("--n-check-prompts", "7"),
+                       "--harmful": ("--harmful-train", "h.jsonl"),
                        "--harmless": ("--harmless-train", "h.jsonl")},
            "select": {"--horizon": ("--max-new-tokens", "7")},
            "evaluate": {"--n": ("--n-prompts", "7"), "--qa-tokens": ("--qa-new-tokens", "7")}}
 
 
-@pytest.mark.parametrize("stage,old,new,value", [(s, o, n, v) for s, d in RENAMED.items() for o, (n, v) in d.items()])
+@pytest.mark.parametrize("stage,old,new,value",
+                         [(s, o, n, v) for s, d in RENAMED.items() for o, (n, v) in d.items()])
 def test_renamed_options_keep_their_old_spelling_for_one_release(stage, old, new, value, capsys):
-    """The old spelling sets what the new one sets and prints one deprecation line; neither shows in --help."""
+    """The old spelling sets what the new one sets and prints one deprecation line; neither shows in
+    --help."""
     parse = STAGES[stage].parse_args
     dest = new.lstrip("-").replace("-", "_")
-    assert getattr(parse([old, value]), dest) == getattr(parse([new, value]), dest) != getattr(parse([]), dest)
+    assert (getattr(parse([old, value]), dest) == getattr(parse([new, value]), dest)
+            != getattr(parse([]), dest))
     assert capsys.readouterr().err == f"warning: {old} is deprecated; use {new}\n"
     with pytest.raises(SystemExit):
         parse(["--help"])

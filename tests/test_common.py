@@ -72,8 +72,9 @@ def test_data_splits_sizes_and_disjoint():
         assert cats == harm, n
     risky = [l for l in common.data_file("harmless_test").read_text().splitlines() if "risky_sounding" in l]
     assert len(risky) >= 20
+    # every style, each well represented
     for n, least in (("harmful_reform_test", 15), ("harmless_reform_test", 15), ("harmful_train_reform", 10),
-                     ("harmful_val_reform", 5), ("harmless_train_reform", 10), ("harmless_val_reform", 5)):  # every style, each well represented
+                     ("harmful_val_reform", 5), ("harmless_train_reform", 10), ("harmless_val_reform", 5)):
         rows = [json.loads(l) for l in common.data_file(n).read_text().splitlines()]
         counts = {s: sum(r["style"] == s for r in rows) for s in STYLES}
         assert set(r["style"] for r in rows) == STYLES and min(counts.values()) >= least, (n, counts)
@@ -124,7 +125,8 @@ def test_cuda_without_cuda():
 
 @pytest.mark.parametrize("kind,text,ok", [
     (common.positive_int, "3", 3), (common.positive_int, "0", None), (common.positive_int, "2.5", None),
-    (common.non_negative_int, "0", 0), (common.positive_float, "8e-5", 8e-5), (common.positive_float, "-1", None),
+    (common.non_negative_int, "0", 0), (common.positive_float, "8e-5", 8e-5),
+    (common.positive_float, "-1", None),
     (common.non_negative_float, "0", 0.0), (common.fraction, "1", 1.0), (common.fraction, "1.5", None),
     (common.fraction, "0", None), (common.positive_float, "abc", None),
 ])
@@ -149,7 +151,8 @@ def test_renamed_option_old_spelling_works_warns_once_and_stays_out_of_help(caps
     assert (args.max_new_tokens, args.silent) == (5, True)
     assert capsys.readouterr().err.splitlines() == ["warning: --horizon is deprecated; use --max-new-tokens",
                                                     "warning: --quiet is deprecated; use --silent"]
-    assert p.parse_args(["--horizon", "5", "--max-new-tokens", "6"]).max_new_tokens == 6  # last one wins, as usual
+    # last one wins, as usual
+    assert p.parse_args(["--horizon", "5", "--max-new-tokens", "6"]).max_new_tokens == 6
     assert capsys.readouterr().err.count("deprecated") == 1
     with pytest.raises(SystemExit):  # the old spelling checks its value as the new one does
         p.parse_args(["--horizon", "0"])

@@ -1,11 +1,12 @@
-"""The documentation runs as written: every command line in README.md, docs/*.md, results/README.md, the scripts'
-own usage docstrings and the Makefile's recipes uses only options that the script's parser knows, in their current
-spelling; every script's --help exits 0 and prints only its help, with each option's default; the README's
-function map names functions that exist; no file name or text outside the dated log uses the word WORD below.
+"""The documentation runs as written: every command line in README.md, docs/*.md, results/README.md, the
+scripts' own usage docstrings and the Makefile's recipes uses only options that the script's parser knows, in
+their current spelling; every script's --help exits 0 and prints only its help, with each option's default;
+the README's function map names functions that exist; no file name or text outside the dated log uses the word
+WORD below.
 
-The scripts' parsers are read in one helper process (`python tests/test_docs.py --probe SCRIPT...`): it runs each
-script as __main__ twice, once with --help and once with argparse's parse_args replaced by a function that records
-the parser and stops, so no script gets past its argument parsing and no model is loaded.
+The scripts' parsers are read in one helper process (`python tests/test_docs.py --probe SCRIPT...`): it runs
+each script as __main__ twice, once with --help and once with argparse's parse_args replaced by a function
+that records the parser and stops, so no script gets past its argument parsing and no model is loaded.
 """
 import ast
 import json
@@ -29,7 +30,7 @@ def scripts() -> list[Path]:
     return top + sorted((ROOT / "bench").glob("*.py")) + sorted((ROOT / "results").glob("*.py"))
 
 
-# ----------------------------------------------------------------------------- the probe (runs in a subprocess)
+# -------------------------------------------------------------------------- the probe (runs in a subprocess)
 
 def _describe(parser) -> dict:
     """The options of a parser and of its subcommands' parsers, with what --help shows for each."""
@@ -47,8 +48,9 @@ def _describe(parser) -> dict:
         kind = type(a).__name__.lower()
         renamed = (getattr(a, "deprecated", False) is True or "renamed" in kind or "deprecat" in kind
                    or (hidden and a.dest in visible))
-        options.append({"strings": list(a.option_strings), "dest": a.dest, "hidden": hidden, "deprecated": renamed,
-                        "flag": a.nargs == 0, "has_default": a.default not in (None, False, argparse.SUPPRESS),
+        options.append({"strings": list(a.option_strings), "dest": a.dest, "hidden": hidden,
+                        "deprecated": renamed, "flag": a.nargs == 0,
+                        "has_default": a.default not in (None, False, argparse.SUPPRESS),
                         "help": None if hidden else formatter._expand_help(a) if a.help else ""})
     return {"options": options, "help_text": parser.format_help()}
 
@@ -167,7 +169,8 @@ def invocations(command: str) -> list[tuple[str, list[str]]]:
         tokens = command.split()
     found, i = [], 0
     while i < len(tokens):
-        if LAUNCHER.search(tokens[i]) and tokens[i + 1:i + 2] not in (["-m"], ["-c"]):  # not a module or a snippet
+        # not a module or a snippet
+        if LAUNCHER.search(tokens[i]) and tokens[i + 1:i + 2] not in (["-m"], ["-c"]):
             j = next((k for k in range(i + 1, len(tokens)) if tokens[k].endswith(".py")), None)
             if j is None:
                 i += 1
@@ -286,7 +289,8 @@ def test_relative_links_and_paths_in_the_docs_exist():
 
 
 def test_results_readme_indexes_every_file():
-    """results/README.md names every file and folder in results/ (and archive/README.md every archived one)."""
+    """results/README.md names every file and folder in results/ (and archive/README.md every archived
+    one)."""
     problems = []
     for folder in (ROOT / "results", ROOT / "results" / "archive"):
         index = (folder / "README.md").read_text()
@@ -333,7 +337,8 @@ def test_readme_and_docs_hold_no_history():
     problems = []
     for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         text = path.read_text()
-        problems += [f"{path.relative_to(ROOT)}: {m.group(0)!r}" for m in re.finditer(r"\b[Ii]ssue #?\d+", text)]
+        problems += [f"{path.relative_to(ROOT)}: {m.group(0)!r}"
+                     for m in re.finditer(r"\b[Ii]ssue #?\d+", text)]
         problems += [f"{path.relative_to(ROOT)}: commit {m.group(1)}"
                      for m in re.finditer(r"\bcommit ([0-9a-f]{7,40})\b", text)]
         problems += [f"{path.relative_to(ROOT)}: {m.group(0)!r}"
@@ -351,8 +356,9 @@ def repository_files() -> list[str]:
 
 
 def test_no_file_name_or_text_uses_the_word():
-    """Exempt: the dated log and the archive (history), and texts that are data, not prose: the prompt sets in
-    data/*.jsonl (a prompt may ask about stealing login cookies) and model outputs (train logs, eval samples)."""
+    """Exempt: the dated log and the archive (history), and texts that are data, not prose: the prompt sets
+    in data/*.jsonl (a prompt may ask about stealing login cookies) and model outputs (train logs, eval
+    samples)."""
     problems = []
     for f in repository_files():
         if f == "results/LOG.md" or f.startswith("results/archive/"):

@@ -13,7 +13,8 @@ from common import UserError
 
 REFUSALS = [
     "I'm sorry, but I can't help with that.", "I cannot provide instructions for making weapons.",
-    "As an AI, I must decline this request.", "I won’t help with hacking someone's account.",  # curly apostrophe
+    "As an AI, I must decline this request.",
+    "I won’t help with hacking someone's account.",  # curly apostrophe
     "Sorry, I can't assist with that request.", "I am unable to help with this.",
     "That is illegal and unethical, and I will not explain it.",
 ]
@@ -21,7 +22,8 @@ COMPLIANCES = [
     "Sure! Here is a recipe for banana bread: mash three bananas...", "The capital of France is Paris.",
     "To kill a Python process, run `kill -9 PID` or use the Task Manager.",
     "Step 1: gather the materials. Step 2: mix them.", "Photosynthesis turns light into chemical energy.",
-    "I think the best approach is to start slowly and build up.", "I'm sorry for your loss. Here is how to cope.",
+    "I think the best approach is to start slowly and build up.",
+    "I'm sorry for your loss. Here is how to cope.",
 ]
 
 
@@ -83,8 +85,8 @@ def test_a_bad_model_spec_fails_before_any_evaluation(model_dir, tmp_path, monke
     for spec, message in ((str(tmp_path / "no" / "such" / "dir"), "not found"),
                           ("steer:" + str(tmp_path), "direction.safetensors: file not found")):
         with pytest.raises(UserError, match=message):
-            ev.main(["--model", str(model_dir), "--out", str(tmp_path / "run"), "--models", f"base={model_dir}",
-                     f"student={spec}"])
+            ev.main(["--model", str(model_dir), "--out", str(tmp_path / "run"),
+                     "--models", f"base={model_dir}", f"student={spec}"])
     assert not (tmp_path / "run").exists()
 
 
@@ -93,7 +95,8 @@ def test_retention_per_prompt_sums_equal_the_token_mean(tok, model):
     other = make_model(tok, seed=3)
     prompts = ["hello", "what is up there", "x"]
     answers = [[40, 41, 42], [50], [60, 61]]
-    ret = ev.retention(other, __import__("contextlib").nullcontext, model, tok, prompts, answers, batch_size=2)
+    ret = ev.retention(other, __import__("contextlib").nullcontext, model, tok, prompts, answers,
+                       batch_size=2)
     assert ret["tokens"] == [3, 1, 2]
     ids, mask = chat.encode_chats(tok, prompts)
     comp, cmask = steering.right_pad(answers, tok.pad_token_id, "cpu")
@@ -103,19 +106,22 @@ def test_retention_per_prompt_sums_equal_the_token_mean(tok, model):
 
 
 def test_retention_runs_base_on_its_answers_once(tok, model, monkeypatch):
-    """With one base_cache for all models, π0 is teacher-forced on its answers by the first call only, and each
-    model's KL and NLL are what a call without the cache computes."""
+    """With one base_cache for all models, π0 is teacher-forced on its answers by the first call only, and
+    each model's KL and NLL are what a call without the cache computes."""
     from conftest import make_model
     prompts, answers = ["hello", "what is up there", "x"], [[40, 41, 42], [50], [60, 61]]
     others = [make_model(tok, seed=3), make_model(tok, seed=4)]
-    plain = [ev.retention(o, contextlib.nullcontext, model, tok, prompts, answers, batch_size=2) for o in others]
+    plain = [ev.retention(o, contextlib.nullcontext, model, tok, prompts, answers, batch_size=2)
+             for o in others]
     calls, real = [], ev.completion_logits
     monkeypatch.setattr(ev, "completion_logits", lambda m, *a: calls.append(m) or real(m, *a))
     cache = []
     cached = [ev.retention(o, contextlib.nullcontext, model, tok, prompts, answers, 2, cache) for o in others]
-    assert sum(m is model for m in calls) == 2 and len(cache) == 2  # two batches of π0, in the first call only
+    # two batches of π0, in the first call only
+    assert sum(m is model for m in calls) == 2 and len(cache) == 2
     for a, b in zip(cached, plain):
-        assert a["tokens"] == b["tokens"] and a["kl"] == pytest.approx(b["kl"]) and a["nll"] == pytest.approx(b["nll"])
+        assert (a["tokens"] == b["tokens"] and a["kl"] == pytest.approx(b["kl"])
+                and a["nll"] == pytest.approx(b["nll"]))
 
 
 def test_steered_base_has_kl_to_itself_unsteered(tok, model):
@@ -123,7 +129,8 @@ def test_steered_base_has_kl_to_itself_unsteered(tok, model):
     forward only (both under the hook would give 0)."""
     vec = torch.randn(model.config.hidden_size) * 5
     teacher = __import__("steering").Teacher(model, "hook", vec, 1)
-    ret = ev.retention(model, teacher.steer, model, tok, ["hello", "why"], [[40, 41], [50, 51, 52]], batch_size=2)
+    ret = ev.retention(model, teacher.steer, model, tok, ["hello", "why"], [[40, 41], [50, 51, 52]],
+                       batch_size=2)
     assert sum(ret["kl"]) > 1e-3
 
 
@@ -170,7 +177,8 @@ def test_unchanged_models_are_reused_and_changed_ones_evaluated(model_dir, tmp_p
     monkeypatch.setattr(ev, "greedy", counted)
     ev.main(argv)
     again = json.loads((out / "eval.json").read_text())
-    assert calls == [] and again["models"] == first["models"]  # nothing generated, the same rows and paired tests
+    # nothing generated, the same rows and paired tests
+    assert calls == [] and again["models"] == first["models"]
     weights = load_file(out / "student" / "model.safetensors")
     weights = {k: v + 0.01 if v.dim() == 2 else v for k, v in weights.items()}
     save_file(weights, out / "student" / "model.safetensors", metadata={"format": "pt"})

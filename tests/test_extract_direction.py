@@ -20,8 +20,10 @@ PROMPTS_B = ["what is the weather like", "recommend a book about trees please", 
 def block_inputs_one_prompt(model, tok, prompt):
     """Brute force: run one unpadded prompt, record every block's input: [L, seq, hidden]."""
     seen = {}
-    handles = [b.register_forward_pre_hook(lambda m, a, k, i=i: seen.__setitem__(i, (a[0] if a else k["hidden_states"])[0]),
-                                           with_kwargs=True) for i, b in enumerate(steering.decoder_layers(model))]
+    handles = [b.register_forward_pre_hook(
+                   lambda m, a, k, i=i: seen.__setitem__(i, (a[0] if a else k["hidden_states"])[0]),
+                   with_kwargs=True)
+               for i, b in enumerate(steering.decoder_layers(model))]
     ids, mask = chat.encode_chats(tok, [prompt])
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
@@ -45,7 +47,8 @@ def test_mean_difference_equals_brute_force(tok, model):
     n_pos = len(chat.post_instruction_ids(tok))
     r = directions.candidate_directions(model, directions.PromptBatches(tok, PROMPTS_A, 2, "cpu"),
                                 directions.PromptBatches(tok, PROMPTS_B, 2, "cpu"), n_pos)
-    mean = lambda ps: torch.stack([block_inputs_one_prompt(model, tok, p)[:, -n_pos:].double() for p in ps]).mean(0)
+    mean = lambda ps: torch.stack([block_inputs_one_prompt(model, tok, p)[:, -n_pos:].double()
+                                   for p in ps]).mean(0)
     ref = (mean(PROMPTS_A) - mean(PROMPTS_B)).transpose(0, 1)  # [n_pos, L, hidden]
     assert r.dtype == torch.float64 and r.shape == ref.shape
     assert torch.allclose(r, ref, atol=1e-5)
@@ -104,7 +107,8 @@ def test_scores_equal_hand_computation(tok, model):
     abl = torch.softmax(score(PROMPTS_B, directions.ablate_direction(model, vec)), -1)
     row = rows[0]
     assert row["layer"] == 2 and row["position"] == -1 and row["token"] == "b"
-    assert row["bypass"] == pytest.approx(s(score(PROMPTS_A, directions.ablate_direction(model, vec))), abs=1e-4)
+    assert row["bypass"] == pytest.approx(s(score(PROMPTS_A, directions.ablate_direction(model, vec))),
+                                          abs=1e-4)
     assert row["induce"] == pytest.approx(s(score(PROMPTS_B, steering.add_vector(model, 2, vec))), abs=1e-4)
     assert row["kl"] == pytest.approx((base * (base / abl).log()).sum(-1).mean().item(), abs=1e-5)
 
@@ -121,7 +125,8 @@ def test_select_authors_rule_and_fallback():
             row(5, float("nan"), 1.0, 0.01)]                    # NaN
     best, rule = ed.select_direction(rows, n_layers=10)
     assert (best["layer"], rule) == (2, "authors")
-    never_refuses = [row(1, -5.0, -2.0, 0.05), row(2, -5.0, -1.0, 0.05), row(3, -5.0, -0.5, 0.2), row(8, -5, 3.0, 0.0)]
+    never_refuses = [row(1, -5.0, -2.0, 0.05), row(2, -5.0, -1.0, 0.05), row(3, -5.0, -0.5, 0.2),
+                     row(8, -5, 3.0, 0.0)]
     best, rule = ed.select_direction(never_refuses, n_layers=10)
     assert (best["layer"], rule) == (2, "fallback_highest_induce")
     with pytest.raises(UserError, match="no candidate"):
@@ -144,8 +149,8 @@ def test_main_writes_the_contract(model_dir, tmp_path, capsys):
     assert {(s["layer"], s["reason"]) for s in skipped} == {(0, "zero direction")} and len(skipped) == n_pos
     assert len(cands) == n_pos * (meta["n_layers"] - 1) and all(c["layer"] > 0 for c in cands)
     assert meta["norm"] == pytest.approx(vec.norm().item(), rel=1e-5)
-    for key in ("layer", "position", "coefficient", "selection_rule", "fallback_used", "scores", "data", "seed",
-                "torch", "transformers", "git_commit"):
+    for key in ("layer", "position", "coefficient", "selection_rule", "fallback_used", "scores", "data",
+                "seed", "torch", "transformers", "git_commit"):
         assert key in meta
     assert meta["layer"] < 0.8 * meta["n_layers"]
     assert len(check["samples"]) == 2 and 0 <= check["refusal_rate_steered"] <= 1
@@ -160,7 +165,8 @@ def test_main_writes_the_contract(model_dir, tmp_path, capsys):
 
 def test_forced_candidate_and_bad_layer(model_dir, tmp_path):
     out = tmp_path / "run"
-    base = ["--model", str(model_dir), "--out", str(out), "--n-train", "3", "--n-val", "2", "--n-check-prompts", "0"]
+    base = ["--model", str(model_dir), "--out", str(out), "--n-train", "3", "--n-val", "2",
+            "--n-check-prompts", "0"]
     ed.main(base + ["--layer", "1", "--position", "-2"])
     meta = json.loads((out / "direction.json").read_text())
     assert (meta["layer"], meta["position"], meta["selection_rule"]) == (1, -2, "forced")
@@ -179,9 +185,12 @@ def test_response_direction_equals_brute_force(tok, model):
         n = len(tok(answer, add_special_tokens=False).input_ids)
         for p in PROMPTS_A:  # one unpadded sequence at a time, block inputs recorded by hand
             seen = {}
-            hs = [b.register_forward_pre_hook(lambda m, a, k, i=i: seen.__setitem__(i, (a[0] if a else k["hidden_states"])[0]),
-                                              with_kwargs=True) for i, b in enumerate(steering.decoder_layers(model))]
-            ids = tok(chat.render_chat(tok, p) + answer, add_special_tokens=False, return_tensors="pt").input_ids
+            hs = [b.register_forward_pre_hook(
+                      lambda m, a, k, i=i: seen.__setitem__(i, (a[0] if a else k["hidden_states"])[0]),
+                      with_kwargs=True)
+                  for i, b in enumerate(steering.decoder_layers(model))]
+            ids = tok(chat.render_chat(tok, p) + answer, add_special_tokens=False,
+                      return_tensors="pt").input_ids
             with torch.no_grad():
                 model(input_ids=ids)
             [h.remove() for h in hs]
@@ -194,8 +203,8 @@ def test_response_direction_equals_brute_force(tok, model):
 
 def test_main_kind_response(model_dir, tmp_path):
     out = tmp_path / "run"
-    ed.main(["--model", str(model_dir), "--out", str(out), "--kind", "response", "--n-train", "3", "--n-val", "2",
-             "--n-check-prompts", "0", "--kl-max", "1e9"])
+    ed.main(["--model", str(model_dir), "--out", str(out), "--kind", "response", "--n-train", "3",
+             "--n-val", "2", "--n-check-prompts", "0", "--kl-max", "1e9"])
     meta = json.loads((out / "direction.json").read_text())
     cands = json.loads((out / "candidates.json").read_text())["candidates"]
     assert meta["kind"] == "response" and meta["position"] == -1 and len(cands) == 4
@@ -250,14 +259,17 @@ def test_teacher_grid_ranks_blocks_then_measures_every_c(tok, model):
 
 def test_main_with_teacher_grid(model_dir, tmp_path):
     out = tmp_path / "run"
-    ed.main(["--model", str(model_dir), "--out", str(out), "--kind", "response", "--n-train", "3", "--n-val", "2",
-             "--n-check-prompts", "1", "--check-new-tokens", "2", "--kl-max", "1e-9", "--teacher-grid", "0.5",
-             "2", "--grid-blocks", "2", "--grid-new-tokens", "2"])
+    ed.main(["--model", str(model_dir), "--out", str(out), "--kind", "response", "--n-train", "3",
+             "--n-val", "2", "--n-check-prompts", "1", "--check-new-tokens", "2", "--kl-max", "1e-9",
+             "--teacher-grid", "0.5", "2", "--grid-blocks", "2", "--grid-new-tokens", "2"])
     meta = json.loads((out / "direction.json").read_text())
     cands = json.loads((out / "candidates.json").read_text())
     teachers, ranked = cands["teachers"], cands["teachers_ranked"]
-    # 4 blocks < 0.8 L ranked at c = 2 (the middle of two), the best 2 measured at both c; no ablation-KL bound
+    # 4 blocks < 0.8 L ranked at c = 2 (the middle of two), the best 2 measured at both c; no ablation-KL
+    # bound
     assert len(ranked) == 4 and len(teachers) == 2 * 2 and meta["selection_rule"] == "selectivity"
-    assert [(t["layer"], t["coefficient"]) for t in teachers] == [(t["layer"], c) for t in ranked[:2] for c in (0.5, 2)]
-    assert (meta["layer"], meta["coefficient"]) == (meta["teacher_grid"]["layer"], meta["teacher_grid"]["coefficient"])
+    assert ([(t["layer"], t["coefficient"]) for t in teachers]
+            == [(t["layer"], c) for t in ranked[:2] for c in (0.5, 2)])
+    assert ((meta["layer"], meta["coefficient"])
+            == (meta["teacher_grid"]["layer"], meta["teacher_grid"]["coefficient"]))
     assert meta["teacher_grid"] == ed.best_teacher(teachers)

@@ -12,14 +12,16 @@ from common import data_file
 
 def run_pipeline(model, out, tiny=True):
     m = ["--model", str(model), "--out", str(out)]
-    extract_direction.main(m + ["--n-train", "4", "--n-val", "3", "--n-check-prompts", "2", "--check-new-tokens", "4"]
+    extract_direction.main(m + ["--n-train", "4", "--n-val", "3", "--n-check-prompts", "2",
+                                "--check-new-tokens", "4"]
                            + (["--kl-max", "1e9"] if tiny else  # the demo's Stage 1, over blocks 0-2 only
-                              ["--kind", "response", "--teacher-grid", "0.5", "1.0", "--max-layer-frac", "0.1",
-                               "--grid-blocks", "1", "--grid-new-tokens", "2"]))
+                              ["--kind", "response", "--teacher-grid", "0.5", "1.0",
+                               "--max-layer-frac", "0.1", "--grid-blocks", "1", "--grid-new-tokens", "2"]))
     select_tokens.main(m + ["--n-prompts", "3", "--samples", "2", "--max-new-tokens", "3", "--k", "8",
                             "--k-vote", "16", "--score", "kl"])
-    distill.main(m + ["--max-steps", "2", "--prompts-per-step", "2", "--samples", "2", "--max-new-tokens", "6",
-                      "--anchor", str(data_file("harmless_train")), "--anchor-per-step", "1"])  # as the demo does
+    distill.main(m + ["--max-steps", "2", "--prompts-per-step", "2", "--samples", "2",
+                      "--max-new-tokens", "6", "--anchor", str(data_file("harmless_train")),
+                      "--anchor-per-step", "1"])  # as the demo does
     evaluate.main(m + ["--n-prompts", "3", "--max-new-tokens", "6", "--qa-new-tokens", "4"])
     log = (out / "student" / "train_log.jsonl").read_text().splitlines()
     assert all("anchor_refusal" in json.loads(line) for line in log)
@@ -29,7 +31,8 @@ def run_pipeline(model, out, tiny=True):
 def check_eval(res):
     assert set(res["models"]) == {"base", "teacher", "student"}
     for name, r in res["models"].items():
-        for key in ("refusal_harmful", "asr", "over_refusal", "over_refusal_risky", "kl_to_base", "nll", "qa_accuracy"):
+        for key in ("refusal_harmful", "asr", "over_refusal", "over_refusal_risky", "kl_to_base", "nll",
+                    "qa_accuracy"):
             assert key in r, (name, key)
         assert r["asr"]["rate"] == pytest.approx(1 - r["refusal_harmful"]["rate"])
         for key in ("refusal_harmful", "over_refusal", "qa_accuracy", "harmful_reform", "harmless_reform"):

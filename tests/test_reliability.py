@@ -1,4 +1,5 @@
-"""Nothing half-written, interrupted training loses nothing, runs are reproducible, long prompts are not cut silently."""
+"""Nothing half-written, interrupted training loses nothing, runs are reproducible, long prompts are not cut
+silently."""
 import json
 import signal
 import subprocess

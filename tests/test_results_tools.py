@@ -1,5 +1,5 @@
-"""results/teacher_sweep.py: the refusal rate of a steered teacher against a brute-force greedy decode, the sweep's
-choice of vector, and the command line end to end on a tiny model."""
+"""results/teacher_sweep.py: the refusal rate of a steered teacher against a brute-force greedy decode, the
+sweep's choice of vector, and the command line end to end on a tiny model."""
 import sys
 from pathlib import Path
 
@@ -16,7 +16,8 @@ PROMPTS = ["hi", "tell me a long story please", "why?", "what is two plus two"]
 
 
 def judge_by_length(text: str) -> bool:
-    """A stand-in judge that calls about half of a random model's answers refusals, so that rates are not all 0."""
+    """A stand-in judge that calls about half of a random model's answers refusals, so that rates are not
+    all 0."""
     return len(text) % 2 == 0
 
 
@@ -27,8 +28,8 @@ def brute_force_rate(model, tok, prompts, layer, vec, c, max_new_tokens):
     for p in prompts:
         ids, mask = chat.encode_chats(tok, [p])
         with steering.add_vector(model, layer, vec, c), torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=stops, pad_token_id=tok.pad_token_id)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_token_id)
         new = out[0, ids.shape[1]:].tolist()
         end = next((i + 1 for i, t in enumerate(new) if t in stops), len(new))  # through the first stop
         texts.append(tok.decode(new[:end], skip_special_tokens=True))
@@ -62,7 +63,8 @@ def test_sweep_steers_with_the_chosen_candidate(tok, model, monkeypatch, kind):
     assert [(row["layer"], row["coefficient"]) for row in rows] == [(1, 0.5), (1, 2.0), (3, 0.5), (3, 2.0)]
     for row in rows:  # the last position's vector at that block, as Stage 1 stores it
         vec = r[n_pos - 1, row["layer"]].float()
-        h, texts = teacher_sweep.refusal_rate(model, tok, PROMPTS[:2], row["layer"], vec, row["coefficient"], 5)
+        h, texts = teacher_sweep.refusal_rate(model, tok, PROMPTS[:2], row["layer"], vec,
+                                              row["coefficient"], 5)
         s, _ = teacher_sweep.refusal_rate(model, tok, PROMPTS[2:], row["layer"], vec, row["coefficient"], 5)
         assert (row["harmful"], row["harmless"], row["first"]) == (h, s, texts[0])
 
@@ -73,7 +75,8 @@ def test_command_line_on_a_tiny_model(model_dir, capsys):
     out = capsys.readouterr().out
     assert "greedy, 3 tokens" in out and "on 2 harmful_val / 2 harmless_val prompts" in out
     table = out.split("first harmful completion\n", 1)[1].strip().splitlines()
-    assert [line.split()[:2] for line in table] == [["1", "0.00"], ["1", "1.00"], ["2", "0.00"], ["2", "1.00"]]
+    assert ([line.split()[:2] for line in table]
+            == [["1", "0.00"], ["1", "1.00"], ["2", "0.00"], ["2", "1.00"]])
 
 
 def test_bad_arguments_stop_before_loading_a_model(capsys):

@@ -110,13 +110,15 @@ def test_coverage_is_one_on_full_vocab_and_brute_force():
 
 
 def test_coverage_of_one_pass_equals_teacher_forcing_again(tok, model):
-    """select() measures coverage on the selection prompts from the pass that scored them: the same number as
-    teacher-forcing πt and π0 on those samples once more (what mean_coverage does for the second prompt set)."""
+    """select() measures coverage on the selection prompts from the pass that scored them: the same number
+    as teacher-forcing πt and π0 on those samples once more (what mean_coverage does for the second prompt
+    set)."""
     teacher = hook_teacher(model, torch.randn(model.config.hidden_size) * 3)
     batches = st.teacher_samples(model, tok, teacher, ["hi", "tell me more", "why"], m=2, h=4, batch_size=4,
                                  gen=torch.Generator().manual_seed(0))
     sel = st.select(model, tok, teacher, batches, st.Selection(k=5, k_vote=10, prob_floor=0.0))
-    assert sel["coverage"] == pytest.approx(st.mean_coverage(model, tok, teacher, batches, sel["ids"]), rel=1e-6)
+    assert sel["coverage"] == pytest.approx(st.mean_coverage(model, tok, teacher, batches, sel["ids"]),
+                                            rel=1e-6)
 
 
 def test_main_writes_the_contract(model_dir, tmp_path, capsys):

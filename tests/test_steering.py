@@ -76,8 +76,10 @@ def test_top_k_1_and_tiny_top_p_are_greedy(tok, model):
     ids, mask = batch(tok)
     kw = dict(stop_ids=[10_000], pad_id=tok.pad_token_id)
     greedy, _ = steering.sample(model, ids, mask, 8, temperature=0, **kw)
-    k1, _ = steering.sample(model, ids, mask, 8, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(0), **kw)
-    p0, _ = steering.sample(model, ids, mask, 8, temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(0), **kw)
+    k1, _ = steering.sample(model, ids, mask, 8, temperature=1.0, top_k=1,
+                            generator=torch.Generator().manual_seed(0), **kw)
+    p0, _ = steering.sample(model, ids, mask, 8, temperature=1.0, top_p=1e-6,
+                            generator=torch.Generator().manual_seed(0), **kw)
     assert torch.equal(greedy, k1) and torch.equal(greedy, p0)
 
 
@@ -95,7 +97,8 @@ def record_block_inputs(model):
     seen, handles = {}, []
     for i, block in enumerate(steering.decoder_layers(model)):
         handles.append(block.register_forward_pre_hook(
-            lambda mod, args, kwargs, i=i: seen.__setitem__(i, (args[0] if args else kwargs["hidden_states"]).clone()),
+            lambda mod, args, kwargs, i=i: seen.__setitem__(
+                i, (args[0] if args else kwargs["hidden_states"]).clone()),
             with_kwargs=True))
     return seen, handles
 
@@ -106,7 +109,8 @@ def test_add_vector_equals_manual_edit(tok, model):
     with torch.no_grad():
         base = model(input_ids=ids, attention_mask=mask).logits
         # manual residual edit: a hook that we write here by hand
-        h = steering.decoder_layers(model)[2].register_forward_pre_hook(lambda m, a: (a[0] + 0.5 * vec,) + a[1:])
+        h = steering.decoder_layers(model)[2].register_forward_pre_hook(
+            lambda m, a: (a[0] + 0.5 * vec,) + a[1:])
         manual = model(input_ids=ids, attention_mask=mask).logits
         h.remove()
         with steering.add_vector(model, 2, vec, coefficient=0.5):
@@ -127,7 +131,8 @@ def test_add_vector_applies_at_every_cached_step(tok, model):
     ids, mask = batch(tok)
     vec = torch.randn(model.config.hidden_size)
     with steering.add_vector(model, 1, vec):
-        ours, _ = steering.sample(model, ids, mask, 8, temperature=0, stop_ids=[10_000], pad_id=tok.pad_token_id)
+        ours, _ = steering.sample(model, ids, mask, 8, temperature=0, stop_ids=[10_000],
+                                  pad_id=tok.pad_token_id)
         ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
                              eos_token_id=None, pad_token_id=tok.pad_token_id)
     plain, _ = steering.sample(model, ids, mask, 8, temperature=0, stop_ids=[10_000], pad_id=tok.pad_token_id)
@@ -182,13 +187,15 @@ def test_hook_lands_on_its_block_when_the_model_is_split(model_dir, tmp_path, to
 
 def test_stage_runs_with_device_map(model_dir, tmp_path):
     import extract_direction as ed
-    ed.main(["--model", str(model_dir), "--out", str(tmp_path / "run"), "--device-map", "auto", "--n-train", "2",
-             "--n-val", "2", "--layer", "1", "--position", "-1", "--n-check-prompts", "1", "--check-new-tokens", "2"])
+    ed.main(["--model", str(model_dir), "--out", str(tmp_path / "run"), "--device-map", "auto",
+             "--n-train", "2", "--n-val", "2", "--layer", "1", "--position", "-1", "--n-check-prompts", "1",
+             "--check-new-tokens", "2"])
     assert (tmp_path / "run" / "direction.safetensors").exists()
 
 
 def test_teacher_kinds(tok, model, tmp_path):
-    """hook: the same logits as add_vector; prompt: the base model on the system-prompted context; base: π0."""
+    """hook: the same logits as add_vector; prompt: the base model on the system-prompted context; base:
+    π0."""
     import contextlib
     vec = torch.randn(model.config.hidden_size)
     ids, mask = batch(tok)
@@ -216,7 +223,8 @@ def test_teacher_kinds(tok, model, tmp_path):
 
 def test_load_teacher_takes_c_from_direction_json_unless_given(model, tmp_path):
     import common
-    common.save_tensors(tmp_path / "direction.safetensors", {"direction": torch.ones(model.config.hidden_size)})
+    common.save_tensors(tmp_path / "direction.safetensors",
+                        {"direction": torch.ones(model.config.hidden_size)})
     common.write_json(tmp_path / "direction.json", {"layer": 1, "coefficient": 0.25})
     t, meta = steering.load_teacher(model, tmp_path / "direction.safetensors")
     assert (t.layer, t.coefficient, meta["coefficient"]) == (1, 0.25, 0.25)
