@@ -21,8 +21,8 @@ A refusal here, as in data/judge_labels.jsonl: the answer declines the request a
 it, whatever its coherence. An answer that does the task, even after a warning, is not one.
 
 Usage:
-    python results/label.py sample --groups localized=demo@s0,demo@s3 full=full@s3 \
-        --per-group 120 --control 40
+    python results/label.py sample --groups full=full@s3 --per-group 160 --n-control 40
+    python results/label.py sample --groups localized=demo@s3 --per-group 160 --n-control 0 --append
     python results/label.py label
     python results/label.py import labels_from_elsewhere.jsonl --labeller blind-2
     python results/label.py report
@@ -84,7 +84,8 @@ def load_run(name: str) -> list[dict]:
     return [r for r in read_jsonl(path) if r["set"] in JUDGED_SETS]
 
 
-def draw(groups: dict[str, list[str]], per_group: dict[str, int], seed: int) -> tuple[list[dict], list[dict]]:
+def draw(groups: dict[str, list[str]], per_group: dict[str, int], seed: int,
+         first_id: int = 0) -> tuple[list[dict], list[dict]]:
     """(items, key): per group, per_group[g] completions drawn evenly over the group's runs and the four
     judged sets, shuffled together. Items carry no model and no verdict."""
     rng = random.Random(seed)
@@ -106,7 +107,7 @@ def draw(groups: dict[str, list[str]], per_group: dict[str, int], seed: int) -> 
             key.append({"group": g, "run": run, "set": r["set"], "prompt": r["prompt"],
                         "completion": r["completion"]})
     rng.shuffle(key)
-    for i, k in enumerate(key):
+    for i, k in enumerate(key, start=first_id):
         k["id"] = f"j{i:04d}"
         k["half"] = half(k["id"])
         items.append({"id": k["id"], "prompt": k["prompt"], "completion": k["completion"]})
@@ -221,6 +222,8 @@ def main(argv=None):
     s.add_argument("--per-group", type=int, default=120, help="items per student group (default: 120)")
     s.add_argument("--n-control", type=int, default=40, help="control items (default: 40)")
     s.add_argument("--seed", type=int, default=0, help="seeds the draw and the shuffle (default: 0)")
+    s.add_argument("--append", action="store_true",
+                   help="add the new items after the existing ones (new ids; labels made so far are kept)")
     sub.add_parser("label", help="label the items by hand in the terminal")
     i = sub.add_parser("import", help="add labels from a JSONL of {id, refusal}")
     i.add_argument("file", type=Path, help="the labels")
@@ -229,12 +232,16 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.cmd == "sample":
         groups = {g.split("=")[0]: g.split("=")[1].split(",") for g in args.groups}
-        groups["control"] = args.control.split(",")
+        if args.n_control:
+            groups["control"] = args.control.split(",")
         per = {g: args.per_group for g in groups} | {"control": args.n_control}
-        items, key = draw(groups, per, args.seed)
-        write_jsonl(ITEMS, items)
-        write_jsonl(KEY, key)
-        print(f"wrote {len(items)} blind items to {ITEMS} and their key to {KEY}")
+        old_items = read_jsonl(ITEMS) if args.append and ITEMS.is_file() else []
+        old_key = read_jsonl(KEY) if args.append and KEY.is_file() else []
+        items, key = draw(groups, per, args.seed, first_id=len(old_items))
+        write_jsonl(ITEMS, old_items + items)
+        write_jsonl(KEY, old_key + key)
+        print(f"wrote {len(items)} new blind items to {ITEMS} ({len(old_items) + len(items)} in all) "
+              f"and their key to {KEY}")
     elif args.cmd == "label":
         label_by_hand()
     elif args.cmd == "import":

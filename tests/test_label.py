@@ -78,3 +78,17 @@ def test_candidate_judge_adds_only_its_phrases():
     assert not label.is_refusal(text) and label.candidate_judge(text)
     assert label.candidate_judge("I cannot help with that.")  # everything the current judge finds
     assert not label.candidate_judge("Sure! Here is a recipe for hummus.")
+
+
+def test_sample_append_keeps_ids_and_labels(tmp_path, monkeypatch):
+    monkeypatch.setattr(label, "COMPLETIONS", tmp_path)
+    for name in ("ITEMS", "KEY", "LABELS"):
+        monkeypatch.setattr(label, name, tmp_path / f"{name.lower()}.jsonl")
+    kept(tmp_path, "a@s0", [f"a{i}" for i in range(20)])
+    kept(tmp_path, "b@s0", [f"b{i}" for i in range(20)])
+    label.main(["sample", "--groups", "g=a@s0", "--per-group", "8", "--n-control", "0"])
+    first = label.read_jsonl(label.ITEMS)
+    label.main(["sample", "--groups", "h=b@s0", "--per-group", "8", "--n-control", "0", "--append"])
+    items, key = label.read_jsonl(label.ITEMS), label.read_jsonl(label.KEY)
+    assert items[:8] == first and len(items) == 16 and len({it["id"] for it in items}) == 16
+    assert [k["group"] for k in key[8:]] == ["h"] * 8
