@@ -186,3 +186,17 @@ def family_dir(request, tmp_path_factory):
     make_family_model(name, tok).save_pretrained(d)
     tok.save_pretrained(d)
     return name, d
+
+
+def kill_at_step(monkeypatch, module, n: int):
+    """Make module.train_step raise KeyboardInterrupt on its n-th call, as a run killed during step n would;
+    returns the real train_step so that a test can put it back before resuming."""
+    real, calls = module.train_step, {"n": 0}
+
+    def dying_step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(module, "train_step", dying_step)
+    return real

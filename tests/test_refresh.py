@@ -13,6 +13,7 @@ import distill as dl
 import extract_direction as ed
 import steering
 from common import UserError
+from conftest import kill_at_step
 
 
 def stage1(model_dir, out, kind):
@@ -70,14 +71,7 @@ def test_resume_with_refresh_equals_uninterrupted(model_dir, tok, tmp_path, monk
     i = default.index("--checkpoint-every")
     dl.main(default[:i] + default[i + 2:])  # no --checkpoint-every: the first multiple of 3 from 5
     assert common.load_json(out / "default" / "safesteer.json")["args"]["checkpoint_every"] == 6  # not 5
-    real_step, calls = dl.train_step, {"n": 0}
-
-    def dying_step(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:  # killed during step 4, after the checkpoint (and the refresh) of step 2
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
-    monkeypatch.setattr(dl, "train_step", dying_step)
+    real_step = kill_at_step(monkeypatch, dl, 4)  # killed during step 4, after step 2's checkpoint and refresh
     with pytest.raises(KeyboardInterrupt):
         dl.main(argv + ["--student", "resumed"])
     monkeypatch.setattr(dl, "train_step", real_step)

@@ -15,6 +15,7 @@ import parallel
 import schedule
 import select_tokens
 from common import UserError
+from conftest import kill_at_step
 
 ALPHA = 0.5  # large, so that θt moves visibly in four steps of a tiny model
 
@@ -128,14 +129,7 @@ def test_resume_with_ema_equals_uninterrupted(model_dir, tok, tmp_path, monkeypa
     out = tmp_path / "run"
     argv = pipeline(model_dir, tok, out)
     dl.main(argv + ["--student", "straight"])
-    real_step, calls = dl.train_step, {"n": 0}
-
-    def dying_step(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:  # killed during step 4, after the checkpoint (and the refresh) of step 2
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
-    monkeypatch.setattr(dl, "train_step", dying_step)
+    real_step = kill_at_step(monkeypatch, dl, 4)  # killed during step 4, after step 2's checkpoint and refresh
     with pytest.raises(KeyboardInterrupt):
         dl.main(argv + ["--student", "resumed"])
     assert sorted(p.name for p in (out / "resumed.work").glob("teacher_ema-*.pt")) == ["teacher_ema-2.pt"]
