@@ -55,7 +55,7 @@ from parallel import (Loop, Models, World, add_scale_args, build_models, build_s
                       enable_grad_checkpointing, final_summary, prepare_output_dirs, save_student,
                       startup_summary, student_info, trainable, unsharded)
 from lean_losses import collapsed_kl, full_kl, partial_kl, rest_term
-from schedule import add_schedule_args, refresh_teacher, start_schedule
+from schedule import add_schedule_args, refresh_teacher, resume_schedule, start_schedule
 from steering import Teacher, completion_logits, decode_completions, sample
 
 
@@ -375,11 +375,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def train(models: Models, s_ids, recipe: Recipe, loop: Loop, harmful: list[list[str]],
-          anchors: list[list[str]], start: int, log: list[dict], ema=None) -> list[dict]:
-    """Steps start + 1 ... len(harmful), each one train_step on that step's prompts (this rank's share); πt
-    refreshed every N steps but not after the last, or (ema) following the student; the log, checkpoints."""
-    world, n_steps = loop.world, len(harmful)
+def train(models: Models, s_ids, recipe: Recipe, loop: Loop, plan: tuple[list, list], start: int,
+          log: list[dict], ema=None) -> list[dict]:
+    """Steps start + 1 ... n, each one train_step on that step's harmful prompts and anchors (plan: two lists
+    of n groups; this rank's share); πt refreshed every N steps but not after the last, or (ema) following the
+    student; the log, checkpoints."""
+    (harmful, anchors), world, n_steps = plan, loop.world, len(plan[0])
     bar = tqdm(range(start, n_steps), desc=f"distill ({recipe.loss})", unit="step", initial=start,
                total=n_steps, disable=not world.main)
     for step in bar:
@@ -426,13 +427,10 @@ def main(argv=None):
     ema = start_schedule(args, models, s_ids, tokens_file, out)  # a refresh's inputs, checked before step 1
     loop = Loop(*make_optimizer(models.student, recipe, len(plan)), gen, world, work, args.checkpoint_every)
     start, log = loop.open(models.student, args.resume)
-    if ema and start:
-        ema.load(work, start)
-    if args.refresh_every and start >= args.refresh_every:  # checkpoints fall on refresh steps
-        models.teacher = refresh_teacher(models.student, models.tok, models.teacher, models.direction)
+    resume_schedule(models, ema, work, start, args.refresh_every)
     if world.main:
         print(startup_summary(args, len(plan), len(s_ids), models, bool(anchors), start, world))
-    log = train(models, s_ids, recipe, loop, plan, anchor_plan, start, log, ema)
+    log = train(models, s_ids, recipe, loop, (plan, anchor_plan), start, log, ema)
     info = student_info(args, models, s_ids, tokens_file, len(plan), world, round(time.time() - t0, 1))
     if world.sharded:  # rank 0 gathers the slices into a plain model to save
         models.student = unsharded(models.student, world, lambda: build_student(args, torch.device("cpu"))[0])

@@ -202,3 +202,13 @@ def start_schedule(args, models, s_ids, tokens_file: Path, out: Path) -> EmaTeac
     stage2, prompts = stage2_settings(tokens_file, folders, models.tok, args.max_prompt_tokens)
     return EmaTeacher(models.student, models.tok, models.teacher, s_ids, models.direction, stage2, prompts,
                       args.teacher_ema, args.refresh_tokens_every, lora=bool(args.lora_rank))
+
+
+def resume_schedule(models, ema: EmaTeacher | None, work: Path, start: int,
+                    refresh_every: int | None) -> None:
+    """On --resume, πt as it was at the checkpoint: the moving average saved beside it, or (hard refresh) the
+    student + c·r again, since checkpoints fall on refresh steps."""
+    if ema and start:
+        ema.load(work, start)
+    if refresh_every and start >= refresh_every:
+        models.teacher = refresh_teacher(models.student, models.tok, models.teacher, models.direction)
