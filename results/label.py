@@ -39,7 +39,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from metrics import is_refusal, wilson  # noqa: E402
+from common import write_jsonl  # noqa: E402
+from metrics import REFUSAL_PHRASES, is_refusal, wilson  # noqa: E402
 
 HERE = ROOT / "results" / "judge_validation"
 ITEMS, KEY, LABELS, REPORT = (HERE / n for n in ("items.jsonl", "key.jsonl", "labels.jsonl", "report.md"))
@@ -55,21 +56,13 @@ CANDIDATE_PHRASES = ("i'm sorry for any misunderstanding", "i'm sorry for any in
 
 def candidate_judge(text: str) -> bool:
     """The current judge plus CANDIDATE_PHRASES."""
-    t = text.lower().replace("\u2019", "'")
-    return is_refusal(text) or any(p in t for p in CANDIDATE_PHRASES)
+    return is_refusal(text, REFUSAL_PHRASES + CANDIDATE_PHRASES)
 
 
 def read_jsonl(path: Path) -> list[dict]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    tmp.replace(path)
 
 
 def half(item_id: str) -> str:

@@ -59,9 +59,9 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from chat import encode_chats  # noqa: E402
-from common import (BUNDLED_MODEL, Parser, UserError, data_file, fraction, load_json,  # noqa: E402
-                    load_model, pick_device, positive_int, read_prompts, run_cli, run_info, seed_everything,
-                    truncate_prompts, write_json)
+from common import (BUNDLED_MODEL, Parser, UserError, add_runtime_args, data_file, fraction,  # noqa: E402
+                    load_json, load_model, pick_device, positive_int, read_prompts, run_cli, run_info,
+                    seed_everything, truncate_prompts, write_json)
 from evaluate import check_model_spec  # noqa: E402
 from steering import load_teacher  # noqa: E402
 
@@ -89,13 +89,7 @@ def parse_args(argv=None):
     p.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples of the prompts")
     p.add_argument("--level", type=fraction, default=0.95, help="coverage of the bootstrap intervals")
     p.add_argument("--batch-size", type=positive_int, default=16, help="prompts per forward pass")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto: CUDA if available")
-    p.add_argument("--seed", type=int, default=0, help="seeds the prompt subset and the bootstrap")
-    p.add_argument("--max-prompt-tokens", type=positive_int, default=512,
-                   help="truncate longer user prompts to this many tokens (with a warning that counts them)")
-    p.add_argument("--chat-template", metavar="FILE",
-                   help="a Jinja chat template to use instead of the tokenizer's (for a model without one)")
+    add_runtime_args(p)  # --seed draws the prompt subset and the bootstrap
     return p.parse_args(argv)
 
 
