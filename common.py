@@ -339,8 +339,7 @@ def data_file(name: str) -> Path:
 def _atomic_write(path: Path, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"  # created by `write`, so the umask sets its mode
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -1,7 +1,7 @@
 """Tests of the plumbing in common.py: prompt files, data splits, atomic files, loading, argument types."""
-import json
-
 import argparse
+import json
+import os
 
 import pytest
 import torch
@@ -105,6 +105,15 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         common._atomic_write(path, boom)
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temp file left
+
+
+def test_atomic_write_gives_files_the_umask_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        mode = common.write_json(tmp_path / "y.json", {"a": 1}).stat().st_mode & 0o777
+    finally:
+        os.umask(old)
+    assert mode == 0o644  # not a temporary file's private 0o600
 
 
 def test_load_model_dir_and_errors(model_dir, tmp_path):
