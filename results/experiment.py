@@ -7,11 +7,11 @@ results/completions/ (gzipped JSONL), so anyone can read what a student said and
 every row's refusals judged anew from its kept completions with the current judge, tables rebuilt).
 
 The training run is the unit of every claim about a recipe. With --seeds, a group is one recipe trained with
-several seeds; it is reported as the mean over runs with a t interval (k - 1 degrees of freedom) and a
-two-level bootstrap over runs and prompts. --ref NAME compares two recipes seed by seed (the same seed and
-prompts paired): the mean paired difference with its t interval and p-value, Holm's correction over the
-table's tests, and an equivalence test (TOST) against margins fixed before the runs (MARGINS) before anything
-is called a tie.
+several seeds; it is reported as the mean over runs with a t interval (k - 1 degrees of freedom). --ref NAME
+compares two recipes seed by seed (the same seed and prompts paired): the mean paired difference with its t
+interval and p-value, a two-level bootstrap over runs and prompts, Holm's correction over the table's tests,
+and an equivalence test (TOST) against margins fixed before the runs (MARGINS) before anything is called a
+tie.
 Base and teacher come from `results/experiment.py reference` (one evaluation of both, reused by every row).
 
 Tuning happens on validation prompts (--split val: harmful_val, harmful_val_reform, harmless_val; rows in
@@ -170,14 +170,10 @@ def run_value(r: dict, s: str) -> float | None:
 
 
 def recipe_interval(members: list[dict], s: str) -> dict | None:
-    """A recipe's mean over its runs with the t interval (k - 1 df) and the two-level bootstrap over runs and
-    prompts; None with fewer than two runs that have the metric."""
-    have = [r for r in members if per_prompt(r, s)]
-    if len(have) < 2:
-        return None
-    t = t_interval([run_value(r, s) for r in have])
-    values, counts = zip(*(per_prompt(r, s) for r in have))
-    return {**t, "boot": seed_prompt_bootstrap(list(values), list(counts))}
+    """A recipe's mean over its runs with the t interval (k - 1 df); None with fewer than two runs that have
+    the metric."""
+    values = [run_value(r, s) for r in members if per_prompt(r, s)]
+    return t_interval(values) if len(values) >= 2 else None
 
 
 def group(rows: list[dict], name: str) -> dict | None:
@@ -371,8 +367,8 @@ def runs_table(rows: list[dict]) -> list[str]:
 def recipes_table(groups: list[dict]) -> list[str]:
     lines = ["", "## Recipes: the mean over training runs, [95% t interval over runs]", "",
              "One training run per seed; the interval has k - 1 degrees of freedom, so it is wide with few "
-             "runs. The two-level bootstrap (runs and prompts) is in experiments.jsonl's comparisons and "
-             "the comparisons table.", "",
+             "runs. The two-level bootstrap (runs and prompts) is in the comparisons table and "
+             "experiments_comparisons.json.", "",
              "| recipe | seeds | refusal | rephrased | over-refusal | rephrased harmless | KL to base | QA "
              "| refusal per style (rephrased) |", "|---|---|---|---|---|---|---|---|---|"]
     keys = {"harmful": "refusal_harmful", "harmful_reform": "harmful_reform", "harmless": "over_refusal",
@@ -457,7 +453,8 @@ def frontier_table(points: list[dict]) -> list[str]:
     return lines
 
 
-def to_markdown(rows: list[dict], refs: dict) -> str:
+def to_markdown(rows: list[dict], refs: dict, comps: list[list[dict]] | None = None) -> str:
+    """The tables; comps: comparison_rows of the verdict's and of the exploratory refs, if already made."""
     base = next((r for r in rows if r["name"] == "reference:base"), None)
     budget = " ".join(BUDGET)
     intro = ("Written by `results/experiment.py` (one command per row; failures kept). Direction and S of "
@@ -472,12 +469,12 @@ def to_markdown(rows: list[dict], refs: dict) -> str:
     groups = seed_groups(rows)
     if groups:
         lines += recipes_table(groups)
-    primary, other = split_refs(refs)
-    for part, title in ((primary, "Recipe comparisons behind the verdict: the training run as the unit"),
-                        (other, "Exploratory comparisons (fewer runs; Holm over this table alone)")):
-        comps = comparison_rows(rows, part)
-        if comps:
-            lines += comparisons_table(comps, title)
+    comps = comps if comps is not None else [comparison_rows(rows, part) for part in split_refs(refs)]
+    titles = ("Recipe comparisons behind the verdict: the training run as the unit",
+              "Exploratory comparisons (fewer runs; Holm over this table alone)")
+    for table, title in zip(comps, titles):
+        if table:
+            lines += comparisons_table(table, title)
     if base and groups:
         lines += targets_table(groups, base)
     points = frontier(groups, base) if base else []
@@ -501,9 +498,10 @@ def save(rows: list[dict], refs: dict, split: str = "test") -> None:
     table, refs_file, md = table_paths(split)
     table.write_text("".join(json.dumps(r) + "\n" for r in rows))
     refs_file.write_text(json.dumps(refs, indent=1) + "\n")
-    text = to_markdown(rows, refs)
-    comps = [c for part in split_refs(refs) for c in comparison_rows(rows, part)]
-    table.with_name(table.stem + "_comparisons.json").write_text(json.dumps(comps, indent=1) + "\n")
+    comps = [comparison_rows(rows, part) for part in split_refs(refs)]  # bootstraps: made once, used twice
+    text = to_markdown(rows, refs, comps)
+    flat = [c for table in comps for c in table]
+    table.with_name(table.stem + "_comparisons.json").write_text(json.dumps(flat, indent=1) + "\n")
     if split != "test":
         text = text.replace("# Experiments", f"# Experiments on the {split} split (for tuning)", 1)
     md.write_text(text)
