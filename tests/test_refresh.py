@@ -71,7 +71,8 @@ def test_resume_with_refresh_equals_uninterrupted(model_dir, tok, tmp_path, monk
     i = default.index("--checkpoint-every")
     dl.main(default[:i] + default[i + 2:])  # no --checkpoint-every: the first multiple of 3 from 5
     assert common.load_json(out / "default" / "safesteer.json")["args"]["checkpoint_every"] == 6  # not 5
-    real_step = kill_at_step(monkeypatch, dl, 4)  # killed during step 4, after step 2's checkpoint and refresh
+    # killed during step 4, after step 2's checkpoint and refresh
+    real_step = kill_at_step(monkeypatch, dl, 4)
     with pytest.raises(KeyboardInterrupt):
         dl.main(argv + ["--student", "resumed"])
     monkeypatch.setattr(dl, "train_step", real_step)

@@ -129,7 +129,8 @@ def test_resume_with_ema_equals_uninterrupted(model_dir, tok, tmp_path, monkeypa
     out = tmp_path / "run"
     argv = pipeline(model_dir, tok, out)
     dl.main(argv + ["--student", "straight"])
-    real_step = kill_at_step(monkeypatch, dl, 4)  # killed during step 4, after step 2's checkpoint and refresh
+    # killed during step 4, after step 2's checkpoint and refresh
+    real_step = kill_at_step(monkeypatch, dl, 4)
     with pytest.raises(KeyboardInterrupt):
         dl.main(argv + ["--student", "resumed"])
     assert sorted(p.name for p in (out / "resumed.work").glob("teacher_ema-*.pt")) == ["teacher_ema-2.pt"]

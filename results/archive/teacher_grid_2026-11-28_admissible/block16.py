@@ -8,5 +8,6 @@ hv = common.read_prompts("data/harmless_val.jsonl"); sv = common.read_prompts("d
 for d in ["runs/demo"]:
     vec = load_file(f"{d}/direction.safetensors")["direction"]
     r = torch.zeros(1, 30, 576, dtype=torch.float64); r[0, 16] = vec.double()
-    g = ed.teacher_selectivity(model, tok, r, [{"position": -1, "layer": 16, "coefficient": c} for c in (0.5, 0.75)], sv, hv, 16)
+    teachers = [{"position": -1, "layer": 16, "coefficient": c} for c in (0.5, 0.75)]
+    g = ed.teacher_selectivity(model, tok, r, teachers, sv, hv, 16)
     for t in g: print(t)
