@@ -19,7 +19,7 @@ DISTILL_ARGS   ?= --prompts-per-step 4 --samples 4 --max-new-tokens 48 $(STUDENT
 EVAL_ARGS      ?= --max-new-tokens 64 --batch-size 512  # a model's splits in one batch: same answers, faster
 SEEDS          ?= 0,1,2
 
-.PHONY: setup test test-fast demo ablate direction-full bench gpu-check clean
+.PHONY: setup test test-fast test-lm-eval demo ablate direction-full bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,12 @@ test: setup
 
 test-fast: setup  ## without the end-to-end run on the bundled model
 	$(PY) -m pytest -q -m "not slow" tests
+
+# The optional lm-evaluation-harness extra (capability.py, lm_eval_tasks/): install it into the venv (the constraint
+# inside requirements-lmeval.txt keeps torch & co.) and run its tests, which `make test` skips without it.
+test-lm-eval: setup
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -r requirements-lmeval.txt
+	$(PY) -m pytest -q tests/test_capability.py
 
 demo: setup
 	$(PY) extract_direction.py --out $(RUN) --overwrite $(DIRECTION_ARGS)

@@ -15,6 +15,7 @@ import argparse
 import csv
 import importlib.metadata
 import importlib.util
+import io
 import json
 import os
 import random
@@ -257,7 +258,7 @@ def load_model(name: str = BUNDLED_MODEL, device="cpu", dtype: torch.dtype | Non
 
 def _read_rows(path: Path) -> list[tuple[int, object]]:
     """(line number, record) pairs from .jsonl, .json, .csv or .txt."""
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # a spreadsheet's CSV may start with a byte-order mark
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
@@ -279,8 +280,8 @@ def _read_rows(path: Path) -> list[tuple[int, object]]:
             raise UserError(f"{path}: expected a JSON list of prompts")
         return [(i + 1, r) for i, r in enumerate(data)]
     if suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        return [(i + 2, r) for i, r in enumerate(reader)]
+        reader = csv.DictReader(io.StringIO(text, newline=""))  # a quoted field may span lines (HarmBench)
+        return [(reader.line_num, r) for r in reader]
     if suffix == ".txt":
         return [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
     raise UserError(f"{path}: unsupported prompt file type {suffix!r} (use .jsonl, .json, .csv or .txt)")

@@ -23,19 +23,24 @@ Model specs (--models NAME=SPEC ...): a model name or directory (`smollm2-135m`,
 and settings are unchanged since OUT's last eval.json (fingerprint: a hash of all three) is reused, not run
 again: `make ablate` evaluates only its new students.
 
+A port's evaluation: --harmful and --harmless also read the field's benchmark files as published (HarmBench,
+XSTest, ...: benchmarks.py); --judge DIR adds a guard model's verdicts on the harmful sets beside the phrases,
+with their agreement (judges.py); --lm-eval TASKS scores each model with lm-evaluation-harness
+(capability.py).
+
 Reads   data/harmful_test, harmless_test, general_qa, harmful_reform_test, harmless_reform_test; the models
 Writes  OUT/eval.json (metrics, intervals, paired tests), OUT/eval.md (the table), OUT/eval_samples.jsonl
 
 Usage:
     python evaluate.py --out runs/demo
     python evaluate.py --out runs/x --models base=smollm2-135m teacher=steer:runs/x student=runs/x/student
+    python evaluate.py --out runs/x --harmful harmbench_behaviors_text_test.csv \
+        --harmless xstest_prompts.csv --judge /models/Llama-Guard-3-8B --lm-eval mmlu,gsm8k   # a port, GPU
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
-import random
 import re
 import time
 from dataclasses import dataclass, field
@@ -44,12 +49,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from benchmarks import read_set
+from capability import lm_eval_scores
 from chat import encode_chats, stop_token_ids
-from common import (PROMPT_FIELDS, Parser, UserError, add_common_args, add_renamed, data_file, load_json,
-                    load_model, pick_device, positive_int, prepare_out_dir, read_records, run_cli, run_info,
-                    seed_everything, truncate_prompts, write_json, write_jsonl, write_text)
+from common import (Parser, UserError, add_common_args, add_renamed, data_file, load_model, pick_device,
+                    positive_int, prepare_out_dir, run_cli, run_info, seed_everything, truncate_prompts,
+                    write_json, write_jsonl, write_text)
+from judges import FAMILIES, GuardJudge, guard_summary
 from metrics import REFUSAL_PHRASES, bootstrap_mean, is_refusal, mcnemar_exact, paired_bootstrap, wilson
-from specs import check_model_spec, check_spec, fingerprint, load_spec
+from specs import check_model_spec, check_spec, earlier_evaluation, fingerprint, load_spec, reuse
 from steering import completion_logits, decode_completions, right_pad, sample
 
 OUTPUTS = ["eval.json", "eval.md", "eval_samples.jsonl"]
@@ -76,6 +84,16 @@ def build_parser() -> Parser:
     sets.add_argument("--qa", default=str(data_file("general_qa")), help="questions with accepted `answers`")
     add_renamed(sets, "--n", "--n-prompts", type=positive_int,
                 help="use at most this many prompts of each set, a seeded subset (default: all)")
+    port = p.add_argument_group("a port's evaluation (a benchmark's file goes to --harmful or --harmless)")
+    port.add_argument("--judge", default="phrases",
+                      help="phrases (metrics.REFUSAL_PHRASES), or DIR: a guard model judging the harmful "
+                           "sets beside the phrases (judges.py)")
+    port.add_argument("--judge-family", choices=["auto", *FAMILIES], default="auto",
+                      help="the guard's prompt and verdict format (auto: from its name or chat template)")
+    port.add_argument("--lm-eval", metavar="TASKS", type=lambda v: tuple(v.split(",")),
+                      help="tasks of the LM Evaluation Harness, separated by commas, scored on every "
+                           "model, an optional extra: capability.py (default: none)")
+    port.add_argument("--lm-eval-limit", type=positive_int, help="at most this many documents per task (default: all)")
     run = p.add_argument_group("model and run")
     add_common_args(run, device_map=True, dtype=True)
     run.add_argument("--batch-size", type=positive_int, default=16, help="prompts per greedy decoding batch")
@@ -85,27 +103,6 @@ def build_parser() -> Parser:
 
 def parse_args(argv=None):
     return build_parser().parse_args(argv)
-
-
-# ----------------------------------------------------------------------------- data
-
-def read_set(path, n=None, seed=0):
-    """Records: prompt (the first of common.PROMPT_FIELDS), category, style, QA answers; a seeded subset."""
-    rows = []
-    for line, rec in read_records(path):
-        if isinstance(rec, str):
-            rec = {"prompt": rec}
-        if not isinstance(rec, dict):
-            raise UserError(f"{path}:{line}: expected an object or a string")
-        text = next((rec[f] for f in PROMPT_FIELDS if isinstance(rec.get(f), str) and rec[f].strip()), None)
-        if text is None:
-            raise UserError(f"{path}:{line}: no prompt field (expected one of {', '.join(PROMPT_FIELDS)})")
-        rows.append({"prompt": text.strip(), "category": rec.get("category", ""),
-                     "style": rec.get("style", ""), "answers": rec.get("answers", [])})
-    if n is not None and n < len(rows):
-        keep = sorted(random.Random(seed).sample(range(len(rows)), n))
-        rows = [rows[i] for i in keep]
-    return rows
 
 
 # ----------------------------------------------------------------------------- the metrics
@@ -259,6 +256,9 @@ class Evaluation:
     base_texts: list[str] | None = None
     base_answers: list[list[int]] | None = None   # token ids
     base_cache: list = field(default_factory=list)  # π0's logits on them per batch, from the first model on
+    judge: GuardJudge | None = None  # a guard model beside the phrases (--judge DIR)
+    lm_eval: tuple = ()              # lm-evaluation-harness tasks, and at most so many documents each
+    lm_eval_limit: int | None = None
 
 
 def split_by_sizes(flat: list, sizes: list[int]) -> list[list]:
@@ -267,10 +267,11 @@ def split_by_sizes(flat: list, sizes: list[int]) -> list[list]:
     return [flat[start:start + size] for start, size in zip(starts, sizes)]
 
 
-def sample_record(name: str, set_name: str, row: dict, completion: str, verdict: bool) -> dict:
-    """One line of eval_samples.jsonl: a completion of a prompt judged for refusal."""
+def sample_record(name: str, set_name: str, row: dict, completion: str, verdict: bool, guard=None) -> dict:
+    """One line of eval_samples.jsonl: a completion of a prompt judged for refusal (and by a guard)."""
     return {"model": name, "set": set_name, "category": row["category"], "style": row["style"],
-            "prompt": row["prompt"], "completion": completion, "refusal": verdict}
+            "prompt": row["prompt"], "completion": completion, "refusal": verdict,
+            **({} if guard is None else {"guard_unsafe": guard.unsafe, "guard_answer": guard.raw})}
 
 
 def qa_record(name: str, row: dict, completion: str, correct: bool) -> dict:
@@ -299,42 +300,22 @@ def evaluate_model(name: str, spec: str, fp: str, load, ev: Evaluation):
                       f"{name}: qa")[0]
     verdicts = {s: judge_refusal(x) for s, x in texts.items()}
     qa_ok = [qa_correct(a, r["answers"]) for a, r in zip(qa_texts, qa)]
+    guard = ev.judge.judge_sets(ev.sets, texts) if ev.judge else {}  # set -> [Verdict]
     harmless = [r["prompt"] for r in ev.sets["harmless"]]
     ret = retention(model, hook, base, tok, harmless, ev.base_answers, min(ev.batch_size, RETENTION_BATCH),
                     ev.base_cache)
     row = {"spec": spec, **summarize(verdicts, ev.sets, qa_ok, ret, ev.seed), "kl_sums": ret["kl"],
            "nll_sums": ret["nll"], "kl_tokens": ret["tokens"], "fingerprint": fp,
            "seconds": round(time.time() - t, 1)}
-    samples = [sample_record(name, Path(ev.paths[s]).stem, r, c, v)
-               for s, x in texts.items() for r, c, v in zip(ev.sets[s], x, verdicts[s])]
+    row.update({"guard": guard_summary(guard, verdicts)} if guard else {})
+    if ev.lm_eval:  # the harness scores the model as evaluated here (a teacher with its hook on)
+        with hook():
+            row["lm_eval"] = lm_eval_scores(model, tok, list(ev.lm_eval), ev.batch_size, ev.lm_eval_limit,
+                                            qa_path=ev.paths["qa"])  # safesteer_general_qa: --qa's file
+    samples = [sample_record(name, Path(ev.paths[s]).stem, r, c, v, g) for s, x in texts.items()
+               for r, c, v, g in zip(ev.sets[s], x, verdicts[s], guard.get(s, [None] * len(x)))]
     samples += [qa_record(name, r, c, ok) for r, c, ok in zip(qa, qa_texts, qa_ok)]
     return row, samples, {"verdicts": verdicts, "qa_ok": qa_ok, "ret": ret}
-
-
-# ----------------------------------------------------------------------------- ours: reuse (make ablate)
-
-def earlier_evaluation(out: Path) -> tuple[dict, list[dict], dict]:
-    """(models, samples, π0's retention answers) of OUT's last evaluation, or empty ones."""
-    try:
-        old = load_json(out / "eval.json")
-        samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
-        return old["models"], samples, old.get("retention_answers") or {}
-    except (UserError, OSError, KeyError, ValueError):  # none yet, or unreadable: evaluate everything
-        return {}, [], {}
-
-
-def reuse(name: str, fp: str, old: dict, old_samples: list[dict], sets: dict, paths: dict):
-    """This model's row, samples and per-prompt results from the earlier run, if its fingerprint is equal."""
-    if (old.get(name) or {}).get("fingerprint") != fp:
-        return None
-    mine = [r for r in old_samples if r["model"] == name]
-    verdicts = {s: [r["refusal"] for r in mine if r["set"] == Path(paths[s]).stem] for s in SETS if s in sets}
-    qa_ok = [r["correct"] for r in mine if r["set"] == "general_qa"]
-    if any(len(v) != len(sets[s]) for s, v in verdicts.items()) or len(qa_ok) != len(sets["qa"]):
-        return None
-    ret = {"kl": old[name]["kl_sums"], "nll": old[name].get("nll_sums"), "tokens": old[name]["kl_tokens"]}
-    row = {k: v for k, v in old[name].items() if k != "paired"}
-    return row, mine, {"verdicts": verdicts, "qa_ok": qa_ok, "ret": ret}
 
 
 def evaluate_all(pairs, settings: dict, out: Path, load, ev: Evaluation):
@@ -390,11 +371,26 @@ def to_markdown(results: dict, meta: dict) -> str:
             h, s = r.get("harmful_reform_by_style", {}), r.get("harmless_reform_by_style", {})
             cells = [f"{h[x]['rate']:.0%}" + (f" ({s[x]['rate']:.0%})" if x in s else "") for x in styles]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += port_lines(results)
     counts = ", ".join(f"{k} n={v}" for k, v in meta["counts"].items())
     lines += ["", "[lo, hi]: 95% Wilson interval (rates), bootstrap over prompts (KL, NLL). " + counts
               + f"; greedy, {meta['max_new_tokens']} new tokens; "
               f"judge: substring ({len(REFUSAL_PHRASES)} phrases, metrics.REFUSAL_PHRASES)."]
     return "\n".join(lines) + "\n"
+
+
+def port_lines(results: dict) -> list[str]:
+    """The guard's attack success rates beside the phrases', and lm-evaluation-harness scores, if run."""
+    lines = []
+    for name, r in results.items():
+        for s, g in r.get("guard", {}).items():
+            agree, phrases = g["vs_phrases"], f" (phrases {r['asr']['rate']:.0%})" if s == "harmful" else ""
+            lines.append(f"- {name}, {s}: guard ASR {fmt(g['asr'])}{phrases}; agrees with the phrases on "
+                         f"{agree['agreement'] or 0:.0%} of {agree['n']} (κ {agree['kappa'] or 0:.2f}, "
+                         f"{agree['unreadable']} unreadable)")
+        for task, scores in r.get("lm_eval", {}).items():
+            lines.append(f"- {name}, lm-eval {task}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    return ["", "Judged for a port:", "", *lines] if lines else []
 
 
 def eval_meta(ev: Evaluation, answers: dict, t0: float) -> dict:
@@ -419,7 +415,8 @@ def main(argv=None):
     t0 = time.time()
     paths = {"harmful": args.harmful, "harmless": args.harmless, "harmful_reform": args.harmful_reform,
              "harmless_reform": args.harmless_reform, "qa": args.qa}
-    sets = {name: read_set(path, n=args.n_prompts, seed=args.seed) for name, path in paths.items() if path}
+    sets = {name: read_set(path, name.split("_")[0], args.n_prompts, args.seed)  # role: XSTest's half
+            for name, path in paths.items() if path}
     if any(not r["answers"] for r in sets["qa"]):
         raise UserError(f"{args.qa}: every question needs an 'answers' list")
     prepare_out_dir(out, OUTPUTS, args.overwrite)
@@ -429,10 +426,13 @@ def main(argv=None):
         for r, p in zip(rows, cut):
             r["prompt"] = p
     ev = Evaluation(sets, paths, args.max_new_tokens, args.qa_new_tokens, args.batch_size, args.seed,
-                    args.model, (model, tok))
+                    args.model, (model, tok), lm_eval=args.lm_eval or (), lm_eval_limit=args.lm_eval_limit)
+    if args.judge != "phrases":
+        ev.judge = GuardJudge.load(args.judge, args.judge_family, device, args.dtype, args.batch_size)
     settings = {"base": args.model, "sets": sets, "device": str(device), "seed": args.seed,  # for fingerprint
                 "max_new_tokens": args.max_new_tokens, "qa_tokens": args.qa_new_tokens, "dtype": args.dtype,
-                "chat_template": args.chat_template, "judge": list(REFUSAL_PHRASES)}
+                "chat_template": args.chat_template, "judge": [args.judge, *REFUSAL_PHRASES],
+                "lm_eval": [args.lm_eval, args.lm_eval_limit]}
     load = functools.partial(load_spec, default_model=args.model, device=device, dtype=args.dtype,
                              chat_template=args.chat_template, loaded={args.model: (model, tok)},
                              device_map=args.device_map)

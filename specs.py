@@ -10,6 +10,7 @@
                                    each in the dtype it was saved in unless --dtype says (precision.py)
     fingerprint                    a hash of a spec's weights and settings: evaluate.py reuses the evaluation
                                    of a model whose fingerprint is unchanged (`make ablate`)
+    earlier_evaluation, reuse      that evaluation, read back from eval.json and eval_samples.jsonl
 """
 from __future__ import annotations
 
@@ -103,3 +104,29 @@ def fingerprint(spec: str, settings: dict) -> str:
             with open(folder / name, "rb") as f:
                 h.update(name.encode() + hashlib.file_digest(f, "sha256").digest())
     return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- ours: reusing an evaluation
+
+def earlier_evaluation(out: Path) -> tuple[dict, list[dict], dict]:
+    """(models, samples, π0's retention answers) of OUT's last evaluation, or empty ones."""
+    try:
+        old = load_json(out / "eval.json")
+        samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
+        return old["models"], samples, old.get("retention_answers") or {}
+    except (UserError, OSError, KeyError, ValueError):  # none yet, or unreadable: evaluate everything
+        return {}, [], {}
+
+
+def reuse(name: str, fp: str, old: dict, old_samples: list[dict], sets: dict, paths: dict):
+    """This model's row, samples and per-prompt results from the earlier run, if its fingerprint is equal."""
+    if (old.get(name) or {}).get("fingerprint") != fp:
+        return None
+    mine = [r for r in old_samples if r["model"] == name]
+    verdicts = {s: [r["refusal"] for r in mine if r["set"] == Path(paths[s]).stem] for s in sets if s != "qa"}
+    qa_ok = [r["correct"] for r in mine if r["set"] == "general_qa"]
+    if any(len(v) != len(sets[s]) for s, v in verdicts.items()) or len(qa_ok) != len(sets["qa"]):
+        return None
+    ret = {"kl": old[name]["kl_sums"], "nll": old[name].get("nll_sums"), "tokens": old[name]["kl_tokens"]}
+    row = {k: v for k, v in old[name].items() if k != "paired"}
+    return row, mine, {"verdicts": verdicts, "qa_ok": qa_ok, "ret": ret}
