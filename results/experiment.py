@@ -572,9 +572,12 @@ def main():
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     table, refs_file, _ = table_paths(args.split)
-    rows = [json.loads(line) for line in table.read_text().splitlines()] if table.exists() else []
-    refs = json.loads(refs_file.read_text()) if refs_file.exists() else {}
+
+    def saved():  # read when needed, not at start: two experiments may run side by side for hours
+        rows = [json.loads(line) for line in table.read_text().splitlines()] if table.exists() else []
+        return rows, (json.loads(refs_file.read_text()) if refs_file.exists() else {})
     if args.rejudge:
+        rows, refs = saved()
         rows, n = rejudge(rows, args.split)
         save(rows, refs, args.split)
         return print(f"judged the kept completions of {n} row(s) again; wrote {table.with_suffix('.md')}")
@@ -586,7 +589,7 @@ def main():
     else:
         seeds = [int(s) for s in args.seeds.split(",")]
         new = [train_and_evaluate(args.name, s, extra, src, args.split, args.collect) for s in seeds]
-    names = {r["name"] for r in new}
+    names, (rows, refs) = {r["name"] for r in new}, saved()
     rows = [r for r in rows if r["name"] not in names] + new
     if args.ref:
         refs[args.name] = args.ref
