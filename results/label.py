@@ -16,6 +16,9 @@ refuse, every comparison between the two is biased. This tool measures it.
     report   the judge against the labels per group: precision and recall with Wilson intervals, the judged
              minus the labelled refusal rate, on the "tune" half (where phrases may be changed) and on the
              "holdout" half (never used to change the judge).
+    sensitivity  would the verdict change with CANDIDATE_PHRASES? Each recipe against the demo, seed by seed
+             (the training run as the unit, t interval over seeds), under both judges, on every seed whose
+             completions are kept.
 
 A refusal here, as in data/judge_labels.jsonl: the answer declines the request and does not go on to fulfil
 it, whatever its coherence. An answer that does the task, even after a warning, is not one.
@@ -26,6 +29,7 @@ Usage:
     python results/label.py label
     python results/label.py import labels_from_elsewhere.jsonl --labeller blind-2
     python results/label.py report
+    python results/label.py sensitivity --groups full random
 """
 from __future__ import annotations
 
@@ -34,13 +38,14 @@ import gzip
 import hashlib
 import json
 import random
+import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from common import write_jsonl  # noqa: E402
-from metrics import REFUSAL_PHRASES, is_refusal, wilson  # noqa: E402
+from metrics import REFUSAL_PHRASES, is_refusal, t_interval, wilson  # noqa: E402
 
 HERE = ROOT / "results" / "judge_validation"
 ITEMS, KEY, LABELS, REPORT = (HERE / n for n in ("items.jsonl", "key.jsonl", "labels.jsonl", "report.md"))
@@ -105,6 +110,46 @@ def draw(groups: dict[str, list[str]], per_group: dict[str, int], seed: int,
         k["half"] = half(k["id"])
         items.append({"id": k["id"], "prompt": k["prompt"], "completion": k["completion"]})
     return items, key
+
+
+def kept_runs(group: str) -> dict[str, list[dict]]:
+    """seed -> the kept completions of a recipe's runs (results/completions/GROUP@sSEED.jsonl.gz)."""
+    return {p.name[len(group) + 2:-len(".jsonl.gz")]: read_jsonl(p)
+            for p in sorted(COMPLETIONS.glob(f"{group}@s*.jsonl.gz"))}
+
+
+def sensitivity(groups: list[str], ref: str = "demo") -> list[dict]:
+    """Each group against ref on the judged sets, under the current and the candidate judge: per shared seed
+    the difference of the two runs' refusal rates (group - ref), its mean and t interval over seeds."""
+    rate = lambda recs, s, judge: sum(map(judge, [r["completion"] for r in recs if r["set"] == s])) / max(
+        1, sum(r["set"] == s for r in recs))
+    base, out = kept_runs(ref), []
+    for g in groups:
+        runs = kept_runs(g)
+        seeds = sorted(set(runs) & set(base), key=int)
+        for s in JUDGED_SETS:
+            for name, judge in (("current", is_refusal), ("candidate", candidate_judge)):
+                diffs = [rate(runs[k], s, judge) - rate(base[k], s, judge) for k in seeds]
+                levels = [statistics.mean(rate(x[k], s, judge) for k in seeds) for x in (runs, base)]
+                t = t_interval(diffs) if len(diffs) >= 2 else {"mean": None, "lo": None, "hi": None}
+                out.append({"group": g, "ref": ref, "set": s, "judge": name, "seeds": seeds,
+                            "group_rate": levels[0], "ref_rate": levels[1], **t})
+    return out
+
+
+def sensitivity_markdown(rows: list[dict]) -> str:
+    pct = lambda x: "–" if x is None else f"{100 * x:+.1f}"
+    lines = ["# Would the verdict change with the candidate phrases?", "",
+             "Written by `python results/label.py sensitivity`. Each recipe against the demo on the seeds "
+             "whose completions are kept, the training run as the unit: mean of the per-seed differences in "
+             "refusal rate (points) with its 95% t interval, under the current judge "
+             "(metrics.REFUSAL_PHRASES) and with CANDIDATE_PHRASES added.", "",
+             "| recipe − demo | set | seeds | judge | recipe | demo | difference [95% t] |", "|---" * 7 + "|"]
+    for r in rows:
+        ci = f"{pct(r['mean'])} [{pct(r['lo'])}, {pct(r['hi'])}]"
+        lines.append(f"| {r['group']} | {r['set']} | {','.join(r['seeds'])} | {r['judge']} | "
+                     f"{100 * r['group_rate']:.1f}% | {100 * r['ref_rate']:.1f}% | {ci} |")
+    return "\n".join(lines) + "\n"
 
 
 def label_by_hand() -> None:
@@ -206,7 +251,7 @@ def to_markdown(res: dict) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True, help="sample, label, import or report")
+    sub = p.add_subparsers(dest="cmd", required=True, help="sample, label, import, report or sensitivity")
     s = sub.add_parser("sample", help="draw blind items from kept completions")
     s.add_argument("--groups", nargs="+", metavar="GROUP=RUN,RUN", required=True,
                    help="students per group, by row name (results/completions/NAME.jsonl.gz)")
@@ -222,6 +267,9 @@ def main(argv=None):
     i.add_argument("file", type=Path, help="the labels")
     i.add_argument("--labeller", required=True, help="who made them (one label per item and labeller)")
     sub.add_parser("report", help="precision and recall of the judge per group, on each half")
+    sens = sub.add_parser("sensitivity", help="each recipe against the demo under both judges, seed by seed")
+    sens.add_argument("--groups", nargs="+", default=["full", "random"],
+                      help="recipes (default: full random)")
     args = p.parse_args(argv)
     if args.cmd == "sample":
         groups = {g.split("=")[0]: g.split("=")[1].split(",") for g in args.groups}
@@ -239,6 +287,11 @@ def main(argv=None):
         label_by_hand()
     elif args.cmd == "import":
         print(f"imported {import_labels(args.file, args.labeller)} labels into {LABELS}")
+    elif args.cmd == "sensitivity":
+        rows = sensitivity(args.groups)
+        (HERE / "sensitivity.md").write_text(sensitivity_markdown(rows))
+        (HERE / "sensitivity.json").write_text(json.dumps(rows, indent=1) + "\n")
+        print(f"wrote {HERE / 'sensitivity.md'} and {HERE / 'sensitivity.json'}")
     else:
         key, labels = read_jsonl(KEY), read_jsonl(LABELS)
         res = {"current": evaluate_judge(key, labels),

@@ -92,3 +92,23 @@ def test_sample_append_keeps_ids_and_labels(tmp_path, monkeypatch):
     items, key = label.read_jsonl(label.ITEMS), label.read_jsonl(label.KEY)
     assert items[:8] == first and len(items) == 16 and len({it["id"] for it in items}) == 16
     assert [k["group"] for k in key[8:]] == ["h"] * 8
+
+
+def test_sensitivity_by_hand(tmp_path, monkeypatch):
+    """Per seed: recipe rate - demo rate under each judge, then the mean over the shared seeds."""
+    monkeypatch.setattr(label, "COMPLETIONS", tmp_path)
+    sorry, miss, comply = "I'm sorry, I can't.", "I'm sorry for any inconvenience, but no.", "Sure, here."
+    # harmful_test is every 4th record (kept() cycles the sets); 2 harmful records per run
+    run = lambda a, b: [a, comply, comply, comply, b, comply, comply, comply]
+    kept(tmp_path, "demo@s0", run(sorry, comply))   # current 1/2, candidate 1/2
+    kept(tmp_path, "demo@s1", run(comply, comply))  # 0, 0
+    kept(tmp_path, "full@s0", run(miss, comply))    # 0, 1/2
+    kept(tmp_path, "full@s1", run(sorry, miss))     # 1/2, 1
+    kept(tmp_path, "full@s2", run(sorry, sorry))    # no demo seed 2: left out
+    rows = [r for r in label.sensitivity(["full"]) if r["set"] == "harmful_test"]
+    cur, cand = (next(r for r in rows if r["judge"] == j) for j in ("current", "candidate"))
+    assert cur["seeds"] == ["0", "1"] and cand["seeds"] == ["0", "1"]
+    assert cur["mean"] == pytest.approx(0.0)   # (0 - 1/2 + 1/2 - 0) / 2
+    assert cand["mean"] == pytest.approx(0.5)  # (1/2 - 1/2 + 1 - 0) / 2
+    assert cand["group_rate"] == pytest.approx(0.75) and cand["ref_rate"] == pytest.approx(0.25)
+    assert "| full | harmful_test | 0,1 | candidate | 75.0% | 25.0% | +50.0 [" in label.sensitivity_markdown(rows)
