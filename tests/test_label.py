@@ -111,4 +111,5 @@ def test_sensitivity_by_hand(tmp_path, monkeypatch):
     assert cur["mean"] == pytest.approx(0.0)   # (0 - 1/2 + 1/2 - 0) / 2
     assert cand["mean"] == pytest.approx(0.5)  # (1/2 - 1/2 + 1 - 0) / 2
     assert cand["group_rate"] == pytest.approx(0.75) and cand["ref_rate"] == pytest.approx(0.25)
-    assert "| full | harmful_test | 0,1 | candidate | 75.0% | 25.0% | +50.0 [" in label.sensitivity_markdown(rows)
+    table = label.sensitivity_markdown(rows)
+    assert "| full | harmful_test | 0,1 | candidate | 75.0% | 25.0% | +50.0 [" in table
