@@ -218,7 +218,7 @@ def load_model(name: str = BUNDLED_MODEL, device="cpu", dtype: torch.dtype | Non
     """Load (model, tokenizer) in eval mode, in `dtype` or else precision.load_dtype's (CUDA: as saved).
     chat_template: a file whose Jinja template replaces the tokenizer's. device_map (e.g. "auto") spreads a
     model too big for one device over all of them (transformers/accelerate); the hooks follow each block."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     template = None
     if chat_template:
@@ -239,7 +239,11 @@ def load_model(name: str = BUNDLED_MODEL, device="cpu", dtype: torch.dtype | Non
     hf_logging.disable_progress_bar()  # a 0.1 s "Loading weights" bar per load is noise in every stage
     try:
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
+        if torch.device(device).type == "meta":  # the architecture alone, no weights read (sharding.py)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
     except (OSError, ValueError) as e:
         raise UserError(f"could not load model {name!r}: {str(e).splitlines()[0]}") from None
     if template is not None:

@@ -1,7 +1,7 @@
 """Stage 3 around the method: its models at scale, its processes under torchrun, checkpoints, and records.
 
     torchrun --nproc-per-node 8 distill.py --out runs/x ...            # each process holds the whole model
-    torchrun --nproc-per-node 8 distill.py --out runs/x ... --shard    # FSDP2: each holds 1/8 of it
+    torchrun --nproc-per-node 8 distill.py --out runs/x ... --shard    # FSDP2: each holds 1/8 (sharding.py)
 
 Models: full fine-tuning trains a float32 student beside a frozen copy of π0 that serves as πt (with the hook)
 and π0; with --lora-rank one copy serves all three, adapters off being π0 (one GPU for 8B models).
@@ -10,14 +10,15 @@ losses are weighted by the step's *global* number of sequences and gradients sum
 is the same whatever the world size: one all_reduce per parameter (data parallelism written out), or with
 --shard, FSDP2 units per decoder block holding 1/world of the weights, gradients and Adam states, gathered for
 each forward and reduce-scattered (summed) after each backward. Every rank must then call the model equally
-often: equal shares per step, and the sampler decodes until every rank's rows have ended. Only rank 0 prints
-and writes; without torchrun (WORLD_SIZE unset) every method here is a no-op.
+often: equal shares per step, and the sampler decodes until every rank's rows have ended. Sharded, the models
+are built on the meta device and only rank 0 reads the weights, on the host (sharding.py). Checkpoints hold
+each rank's slices and resume under any number of processes (checkpoints.py). Only rank 0 prints and writes;
+without torchrun (WORLD_SIZE unset) every method here is a no-op.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +26,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from checkpoints import load_checkpoint, save_checkpoint
 from common import (UserError, load_model, positive_float, positive_int, run_info, save_model_dir,
                     seed_everything, write_jsonl)
 from precision import DTYPES, frozen_copy, merge_lora
-from steering import Teacher, decoder_layers, load_teacher, packing_path
+from steering import Teacher, load_teacher, packing_path
 
 
 # ----------------------------------------------------------------------------- the models: full or LoRA
@@ -44,10 +46,11 @@ class Models:
     direction: dict
 
 
-def build_student(args, device):
-    """π0 as the student starts: float32, or (LoRA, peft) π0 in bf16 on CUDA with float32 adapters."""
+def build_student(args, device, on=None):
+    """π0 as the student starts: float32, or (LoRA, peft) π0 in bf16 on CUDA with float32 adapters. on: where
+    to build it if not on `device` (--shard: "meta" for the architecture alone, or the host; sharding.py)."""
     lora_bf16 = args.lora_rank and device.type == "cuda"
-    student, tok = load_model(args.model, device, dtype=torch.bfloat16 if lora_bf16 else torch.float32,
+    student, tok = load_model(args.model, on or device, dtype=torch.bfloat16 if lora_bf16 else torch.float32,
                               chat_template=args.chat_template)
     if args.lora_rank:
         from peft import LoraConfig, get_peft_model
@@ -60,17 +63,18 @@ def build_student(args, device):
 def build_models(args, out: Path, device, world: World | None = None):
     """(student, tok, πt, π0, direction.json). Full fine-tuning: a float32 student and a frozen float32 copy
     of π0 for πt and π0, run under the student's autocast (precision.frozen_copy). LoRA: one copy, adapters
-    off is π0, adapters off + hook is πt. --shard: each copy sharded."""
-    student, tok = build_student(args, device)
-    system = Path(args.system).read_text().strip() if args.system else None
-    if args.lora_rank:
-        frozen, base_ctx = student, student.disable_adapter
-    else:
-        frozen, base_ctx = frozen_copy(student), contextlib.nullcontext
+    off is π0, adapters off + hook is πt. --shard: each copy sharded, and never whole on a device
+    (sharding.py: built on meta, rank 0 reads the weights on the host and sends each rank its slice)."""
+    lora = bool(args.lora_rank)
     if world is not None and world.sharded:
-        world.shard(student)
-        if frozen is not student:  # full fine-tuning's frozen copy (LoRA has none)
-            world.shard(frozen)
+        from sharding import sharded_models
+        student, frozen, tok = sharded_models(lambda on: build_student(args, device, on), device, world.main,
+                                              lora)
+    else:
+        student, tok = build_student(args, device)
+        frozen = student if lora else frozen_copy(student)
+    base_ctx = student.disable_adapter if lora else contextlib.nullcontext
+    system = Path(args.system).read_text().strip() if args.system else None
     teacher, dmeta = load_teacher(frozen, args.direction or out / "direction.safetensors", args.teacher,
                                   args.coefficient, system, base_ctx)
     return student, tok, teacher, Teacher(frozen, "base", base_context=base_ctx), dmeta
@@ -145,21 +149,9 @@ class World:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
-    def shard(self, model):
-        """FSDP2: every decoder block its own unit, the rest (embeddings, head) the root's. Gradients are
-        summed over ranks, as in sum_gradients: each rank's loss is already its share of the global mean."""
-        from torch.distributed.fsdp import fully_shard
-        units = [*decoder_layers(model), model]
-        for unit in units:
-            fully_shard(unit)
-        for unit in units:  # FSDP2 averages by default (and gloo cannot pre-multiply): a plain sum instead
-            unit.set_gradient_divide_factor(1.0)
-            unit.set_force_sum_reduction_for_comms(True)
-        return model
-
     def sum_gradients(self, params) -> None:
         """Σ over ranks of each gradient, in place: every rank then holds the gradient of the global loss.
-        Sharded, FSDP2 has already reduce-scattered the sum during the backward."""
+        Sharded, FSDP2 has already reduce-scattered the sum during the backward (sharding.shard)."""
         if self.size == 1 or self.sharded:
             return
         for p in params:
@@ -224,8 +216,9 @@ class Loop:
     sched: torch.optim.lr_scheduler.LRScheduler
     gen: torch.Generator | None = None
     world: World = field(default_factory=lambda: World(torch.device("cpu")))
-    work: Path | None = None  # OUT/STUDENT.work: checkpoint.pt and the running train_log.jsonl
+    work: Path | None = None  # OUT/STUDENT.work: checkpoint.pt, weights-STEP/, the running train_log.jsonl
     checkpoint_every: int = 5
+    resumed: dict | None = None  # load_checkpoint's note, until the next step's record carries it
 
     def open(self, student, resume: bool) -> tuple[int, list[dict]]:
         """Make the work dir; (first step, log so far): (0, []), or with --resume the checkpoint's, with the
@@ -234,44 +227,23 @@ class Loop:
         if not resume:
             return 0, []
         path = self.work / "checkpoint.pt"
-        return load_checkpoint(path, student, self.opt, self.sched, self.gen, self.world)
+        start, log, self.resumed = load_checkpoint(path, student, self.opt, self.sched, self.gen, self.world)
+        return start, log
 
     def after_step(self, student, log: list[dict], step: int, n_steps: int) -> None:
         """After step `step` (from 1): the log so far written (rank 0), and every N steps but the last a
-        checkpoint."""
+        checkpoint. The first step after a resume under another number of processes records it."""
+        if self.resumed:
+            log[-1]["resumed"], self.resumed = self.resumed, None
         if self.world.main:
             write_jsonl(self.work / "train_log.jsonl", log)
         if step % self.checkpoint_every == 0 and step < n_steps:
-            save_checkpoint(self.work / "checkpoint.pt", student, self.opt, self.sched, step, self.gen, log,
-                            self.world)
+            save_checkpoint(self.work, student, self.opt, self.sched, step, self.gen, log, self.world)
 
 
 def trainable(model) -> dict[str, torch.nn.Parameter]:
     """What the optimiser updates, by name: every weight, or (LoRA) the adapters."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def full_state(model, opt, world: World):
-    """The trainable weights and the optimizer state as whole tensors on rank 0 (sharded: gathered from the
-    slices, keyed by parameter name, so a checkpoint resumes under any number of processes)."""
-    if not world.sharded:
-        return {n: p.detach() for n, p in trainable(model).items()}, opt.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    return get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                               ignore_frozen_params=True))
-
-
-def load_full_state(model, opt, weights: dict, opt_state: dict, world: World) -> None:
-    if not world.sharded:
-        params = trainable(model)
-        with torch.no_grad():
-            for name, value in weights.items():
-                params[name].copy_(value)
-        opt.load_state_dict(opt_state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-    set_state_dict(model, opt, model_state_dict=weights, optim_state_dict=opt_state,
-                   options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def unsharded(model, world: World, rebuild):
@@ -283,34 +255,6 @@ def unsharded(model, world: World, rebuild):
     plain = rebuild()
     plain.load_state_dict(weights)
     return plain
-
-
-def save_checkpoint(path: Path, student, opt, sched, step: int, gen, log: list[dict], world: World) -> None:
-    weights, opt_state = full_state(student, opt, world)  # every rank takes part in the gathers
-    gens = world.gather(gen.get_state())  # every rank's sampler stream, so that a resumed run draws the same
-    if not world.main:
-        return
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": weights, "opt": opt_state, "sharded": world.sharded, "sched": sched.state_dict(),
-                "step": step, "gens": gens, "torch_rng": torch.get_rng_state(), "py_rng": random.getstate(),
-                "log": log}, tmp)
-    tmp.replace(path)
-
-
-def load_checkpoint(path: Path, student, opt, sched, gen, world: World):
-    if not path.is_file():
-        raise UserError(f"--resume: no checkpoint at {path}")
-    ck = torch.load(path, weights_only=False)
-    if ck.get("sharded", False) != world.sharded:  # the optimizer state is keyed differently
-        written = "with" if ck.get("sharded") else "without"
-        raise UserError(f"--resume: {path} was written {written} --shard; resume it the same way")
-    load_full_state(student, opt, ck["model"], ck["opt"], world)
-    sched.load_state_dict(ck["sched"])
-    if len(ck["gens"]) == world.size:  # another world size: the streams restart from each rank's seed
-        gen.set_state(ck["gens"][world.rank])
-    torch.set_rng_state(ck["torch_rng"])
-    random.setstate(ck["py_rng"])
-    return ck["step"], ck["log"]
 
 
 # ----------------------------------------------------------------------------- what the run prints and saves

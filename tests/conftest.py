@@ -200,3 +200,12 @@ def kill_at_step(monkeypatch, module, n: int):
         return real(*a, **k)
     monkeypatch.setattr(module, "train_step", dying_step)
     return real
+
+
+def checkpoint_weights(work: Path, tmp_path: Path) -> dict:
+    """The trained weights a run's checkpoint holds (work/checkpoint.pt names a torch.distributed.checkpoint
+    folder of per-rank slices), as whole tensors by parameter name."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    folder = work / torch.load(work / "checkpoint.pt", weights_only=False)["weights"]
+    dcp_to_torch_save(folder, tmp_path / "checkpoint_weights.pt")
+    return torch.load(tmp_path / "checkpoint_weights.pt", weights_only=False)["model"]

@@ -1,4 +1,5 @@
-"""distill.py under torchrun: 2 processes on the CPU (gloo) give the 1-process run's losses and weights."""
+"""distill.py under torchrun: 2 processes on the CPU (gloo) give the 1-process run's losses and weights;
+--shard never holds a whole model on a rank; checkpoints resume under 1 or 2 processes."""
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_at_step, make_family_model, make_family_tokenizer
 from safetensors.torch import load_file
 from test_distill import args_for, make_run
 
@@ -17,14 +19,15 @@ import parallel
 import steering
 
 ROOT = Path(__file__).resolve().parents[1]
+PROBE = "tests/torchrun_probe.py"  # distill.py watched: what each rank holds while loading; a stop at step N
 
 
-def torchrun(argv, nproc=2):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def torchrun(argv, nproc=2, script="distill.py", env=None, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(ROOT / "distill.py"), *argv]
+           str(ROOT / script), *argv]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0 or not check, res.stderr[-3000:]
     return res
 
 
@@ -51,12 +54,25 @@ def test_two_processes_equal_one(model_dir, tok, tmp_path):
     assert max((wa[k] - load_file(Path(model_dir) / "model.safetensors")[k]).abs().max() for k in wa) > 1e-4
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_sharded_equals_one_process(model_dir, tok, tmp_path, lora):
+def family_dir(tmp_path, family: str):
+    """(tokenizer, saved model directory) of a tiny random model of one family (tests/conftest.py)."""
+    tok, d = make_family_tokenizer(family), tmp_path / family
+    make_family_model(family, tok).save_pretrained(d)
+    tok.save_pretrained(d)
+    return tok, d
+
+
+@pytest.mark.parametrize("lora, family", [(False, None), (True, None), (False, "llama3")])
+def test_sharded_equals_one_process(model_dir, tok, tmp_path, lora, family):
     """--shard (FSDP2, every block its own unit): 2 prompts + 2 anchors per step split evenly over 2 ranks,
     greedy samples; losses, gradient norms and final weights equal the 1-process run (checked once: a
     reduce-scatter that divides by 2 halves the gradient norm and fails), with LoRA too (adapters only, merged
-    on rank 0)."""
+    on rank 0). Both ranks build on the meta device and receive rank 0's weights: the rotary frequencies,
+    which no state dict holds, are copied too (without, step 1's loss differs), on a tied head and on
+    Llama-3's (untied, llama3 rope scaling; its embedding rows that get gradients near AdamW's eps end up to
+    2e-4 apart, the same to the last digit with the previous loading code)."""
+    if family:
+        tok, model_dir = family_dir(tmp_path, family)
     out = tmp_path / "run"
     make_run(out, model_dir, tok)
     extra = ["--lora-rank", "4"] if lora else []
@@ -71,9 +87,81 @@ def test_sharded_equals_one_process(model_dir, tok, tmp_path, lora):
         for k in ("loss", "collapsed", "full", "anchor_loss", "grad_norm", "sampled_refusal"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-7), (a["step"], k)
     wa, wb = load_file(out / "one" / "model.safetensors"), load_file(out / "two" / "model.safetensors")
-    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    assert wa.keys() == wb.keys()
+    for k in wa:  # an untied embedding row whose gradient is ~1e-9, near AdamW's eps, moves by a share of lr
+        atol = 1e-3 if family and k.endswith("embed_tokens.weight") else 1e-5  # sensitive to rounding
+        assert torch.allclose(wa[k], wb[k], atol=atol), k
     if lora:
         assert (out / "two" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_sharded_loading_holds_slices_only(tok, tmp_path, lora):
+    """--shard never materialises a whole model on a rank's device: on both ranks every fully_shard call sees
+    a model still on the meta device, and a tied head stays the embeddings' parameter. On a random
+    95M-parameter model (361 MB in float32) rank 1's resident memory grows, while the models are built, by
+    about its half of each copy (full fine-tuning shards two, the student and π0's frozen copy; LoRA one):
+    measured 0.57 of a copy per copy, where the previous code (every rank loaded the whole model, copied it,
+    then sharded) grew by 1.27 (full) and 1.13 (LoRA). Rank 0 reads the weights on the host, by design."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=1024, intermediate_size=2048, num_hidden_layers=10,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    model, model_dir = LlamaForCausalLM(cfg), tmp_path / "model"
+    model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    del model
+    out = tmp_path / "run"
+    make_run(out, model_dir, tok)
+    argv = args_for(model_dir, out, "--shard", *(["--lora-rank", "4"] if lora else []))
+    torchrun(argv, script=PROBE, env={"PROBE_OUT": str(tmp_path), "PROBE_STOP": "build"})
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    copies = 1 if lora else 2
+    for rank in ranks:
+        assert len(rank["fully_shard"]) == copies * (cfg.num_hidden_layers + 1)
+        assert all(call["all_meta"] for call in rank["fully_shard"]) and rank["head_is_embedding"]
+    grown = ranks[1]["peak_mb"] - ranks[1]["rss_before_mb"]
+    assert grown < 0.75 * copies * model_mb, (grown, model_mb)
+
+
+@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
+def test_resume_under_another_number_of_processes(model_dir, tok, tmp_path, monkeypatch, capsys, first, then):
+    """A checkpoint written by 2 sharded processes resumes in 1, and one written by 1 process in 2 sharded
+    ones: each rank reads its slices of the weights and AdamW states whatever the number that wrote them
+    (torch.distributed.checkpoint). The sampler streams restart, which greedy samples do not notice: losses
+    and final weights equal the uninterrupted 1-process run's, and a warning and the log say so."""
+    out = tmp_path / "run"
+    make_run(out, model_dir, tok)
+    argv = args_for(model_dir, out, "--temperature", "0")  # 4 steps, a checkpoint every 2
+    dl.main(argv + ["--student", "straight"])
+    if first == 2:  # stopped just after step 2's checkpoint
+        assert torchrun(argv + ["--student", "s", "--shard"], script=PROBE, env={"PROBE_STOP": "2"},
+                        check=False).returncode != 0
+    else:  # killed during step 3
+        real_step = kill_at_step(monkeypatch, dl, 3)
+        with pytest.raises(KeyboardInterrupt):
+            dl.main(argv + ["--student", "s"])
+        monkeypatch.setattr(dl, "train_step", real_step)
+    assert (out / "s.work" / "checkpoint.pt").is_file() and not (out / "s").exists()
+    assert [f.name for f in (out / "s.work").glob("weights-*")] == ["weights-2"]  # one checkpoint kept
+    capsys.readouterr()
+    if then == 1:
+        dl.main(argv + ["--student", "s", "--resume"])
+        err = capsys.readouterr().err
+    else:
+        err = torchrun(argv + ["--student", "s", "--resume", "--shard"]).stderr
+    assert f"written by {first} processes and is resumed by {then}: the sampler streams restart" in err
+    one, two = log_of(out / "straight"), log_of(out / "s")
+    assert [r["step"] for r in two] == [1, 2, 3, 4] and "resumed" not in two[1] and "resumed" not in two[3]
+    assert two[2]["resumed"] == {"from_step": 2, "processes": then, "checkpoint_processes": first,
+                                 "sampler_streams": "restarted from each rank's seed"}
+    for a, b in zip(one, two):
+        for k in ("loss", "collapsed", "full", "grad_norm", "sampled_refusal"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-7), (a["step"], k)
+    wa, wb = load_file(out / "straight" / "model.safetensors"), load_file(out / "s" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
 def test_shard_needs_even_shares(model_dir, tok, tmp_path):
@@ -92,8 +180,8 @@ def test_shard_needs_even_shares(model_dir, tok, tmp_path):
 @pytest.mark.parametrize("shard", [False, True])
 def test_resume_across_ranks(model_dir, tok, tmp_path, shard):
     """A 2-process run stopped (SIGTERM to torchrun) after a checkpoint and resumed under 2 processes ends
-    with the uninterrupted run's weights: the checkpoint holds every rank's sampler stream (and, sharded, the
-    weights and Adam states gathered from the slices)."""
+    with the uninterrupted run's weights: the checkpoint holds every rank's sampler stream (and, sharded, each
+    rank's slices of the weights and Adam states)."""
     out = tmp_path / "run"
     make_run(out, model_dir, tok)
     argv = args_for(model_dir, out, "--prompts-per-step", "2" if shard else "3", "--max-steps", "8",
