@@ -17,8 +17,8 @@ end-of-turn token, mean per sequence, then over sequences.
 
 The paper's path comes first (Recipe, the loss formulas, localized_reverse_kl, train_step, step_prompts);
 then, as --help groups them, the authors' variants (prompt teacher, loss window; the teacher schedules, a
-hard refresh and their moving average, are in schedule.py), ours (anchoring to
-π0, lest the student learn the teacher's over-refusal; lean losses; packing) and, in parallel.py, scale.
+hard refresh and their moving average, are in schedule.py), ours (anchoring to π0, lest the student learn
+the teacher's over-refusal; lean losses; packing) and, in parallel.py, scale.
 
 Reads   OUT/direction.safetensors + .json (Stage 1), OUT/safety_tokens.json (Stage 2), data/harmful_train
 Writes  OUT/student/   a transformers model directory (AutoModelForCausalLM.from_pretrained loads it; with
@@ -75,6 +75,7 @@ class Recipe:
     warmup: float = 0.1              # fraction of the steps warming up linearly (paper: a tenth)
     clip: float = 1.0                # gradient-norm clip (paper: 1.0)
     micro_batch: int = 8             # sequences per forward/backward (gradient accumulation, for memory)
+    sample_batch: int | None = None  # rows sampled at a time (None: all (P + A)·G; for memory, same samples)
     # the authors' variants
     refresh_every: int | None = None  # πt := the student + c·r every N steps (a hard copy; schedule.py)
     skip_tokens: int = 0             # the loss on completion positions [K, M) only (as the authors')
@@ -220,14 +221,16 @@ class Samples:
 
 
 def sample_batch(student, tok, prompts: list[str], recipe: Recipe, loop: Loop) -> Samples:
-    """G completions per prompt from the student, in eval mode (no checkpointing, KV cache on)."""
-    device = next(student.parameters()).device
+    """G completions per prompt from the student in eval mode (KV cache on), in the precision it trains in."""
+    device, world = next(student.parameters()).device, loop.world
     rows = [p for p in prompts for _ in range(recipe.samples)]
     ids, mask = encode_chats(tok, rows, device=device)
-    sync_stop = loop.world.any if loop.world.sharded else None
-    comp, comp_mask = sample(student.eval(), ids, mask, recipe.max_new_tokens, temperature=recipe.temperature,
-                             top_p=recipe.top_p, generator=loop.gen, stop_ids=stop_token_ids(tok),
-                             pad_id=tok.pad_token_id, sync_stop=sync_stop)
+    sync_stop = world.any if world.sharded else None  # sharded: every rank decodes as long as any does
+    with world.autocast(device):
+        comp, comp_mask = sample(student.eval(), ids, mask, recipe.max_new_tokens, top_p=recipe.top_p,
+                                 temperature=recipe.temperature, stop_ids=stop_token_ids(tok),
+                                 pad_id=tok.pad_token_id, generator=loop.gen, sync_stop=sync_stop,
+                                 rows_at_once=recipe.sample_batch)
     loss_mask = loss_window(comp_mask, recipe.skip_tokens, recipe.keep_tokens)
     return Samples(rows, ids, mask, comp, comp_mask, loss_mask)
 
@@ -237,7 +240,7 @@ def distill_rows(student, target: Teacher, batch: Samples, rows: slice, weight: 
     """teacher -> student -> loss -> backward on the batch's `rows`, a micro-batch at a time (gradient
     accumulation): weight · L(rows, target), each sequence counting 1/total (total: over all ranks)."""
     recipe, timer = step.recipe, step.timer
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=batch.ids.device.type == "cuda")
+    autocast = step.world.autocast(batch.ids.device)  # bf16 on CUDA (sharded: by FSDP2's mixed precision)
     ctx_ids, ctx_mask = batch.ids, batch.mask
     if target.system is not None:  # the prompt teacher reads each prompt behind its system prompt
         ctx_ids, ctx_mask = target.encode(step.tok, batch.prompts, batch.ids.device)
@@ -377,9 +380,8 @@ def parse_args(argv=None):
 
 def train(models: Models, s_ids, recipe: Recipe, loop: Loop, plan: tuple[list, list], start: int,
           log: list[dict], ema=None) -> list[dict]:
-    """Steps start + 1 ... n, each one train_step on that step's harmful prompts and anchors (plan: two lists
-    of n groups; this rank's share); πt refreshed every N steps but not after the last, or (ema) following the
-    student; the log, checkpoints."""
+    """Steps start + 1 ... n, each a train_step on this rank's share of its prompts and anchors (plan: two
+    lists of n groups); πt refreshed every N steps but the last, or following the student (ema); the log."""
     (harmful, anchors), world, n_steps = plan, loop.world, len(plan[0])
     bar = tqdm(range(start, n_steps), desc=f"distill ({recipe.loss})", unit="step", initial=start,
                total=n_steps, disable=not world.main)

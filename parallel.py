@@ -4,7 +4,9 @@
     torchrun --nproc-per-node 8 distill.py --out runs/x ... --shard    # FSDP2: each holds 1/8 (sharding.py)
 
 Models: full fine-tuning trains a float32 student beside a frozen copy of π0 that serves as πt (with the hook)
-and π0; with --lora-rank one copy serves all three, adapters off being π0 (one GPU for 8B models).
+and π0; with --lora-rank one copy serves all three, adapters off being π0 (one GPU for 8B models). On CUDA
+they compute in bf16: under autocast, or sharded by FSDP2's mixed precision (precision.py). --sample-batch N
+samples a step's rows N at a time, each row with the random numbers it draws in one batch (steering.RowDraws).
 Processes: each rank samples its share of every step's prompts (prompts[rank::world]) with its own generator;
 losses are weighted by the step's *global* number of sequences and gradients summed over ranks, so an update
 is the same whatever the world size: one all_reduce per parameter (data parallelism written out), or with
@@ -29,7 +31,7 @@ import torch.distributed as dist
 from checkpoints import load_checkpoint, save_checkpoint
 from common import (UserError, load_model, positive_float, positive_int, run_info, save_model_dir,
                     seed_everything, write_jsonl)
-from precision import DTYPES, frozen_copy, merge_lora
+from precision import DTYPES, computes_in_bf16, frozen_copy, merge_lora, training_autocast
 from steering import Teacher, load_teacher, packing_path
 
 
@@ -49,7 +51,7 @@ class Models:
 def build_student(args, device, on=None):
     """π0 as the student starts: float32, or (LoRA, peft) π0 in bf16 on CUDA with float32 adapters. on: where
     to build it if not on `device` (--shard: "meta" for the architecture alone, or the host; sharding.py)."""
-    lora_bf16 = args.lora_rank and device.type == "cuda"
+    lora_bf16 = args.lora_rank and computes_in_bf16(device)
     student, tok = load_model(args.model, on or device, dtype=torch.bfloat16 if lora_bf16 else torch.float32,
                               chat_template=args.chat_template)
     if args.lora_rank:
@@ -62,7 +64,7 @@ def build_student(args, device, on=None):
 
 def build_models(args, out: Path, device, world: World | None = None):
     """(student, tok, πt, π0, direction.json). Full fine-tuning: a float32 student and a frozen float32 copy
-    of π0 for πt and π0, run under the student's autocast (precision.frozen_copy). LoRA: one copy, adapters
+    of π0 for πt and π0, computing as the student does (precision.frozen_copy). LoRA: one copy, adapters
     off is π0, adapters off + hook is πt. --shard: each copy sharded, and never whole on a device
     (sharding.py: built on meta, rank 0 reads the weights on the host and sends each rank its slice)."""
     lora = bool(args.lora_rank)
@@ -132,6 +134,10 @@ class World:
         if self.rank:
             gen.manual_seed(seed * 1_000_003 + self.rank)
         return gen
+
+    def autocast(self, device):
+        """Stage 3's forward passes computed in bf16 on CUDA: autocast, or sharded FSDP2's mixed precision."""
+        return training_autocast(device, self.sharded)
 
     def sum(self, values: list[float]) -> list[float]:
         """The same numbers summed over ranks (float64)."""
@@ -337,6 +343,9 @@ def add_scale_args(p) -> None:
                        "of the weights, gradients and Adam states (for a model that does not fit one device)")
     scale.add_argument("--save-dtype", choices=list(DTYPES), default="float32", help="the saved student's "
                        "weights (bf16 halves the file but rounds away updates smaller than its step)")
+    scale.add_argument("--sample-batch", type=positive_int, metavar="N",
+                       help="sample a step's (P + A) x G rows at most N at a time, each with the random "
+                            "numbers of one batch: the same samples, less memory (default: all at once)")
     scale.add_argument("--no-grad-checkpointing", action="store_true",
                        help="keep activations, not recomputing them in backward (more memory, same numbers)")
     scale.add_argument("--checkpoint-every", type=positive_int, help="save a resumable checkpoint every N "

@@ -4,8 +4,11 @@
     user asks for bf16 (then one warning line: the share of the student's update that survives the rounding).
     A LoRA student merges its adapters in float32: bf16 base weights cannot hold an update smaller than
     their rounding step (half of it is lost at lr 1e-5). Full fine-tuning's frozen π0 (πt with the hook)
-    stays float32 and runs under the student's autocast, so πs and π0 take one precision path at step 0.
+    stays float32 and computes as the student does, so πs and π0 take one precision path at step 0.
 
+Stage 3 computes in bf16 over float32 master weights on CUDA: unsharded under bf16 autocast
+(training_autocast); with --shard FSDP2 gathers each unit as bf16 weights instead (mixed_precision; gradients
+reduced in float32), for the student and its frozen π0 alike, and autocast stays off.
 On the CPU everything is float32 and none of this changes a number.
 """
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sys
 import torch
 
 DTYPES = {"bf16": torch.bfloat16, "float32": torch.float32}
+BF16_DEVICES = {"cuda"}  # where Stage 3 computes in bf16; the tests add "cpu" to run CUDA's policy on the CPU
 
 
 def add_dtype_arg(p) -> None:
@@ -49,10 +53,35 @@ def saved_dtype(path) -> torch.dtype | None:
 
 
 def frozen_copy(student) -> torch.nn.Module:
-    """Full fine-tuning's π0 (and πt with the hook): a frozen float32 copy of the student at step 0. It runs
-    under the student's autocast, so the two agree at step 0 up to the floor of bf16 compute; a pure-bf16 copy
-    would start from other weights (the rounded ones) and put a floor under every KL it measures."""
+    """Full fine-tuning's π0 (and πt with the hook): a frozen float32 copy of the student at step 0. It
+    computes as the student does (under its autocast, or sharded with its MixedPrecisionPolicy), on the same
+    bf16 weights at step 0; a pure-bf16 copy would start from other weights (the rounded ones) and put a floor
+    under every KL it measures."""
     return copy.deepcopy(student).requires_grad_(False).eval()
+
+
+def computes_in_bf16(device) -> bool:
+    """Does Stage 3 compute in bf16 on this device (CUDA), or in float32 (the CPU)?"""
+    return torch.device(device).type in BF16_DEVICES
+
+
+def training_autocast(device, sharded: bool = False):
+    """The context of Stage 3's forward passes (sampling, πt, π0, the student): bf16 autocast over float32
+    weights where Stage 3 computes in bf16, but not sharded: there every unit already computes on the bf16
+    weights FSDP2 gathered (mixed_precision), and autocast would keep some ops in float32 on top."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=computes_in_bf16(device) and not sharded)
+
+
+def mixed_precision(device):
+    """FSDP2's policy for --shard: each unit gathers its float32 slices as bf16 weights and computes on them,
+    its gradients reduce-scatter in float32 into float32 slices, and AdamW updates float32 master weights and
+    moments. Its π0 copy takes the same policy, so at step 0 both gather the same bf16 weights. On the CPU
+    (float32): no casts, as without --shard."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    if not computes_in_bf16(device):
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from common import UserError, fraction, load_json, positive_int, read_prompts, t
 from directions import find_prompt_file, recompute_direction, refresh_inputs
 from parallel import trainable
 from select_tokens import Selection, select, teacher_samples
-from steering import Teacher, swapped_weights
+from steering import Teacher
 
 STAGE2_BATCH = 32  # select_tokens.py's --batch-size default: the batches (and so the draws) Stage 2 made
 
@@ -56,6 +56,26 @@ def add_schedule_args(group) -> None:
 
 
 # ----------------------------------------------------------------------------- the hard copy
+
+@contextlib.contextmanager
+def swapped_weights(model, params: dict, values: dict):
+    """Run `model` (in eval mode) with `values` in place of `params`, then swap back (a swap is its own
+    inverse): a frozen snapshot of a training model costs a copy of what trains (distill --refresh-every)."""
+    def swap():
+        with torch.no_grad():
+            for name, p in params.items():
+                held = p.detach().clone()
+                p.copy_(values[name])
+                values[name].copy_(held)
+    training = model.training
+    swap()
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
+        swap()
+
 
 def refresh_teacher(student, tok, teacher: Teacher, dmeta: dict) -> Teacher:
     """πt := the student as it is now + c·r, r measured again on it by Stage 1's rule at its block (authors'

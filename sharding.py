@@ -9,6 +9,9 @@
 
 Full fine-tuning shards two models, the float32 student and its frozen copy π0 (precision.frozen_copy), both
 filled from the one host copy; LoRA shards one, with the adapters peft drew on rank 0 sent to every rank.
+Where Stage 3 computes in bf16 (CUDA), each unit has FSDP2's MixedPrecisionPolicy, not autocast
+(precision.mixed_precision): it gathers its slices as bf16 weights to compute and reduce-scatters gradients
+in float32, so what trains stays float32 in its slices, with its gradients and AdamW's moments.
 Rank 0's host copy is dropped once the slices are filled. At the end rank 0 gathers the trained slices into
 a plain model to save (parallel.unsharded).
 """
@@ -19,16 +22,19 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
-from precision import frozen_copy
+from precision import frozen_copy, mixed_precision
 from steering import decoder_layers
 
 
-def shard(model):
-    """FSDP2: every decoder block its own unit, the rest (embeddings, head) the root's. Gradients are
-    summed over ranks, as in World.sum_gradients: each rank's loss is already its share of the global mean."""
+def shard(model, device: torch.device):
+    """FSDP2: every decoder block its own unit, the rest (embeddings, head) the root's, each with the device's
+    mixed precision (bf16 compute on CUDA). Gradients are summed over ranks, as in World.sum_gradients: each
+    rank's loss is already its share of the global mean."""
     units = [*decoder_layers(model), model]
+    # FSDP2 fixes a unit's dtypes at its first forward, from what then requires grad: Stage 3's first forward
+    # is the student sampling, LoRA's adapters on (as π0 or πt, peft turns their requires_grad off)
     for unit in units:
-        fully_shard(unit)
+        fully_shard(unit, mp_policy=mixed_precision(device))
     for unit in units:  # FSDP2 averages by default (and gloo cannot pre-multiply): a plain sum instead
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)
@@ -44,7 +50,7 @@ def sharded_models(build, device: torch.device, main: bool, lora: bool):
     frozen = student if lora else frozen_copy(student)
     host = build(torch.device("cpu"))[0] if main else None  # the draws of one process: the same adapters
     for model in [student] if lora else [student, frozen]:
-        fill(shard(model), host, device)
+        fill(shard(model, device), host, device)
     return student, frozen, tok
 
 

@@ -7,8 +7,9 @@ Three stages need the same few pieces, so they live here once:
                   directions.ablate_direction's)
     the teacher   load_direction, Teacher, load_teacher   πt as one object: hook, safety system prompt, or π0
     sampling      prefill (each distinct prompt once, the shared prefix once), sample (a KV-cached decoding
-                  loop, by hand), completion_logits (teacher forcing; the student's G samples of a prompt
-                  packed into one row behind a tree mask, packed_completion_logits), right_pad
+                  loop, by hand; N rows at a time with one batch's random numbers, RowDraws),
+                  completion_logits (teacher forcing; the student's G samples of a prompt packed into one row
+                  behind a tree mask, packed_completion_logits), right_pad
 
 What is plumbing (files, loading, templates, the CLI) is in common.py; the math of each stage is in its file.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from chat import encode_chats
 from common import UserError, load_json
@@ -153,26 +155,6 @@ class Teacher:
         return "safety system prompt" if self.kind == "prompt" else "π0 (no steering)"
 
 
-@contextlib.contextmanager
-def swapped_weights(model, params: dict, values: dict):
-    """Run `model` (in eval mode) with `values` in place of `params`, then swap back (a swap is its own
-    inverse): a frozen snapshot of a training model costs a copy of what trains (distill --refresh-every)."""
-    def swap():
-        with torch.no_grad():
-            for name, p in params.items():
-                held = p.detach().clone()
-                p.copy_(values[name])
-                values[name].copy_(held)
-    training = model.training
-    swap()
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(training)
-        swap()
-
-
 def load_teacher(model, direction_path, kind: str = "hook", coefficient: float | None = None,
                  system: str | None = None, base_context=contextlib.nullcontext) -> tuple[Teacher, dict]:
     """Teacher from Stage 1's files. c is direction.json's coefficient unless one is given (the one place
@@ -268,15 +250,28 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id
 @torch.no_grad()
 def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
            stop_ids: list[int], pad_id: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-           generator: torch.Generator | None = None, sync_stop=None):
+           generator: torch.Generator | None = None, sync_stop=None, rows_at_once: int | None = None,
+           draw=None):
     """Decode a batch of left-padded prompts with a KV cache; temperature 0 means greedy.
 
     Returns (tokens [batch, new], mask [batch, new]); mask is 1 up to and including each row's first
     stop token. Rows stop independently; a finished row is fed pad tokens, and decoding ends as soon as
     every row has stopped (the returned width is then the longest row's). sync_stop(running) -> bool, if
     given, decides for all processes together (a sharded model must be called equally often on every rank).
+    rows_at_once=N decodes N rows at a time (the KV cache holds N rows), each row drawing the random numbers
+    it would in one batch (RowDraws; draw(probs, step) is its hook): its tokens do not depend on N.
     """
     batch, device = input_ids.shape[0], input_ids.device
+    if rows_at_once and rows_at_once < batch:
+        cut = [(a, min(a + rows_at_once, batch)) for a in range(0, batch, rows_at_once)]
+        draws = RowDraws(generator, [b - a for a, b in cut])
+        parts = [sample(model, input_ids[a:b], attention_mask[a:b], max_new_tokens, stop_ids=stop_ids,
+                        pad_id=pad_id, temperature=temperature, top_p=top_p, top_k=top_k, sync_stop=sync_stop,
+                        draw=lambda probs, t, i=i: draws.draw(i, probs, t)) for i, (a, b) in enumerate(cut)]
+        width = max(tokens.shape[1] for tokens, _ in parts)
+        tokens = torch.cat([F.pad(tokens, (0, width - tokens.shape[1]), value=pad_id) for tokens, _ in parts])
+        return tokens, torch.cat([F.pad(mask, (0, width - mask.shape[1])) for _, mask in parts])
+    draw = draw or (lambda probs, t: torch.multinomial(probs, 1, generator=generator))
     share_prefix = sync_stop is None  # a sharded model runs the same calls on every rank
     logits, cache, cache_mask, next_pos, _ = prefill(model, input_ids, attention_mask, pad_id, share_prefix)
     plen = cache_mask.shape[1]
@@ -292,7 +287,7 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
             nxt = logits.argmax(-1)
         else:
             probs = _filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(device)
+            nxt = draw(probs.cpu(), t).squeeze(1).to(device)
         nxt = torch.where(alive, nxt, torch.full_like(nxt, pad_id))
         tokens[:, t] = nxt
         mask[:, t] = alive.long()
@@ -305,6 +300,30 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
                         position_ids=next_pos + t, past_key_values=cache, use_cache=True)
             logits = out.logits[:, -1].float()
     return tokens, mask
+
+
+class RowDraws:
+    """One batch's random numbers for a batch sampled a chunk of rows at a time. torch.multinomial over
+    [rows, V] takes rows·V exponentials from the generator at each step, row after row (tested), while a chunk
+    decodes all its steps before the next starts: the first chunk to reach step t draws all of step t's
+    numbers, noting where each chunk's part starts, and each chunk draws its part from there. The generator
+    ends where one batch leaves it. Costs twice one batch's draws, and 5 KB per chunk and step until used."""
+
+    def __init__(self, generator: torch.Generator | None, sizes: list[int]):
+        self.gen, self.sizes, self.states = generator or torch.default_generator, sizes, []
+
+    def draw(self, chunk: int, probs: torch.Tensor, t: int) -> torch.Tensor:
+        while len(self.states) <= t:  # states[step][chunk]: where that chunk's part of the step starts
+            self.states.append([])
+            for n in self.sizes:  # multinomial's own draws for n rows, thrown away
+                self.states[-1].append(self.gen.get_state())
+                torch.empty(n, probs.shape[1], dtype=probs.dtype).exponential_(generator=self.gen)
+        frontier, start = self.gen.get_state(), self.states[t][chunk]
+        self.states[t][chunk] = None  # used once
+        self.gen.set_state(start)
+        picked = torch.multinomial(probs, 1, generator=self.gen)
+        self.gen.set_state(frontier)
+        return picked
 
 
 def sample_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> int:

@@ -5,12 +5,12 @@ V = vocabulary, h = hidden, I = MLP width, L = blocks, c = compute dtype's bytes
 the CPU):
 
     resident   full:  float32 student (4P) + its gradient (4P) + AdamW moments (8P) + a frozen float32 π0/πt
-                      copy (4P: it runs under the student's autocast, precision.py); on CUDA also autocast's
-                      cached bf16 copy of the weights (2P) and, with foreach AdamW, its temporary (4P; 0 with
-                      the fused AdamW that distill.py uses on CUDA)
+                      copy (4P: it computes as the student does, precision.py); on CUDA also autocast's
+                      cached bf16 copy of the weights (2P; not sharded, where FSDP2 casts each unit instead)
+                      and, with foreach AdamW, its temporary (4P; 0 with the fused AdamW used on CUDA)
                LoRA:  one base copy (cP) + adapters A in float32 with gradient and moments (16A)
-    sampling   KV cache 2·L·n·S·kv·d·c for the n = (P + A)·G rows decoded together (A anchor prompts), and
-               their last logits
+    sampling   KV cache 2·L·n·S·kv·d·c for the n rows decoded together, and their last logits: all of a
+               step's (P + A)·G rows (A anchor prompts), or with --sample-batch N, min(N, (P + A)·G)
     training   checkpointed block inputs L·b·S·h·c, one block recomputed (b·S·(6h + 3I)·c + attention
                b·H·S²·c), teacher and student logits 2·b·T·V·c, the logits' gradient b·T·V·c, and the loss's
                chunk (256·V·4·2)
@@ -19,9 +19,11 @@ the CPU):
     peak       resident + max(sampling, training) · (1.2 on CUDA) + CUDA's fixed costs
 
 Sharded over N GPUs (distill.py --shard under torchrun, FSDP2 with one unit per block): resident / N, plus the
-units gathered whole while they run: the root (embeddings, head; kept gathered through forward and backward)
-and two blocks (the running one and the prefetched next) in the parameters' dtype; each rank samples and
-trains its rows / N. Not validated here (the CPU test checks the numbers of a sharded run, not its memory).
+units gathered whole while they run, in bf16 on CUDA (FSDP2's mixed precision; the CPU gathers float32): the
+root (embeddings, head; kept gathered through forward and backward) and two blocks (the running one and the
+prefetched next), and with full fine-tuning π0's root too (FSDP2 leaves a root gathered after a forward, and
+π0 has no backward); each rank samples (at most N rows at a time) and trains its rows / N. Not validated here
+(the CPU tests check the numbers and dtypes of a sharded run, not its memory).
 
 The CUDA terms are public measurements (issue 31), not measured here. The model is checked against measured
 peaks on the CPU (`--validate`: the bundled 135M model and a tiny one, full and LoRA; measured = peak RSS of a
@@ -35,6 +37,7 @@ Usage:
     python bench/memory_model.py                 # the table
     python bench/memory_model.py --validate      # predicted vs measured on this CPU (a few minutes)
     python bench/memory_model.py --gpus 8        # per GPU when Stage 3 is sharded over 8 GPUs
+    python bench/memory_model.py --sample-batch 16   # 16 of a step's rows sampled at a time
 """
 import argparse
 import json
@@ -90,10 +93,10 @@ def lora_params(m: dict, rank: int) -> int:
 
 def predict(m: dict, *, lora_rank: int | None, c: int, rows: int, micro_batch: int, prompt: int, new: int,
             attn_s2: bool, shard: int = 1, cuda: bool = False, fused_adam: bool | None = None,
-            world: int | None = None) -> dict:
+            world: int | None = None, sample_batch: int | None = None) -> dict:
     """Peak bytes of one step and its parts on one device (see the module docstring). rows: (P + A)·G,
     all the step's rows; cuda: add the CUDA terms; fused_adam: default on CUDA; world: processes (default:
-    shard)."""
+    shard); sample_batch: distill.py --sample-batch (default: all rows at once)."""
     p, s = params(m), prompt + new
     fused_adam = cuda if fused_adam is None else fused_adam
     world = shard if world is None else world
@@ -102,15 +105,17 @@ def predict(m: dict, *, lora_rank: int | None, c: int, rows: int, micro_batch: i
         resident = {"weights": c * p / shard, "trainable (fp32 + grad + AdamW)": 16 * a / shard}
     else:
         resident = {"student fp32 + grad + AdamW": 16 * p / shard, "frozen π0/πt copy (fp32)": 4 * p / shard}
-        if cuda:
-            resident["autocast's bf16 weight cache"] = 2 * p / shard
+        if cuda and shard == 1:  # sharded, FSDP2's mixed precision casts a unit at a time instead
+            resident["autocast's bf16 weight cache"] = 2 * p
         if not fused_adam and cuda:  # foreach AdamW's temporary; the CPU's AdamW is per-tensor (for loops)
             resident["AdamW foreach temporary"] = 4 * p / shard
-    if shard > 1:  # gathered units: root + two blocks, in the student's dtype (float32 when fully fine-tuned)
-        resident["gathered units"] = (root_params(m) + 2 * block_params(m)) * (c if lora_rank else 4)
+    if shard > 1:  # gathered units in the compute dtype: root + two blocks (full fine-tuning: π0's root too)
+        roots = 1 if lora_rank else 2
+        resident["gathered units"] = (roots * root_params(m) + 2 * block_params(m)) * c
         rows, micro_batch = math.ceil(rows / shard), min(micro_batch, math.ceil(rows / shard))
-    kv = 2 * m["L"] * rows * s * m["kv"] * m["d"] * c
-    sampling = {"KV cache": kv, "last logits": rows * m["V"] * 4 * 2}
+    decoded = min(sample_batch or rows, rows)  # rows sampled at once
+    kv = 2 * m["L"] * decoded * s * m["kv"] * m["d"] * c
+    sampling = {"KV cache": kv, "last logits": decoded * m["V"] * 4 * 2}
     b = micro_batch
     training = {"checkpointed block inputs": m["L"] * b * s * m["h"] * c,
                 "one block recomputed": b * s * (6 * m["h"] + 3 * m["I"]) * c * 2
@@ -219,17 +224,18 @@ def validate(tmp: Path) -> list[dict]:
     return rows
 
 
-def table(rank: int, prompt: int, new: int, shard: int = 1, anchors: int = 4) -> list[dict]:
-    """On CUDA, 4 prompts and `anchors` anchor prompts x 8 samples: the peak at micro-batch 8, the smallest
-    card that holds it (CARDS, GiB), and the largest micro-batch (8, 4, 2, 1) that fits an A10G/L4; per GPU of
-    `shard`."""
+def table(rank: int, prompt: int, new: int, shard: int = 1, anchors: int = 4,
+          sample_batch: int | None = None) -> list[dict]:
+    """On CUDA, 4 prompts and `anchors` anchor prompts x 8 samples, sampled sample_batch rows at a time: the
+    peak at micro-batch 8, the smallest card that holds it (CARDS, GiB), and the largest micro-batch (8, 4, 2,
+    1) that fits an A10G/L4; per GPU of `shard`."""
     rows = []
     for name, m in MODELS.items():
         for mode in ("full", "LoRA"):
             def peak(mb):
                 return predict(m, lora_rank=rank if mode == "LoRA" else None, c=2, rows=(4 + anchors) * 8,
                                micro_batch=mb, prompt=prompt, new=new, attn_s2=False, shard=shard,
-                               cuda=True)["peak"] / GIB
+                               cuda=True, sample_batch=sample_batch)["peak"] / GIB
             fits = [card for card, gib in CARDS.items() if peak(8) <= gib]
             mb_small = next((mb for mb in (8, 4, 2, 1) if peak(mb) <= CARDS["A10G/L4"]), None)
             rows.append({"model": name, "params_b": params(m) / 1e9, "mode": mode, "peak_gib": peak(8),
@@ -249,6 +255,8 @@ def parse_args(argv=None):
                        help="new tokens per row in the table (paper: 512)")
     p.add_argument("--anchor-per-step", type=common.non_negative_int, default=4,
                    help="anchor prompts per step in the table (README's command: 4); rows = (4 + A) x 8")
+    p.add_argument("--sample-batch", type=common.positive_int,
+                   help="rows sampled at a time, as distill.py's --sample-batch (default: all (4 + A) x 8)")
     common.add_renamed(p, "--shard", "--gpus", type=common.positive_int, default=1,
                        help="per GPU when Stage 3 is sharded over this many GPUs (distill.py --shard)")
     p.add_argument("--child", help=argparse.SUPPRESS)  # --validate's subprocess: one measured step, as JSON
@@ -260,14 +268,16 @@ def main(argv=None):
     if args.child:
         return child(json.loads(args.child))
     where = f"per GPU, sharded over {args.gpus} GPUs (FSDP2)" if args.gpus > 1 else "on one GPU"
+    sampled = f", sampled {args.sample_batch} rows at a time" if args.sample_batch else ""
     print(f"Stage 3 peak memory in GiB, bf16 {where}, (4 prompts + {args.anchor_per_step} anchors) x 8 "
-          f"samples, micro-batch 8, {args.prompt_tokens} + {args.max_new_tokens} tokens, gradient "
+          f"samples{sampled}, micro-batch 8, {args.prompt_tokens} + {args.max_new_tokens} tokens, gradient "
           f"checkpointing, memory-efficient attention, CUDA context and fragmentation; LoRA rank "
           f"{args.lora_rank} on q,k,v,o,gate,up,down")
     print("cards (GiB, as torch reports them): " + ", ".join(f"{k} {v}" for k, v in CARDS.items()))
     print(f"{'model':<24} {'params':>7} {'mode':<5} {'peak GiB':>9} {'smallest card':>15}   "
           f"on A10G/L4: micro-batch, peak GiB")
-    rows = table(args.lora_rank, args.prompt_tokens, args.max_new_tokens, args.gpus, args.anchor_per_step)
+    rows = table(args.lora_rank, args.prompt_tokens, args.max_new_tokens, args.gpus, args.anchor_per_step,
+                 args.sample_batch)
     for r in rows:
         small = f"{r['mb_small']}, {r['peak_small_gib']:.1f}" if r["mb_small"] else "does not fit"
         print(f"{r['model']:<24} {r['params_b']:>6.1f}B {r['mode']:<5} {r['peak_gib']:>9.1f} "

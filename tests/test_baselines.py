@@ -320,6 +320,20 @@ def test_each_method_writes_a_student_that_transformers_loads(method, model_dir,
     assert f"wrote {out / method}" in printed and "πt: " in printed
 
 
+def test_sample_batch_samples_the_same_answers(model_dir, tmp_path):
+    """--sample-batch (a scale option shared with Stage 3) samples the answers 1 row at a time, each row with
+    the random numbers of one batch: the same answers, so bit for bit the same student."""
+    from safetensors.torch import load_file
+    out = tmp_path / "run"
+    make_run(out, model_dir)
+    bl.main(args_for(model_dir, out, "sft"))
+    bl.main(args_for(model_dir, out, "sft", "--sample-batch", "1", "--student", "rows"))
+    a, b = load_file(out / "sft" / "model.safetensors"), load_file(out / "rows" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[r["loss"] for r in read_log(out / name / "train_log.jsonl")] for name in ("sft", "rows")]
+    assert losses[0] == losses[1]
+
+
 def test_a_student_evaluates_with_stage_4(model_dir, tmp_path):
     out = tmp_path / "run"
     make_run(out, model_dir)

@@ -375,10 +375,10 @@ def test_recipe_is_built_from_the_arguments_once():
     """Recipe.from_args copies every setting of the step from its argument, and the defaults are Recipe's."""
     args = dl.parse_args(["--samples", "3", "--loss", "full", "--loss-impl", "formula", "--no-pack-samples",
                           "--keep-tokens", "5", "--refresh-every", "2", "--anchor-weight", "1.5",
-                          "--lr", "3e-4"])
+                          "--lr", "3e-4", "--sample-batch", "6"])
     recipe = dl.Recipe.from_args(args)
     assert recipe == dl.Recipe(samples=3, loss="full", impl="formula", pack=False, keep_tokens=5,
-                               refresh_every=2, anchor_weight=1.5, lr=3e-4)
+                               refresh_every=2, anchor_weight=1.5, lr=3e-4, sample_batch=6)
     flag = {"impl": "loss_impl", "pack": "pack_samples"}
     for f in dataclasses.fields(recipe):
         assert getattr(recipe, f.name) == getattr(args, flag.get(f.name, f.name)), f.name
@@ -513,6 +513,33 @@ def test_gradient_checkpointing_changes_memory_not_numbers(model_dir, tok, tmp_p
     assert counts["on"] > counts["off"] > 0  # the recomputation happens only when on
     a, b = (load_file(out / m / "model.safetensors") for m in ("on", "off"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_sample_batch_changes_memory_not_samples(model_dir, tok, tmp_path, monkeypatch):
+    """--sample-batch N samples a step's (P + A)·G rows N at a time (here 6 rows: 4 + 2, and 1 at a time),
+    each row with the random numbers it draws in one batch (temperature 1): the same samples, so the same
+    losses and, bit for bit, the same student as all rows at once (the default)."""
+    from safetensors.torch import load_file
+    out = tmp_path / "run"
+    make_run(out, model_dir, tok)
+    chunks, real = [], steering.sample  # the calls for each chunk (distill calls sample by its own name)
+
+    def counted(model, ids, *a, **k):
+        chunks.append(len(ids))
+        return real(model, ids, *a, **k)
+    monkeypatch.setattr(steering, "sample", counted)
+    argv = args_for(model_dir, out, "--max-steps", "2", "--anchor", str(common.data_file("harmless_val")),
+                    "--anchor-per-step", "1")
+    for n in (None, 4, 1):
+        dl.main(argv + ["--student", f"n{n}", *(["--sample-batch", str(n)] if n else [])])
+    assert chunks == [4, 2] * 2 + [1] * 6 * 2
+    logs = {n: (out / f"n{n}" / "train_log.jsonl").read_text().splitlines() for n in (None, 4, 1)}
+    drop = ("seconds", "step_seconds", "sample_tokens_per_s", "peak_memory_mb")
+    rows = {n: [{k: v for k, v in json.loads(line).items() if k not in drop} for line in log]
+            for n, log in logs.items()}
+    assert rows[None] == rows[4] == rows[1]
+    weights = {n: load_file(out / f"n{n}" / "model.safetensors") for n in (None, 4, 1)}
+    assert all(torch.equal(weights[None][k], weights[n][k]) for n in (4, 1) for k in weights[None])
 
 
 def test_token_file_for_another_tokenizer(model_dir, tok, tmp_path):

@@ -109,3 +109,27 @@ def test_frozen_pi0_follows_the_students_precision_path(tok):
     old = step0_kl(student, frozen_copy(student).to(torch.bfloat16), autocast=True)
     assert floor < 1e-4 and floor < old / 3  # measured 4.2e-5 against 2.6e-4
     assert step0_kl(student, frozen, autocast=False) < 1e-10  # float32 on the CPU: the demo's numbers
+
+
+def test_the_student_samples_in_the_precision_it_trains_in(tok, monkeypatch):
+    """Stage 3 computes in bf16 where precision.BF16_DEVICES says (CUDA; here the CPU too): the student's
+    sampling runs under the same bf16 autocast as its training forward (a bf16 KV cache, as the memory model
+    counts, not float32's twice as large), and sharded there is no autocast at all (FSDP2's policy casts)."""
+    import distill
+    import precision
+    from parallel import World
+    student = make_model(tok)
+    seen = []
+    student.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    loop = distill.Loop(None, None, torch.Generator().manual_seed(0))
+    recipe = distill.Recipe(samples=2, max_new_tokens=3)
+    distill.sample_batch(student, tok, ["hello"], recipe, loop)
+    assert set(seen) == {torch.float32}  # the CPU: float32, as ever
+    monkeypatch.setattr(precision, "BF16_DEVICES", {"cuda", "cpu"})
+    seen.clear()
+    distill.sample_batch(student, tok, ["hello"], recipe, loop)
+    assert set(seen) == {torch.bfloat16}
+    with World(torch.device("cpu")).autocast("cpu"):
+        assert torch.is_autocast_enabled("cpu")
+    with precision.training_autocast("cpu", sharded=True):
+        assert not torch.is_autocast_enabled("cpu")

@@ -16,6 +16,7 @@ from test_distill import args_for, make_run
 
 import distill as dl
 import parallel
+import precision
 import steering
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +94,56 @@ def test_sharded_equals_one_process(model_dir, tok, tmp_path, lora, family):
         assert torch.allclose(wa[k], wb[k], atol=atol), k
     if lora:
         assert (out / "two" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_sharded_sampling_n_rows_at_a_time(model_dir, tok, tmp_path):
+    """--sample-batch under --shard: each rank samples its 4 rows 3 at a time (chunks of 3 and 1, every rank
+    decoding each chunk until all ranks' rows of it have ended), with its own stream (temperature 1): the log
+    and the student are, bit for bit, those of all rows at once."""
+    out = tmp_path / "run"
+    make_run(out, model_dir, tok)
+    argv = args_for(model_dir, out, "--max-steps", "2", "--shard", "--anchor",
+                    str(ROOT / "data" / "harmless_val.jsonl"), "--anchor-per-step", "2")
+    torchrun(argv + ["--student", "all"])
+    torchrun(argv + ["--student", "chunks", "--sample-batch", "3"])
+    drop = ("seconds", "step_seconds", "sample_tokens_per_s", "peak_memory_mb")
+    logs = [[{k: v for k, v in r.items() if k not in drop} for r in log_of(out / name)]
+            for name in ("all", "chunks")]
+    assert logs[0] == logs[1] and len(logs[0]) == 2
+    a, b = load_file(out / "all" / "model.safetensors"), load_file(out / "chunks" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sharded_bf16_mixed_precision_on_two_processes(model_dir, tok, tmp_path, monkeypatch):
+    """CUDA's dtype policy on the CPU (precision.BF16_DEVICES; PROBE_BF16 in the processes): --shard over two
+    gloo processes gathers every unit as bf16 weights (FSDP2's MixedPrecisionPolicy: bf16, reduce float32;
+    gloo gathers bf16 on the CPU); full fine-tuning, greedy samples, 2 prompts + 2 anchors per step.
+    (a) At step 0, on both ranks, the student's and π0's logits on one path are bf16 and equal: KL exactly 0.
+    (b) The samples are the same text, and per-step losses and gradient norms within 5% of one process's under
+    bf16 autocast over float32 weights (tests/test_sharding.py says why not closer); the anchor loss, a KL of
+    ~5e-4 after two steps, within 3e-4: the two precisions differ by a few of bf16's floors there.
+    (c) On both ranks every unit has the policy, and the slices and AdamW's moments stay float32."""
+    monkeypatch.setattr(precision, "BF16_DEVICES", {"cuda", "cpu"})
+    out = tmp_path / "run"
+    make_run(out, model_dir, tok)
+    argv = args_for(model_dir, out, "--max-steps", "3", "--temperature", "0", "--anchor",
+                    str(ROOT / "data" / "harmless_val.jsonl"), "--anchor-per-step", "2")
+    dl.main(argv + ["--student", "one"])
+    torchrun(argv + ["--student", "two", "--shard"], script=PROBE,
+             env={"PROBE_BF16": "1", "PROBE_OUT": str(tmp_path)})
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank in ranks:
+        assert rank["step0"] == {"equal": True, "kl": 0.0, "dtype": "torch.bfloat16"}
+        assert rank["after"] == {"master": ["torch.float32"], "adam": ["torch.float32"],
+                                 "policies": ["torch.bfloat16/torch.float32"], "units": 5}
+    one, two = log_of(out / "one"), log_of(out / "two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert (a["example"], a["sampled_refusal"], a["mean_completion_tokens"]) == \
+            (b["example"], b["sampled_refusal"], b["mean_completion_tokens"])
+        for k in ("loss", "collapsed", "full", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=5e-2), (a["step"], k)  # measured: within 1.6%
+        assert a["anchor_loss"] == pytest.approx(b["anchor_loss"], abs=3e-4)  # 5e-4 and 6.4e-4 at step 3
 
 
 @pytest.mark.parametrize("lora", [False, True])
