@@ -43,9 +43,10 @@ class Verdict:
 
 def chat_prompt(tok, prompt: str, completion: str) -> str:
     """Llama Guard and Qwen3Guard-Gen moderate a response through their own chat template: the
-    conversation as it happened, the guard's instructions and categories are the template's."""
+    conversation as it happened, the guard's instructions and categories are the template's. Called as both
+    model cards call it (no generation prompt: each template opens the guard's turn itself)."""
     chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-    return tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    return tok.apply_chat_template(chat, tokenize=False)
 
 
 # The prompt of the HarmBench classifier (cais/HarmBench-Llama-2-13b-cls, model card and HarmBench's
@@ -97,12 +98,13 @@ class Family:
     format: Callable[[object, str, str], str]   # (tokenizer, prompt, completion) -> the guard's input text
     parse: Callable[[str], Verdict]
     max_new_tokens: int                         # enough for the whole verdict, no more
+    add_bos: bool = False  # raw text (HarmBench's prompt) gets the tokenizer's BOS, as HarmBench's code adds
 
 
 FAMILIES = {
     "llama-guard": Family(chat_prompt, parse_llama_guard, 10),
-    "qwen3guard": Family(chat_prompt, parse_qwen3guard, 32),
-    "harmbench": Family(harmbench_prompt, parse_harmbench, 2),
+    "qwen3guard": Family(chat_prompt, parse_qwen3guard, 64),  # several categories may be listed
+    "harmbench": Family(harmbench_prompt, parse_harmbench, 2, add_bos=True),
 }
 
 
@@ -158,9 +160,12 @@ class GuardJudge:
             tok.pad_token = tok.eos_token
         tok.padding_side = "left"
         model = model.to(device).eval()
-        limit = FAMILIES[family].max_new_tokens if family in FAMILIES else 0
-        return cls(family, tok, lambda texts: greedy_answers(model, tok, texts, limit, batch_size),
-                   name=Path(path).name)
+        if family not in FAMILIES:
+            raise UserError(f"unknown judge family {family!r} (known: {', '.join(FAMILIES)})")
+        fam = FAMILIES[family]
+        limit, bos = fam.max_new_tokens, fam.add_bos
+        generate = lambda texts: greedy_answers(model, tok, texts, limit, batch_size, bos)
+        return cls(family, tok, generate, name=Path(path).name)
 
     def __call__(self, prompts: list[str], completions: list[str]) -> list[Verdict]:
         texts = [self.family.format(self.tok, p, c) for p, c in zip(prompts, completions)]
@@ -172,12 +177,13 @@ class GuardJudge:
 
 
 @torch.no_grad()
-def greedy_answers(model, tok, texts: list[str], max_new_tokens: int, batch_size: int) -> list[str]:
-    """The guard's greedy answer to each text. The formats already hold every special token (the chat
-    template's BOS included), so none are added again."""
+def greedy_answers(model, tok, texts: list[str], max_new_tokens: int, batch_size: int,
+                   add_bos: bool = False) -> list[str]:
+    """The guard's greedy answer to each text. A chat template's text already holds its special tokens (BOS
+    included), so none are added again; a raw prompt gets the tokenizer's (add_bos)."""
     answers = []
     for i in range(0, len(texts), batch_size):
-        batch = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=add_bos)
         batch = batch.to(model.device)
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tok.pad_token_id)

@@ -149,6 +149,16 @@ def test_the_guards_greedy_decoding_equals_argmax_by_hand(tmp_path):
         assert answer == tok.decode(ids[0, -4:], skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("family,bos", [("harmbench", True), ("llama-guard", False), ("qwen3guard", False)])
+def test_only_a_raw_prompt_gets_the_tokenizers_special_tokens(tmp_path, monkeypatch, family, bos):
+    """HarmBench's classifier reads raw text, tokenized with BOS as HarmBench's code does; a chat template's
+    text holds its own, and a second BOS would be a prompt the guard was never trained on."""
+    seen = {}
+    monkeypatch.setattr(judges, "greedy_answers", lambda *a: seen.setdefault("args", a) and [""] * len(a[2]))
+    GuardJudge.load(str(guard_dir(tmp_path, family)))(["x"], ["y"])
+    assert seen["args"][-1] is bos and seen["args"][3] == judges.FAMILIES[family].max_new_tokens
+
+
 def test_a_guard_without_the_template_its_family_needs_is_a_one_line_error(tmp_path):
     d = guard_dir(tmp_path, "harmbench")
     with pytest.raises(UserError, match="needs its chat template"):
