@@ -13,7 +13,8 @@ the CPU):
                step's (P + A)·G rows (A anchor prompts), or with --sample-batch N, min(N, (P + A)·G)
     training   checkpointed block inputs L·b·S·h·c, one block recomputed (b·S·(6h + 3I)·c + attention
                b·H·S²·c), teacher and student logits 2·b·T·V·c, the logits' gradient b·T·V·c, and the loss's
-               chunk (256·V·4·2)
+               chunk (256·V·4·2); in float32 (the CPU) the gradient and the loss's chunks are never held
+               together: the largest of b·T·V·4, the chunk and the full KL's 5·128·V·4 (log_losses)
     CUDA       the context (~0.4 GiB), NCCL's buffers per rank under torchrun (~0.6 GiB), and the caching
                allocator's fragmentation (~20% of what a step allocates and frees)
     peak       resident + max(sampling, training) · (1.2 on CUDA) + CUDA's fixed costs
@@ -27,7 +28,8 @@ prefetched next), and with full fine-tuning π0's root too (FSDP2 leaves a root 
 
 The CUDA terms are public measurements (issue 31), not measured here. The model is checked against measured
 peaks on the CPU (`--validate`: the bundled 135M model and a tiny one, full and LoRA; measured = peak RSS of a
-fresh process minus its RSS after imports), and the table printed for the paper's models at the paper's
+fresh process minus its RSS after imports, including those transformers makes on a model's first load:
+~200 MB of host memory, import_on_first_load), and the table printed for the paper's models at the paper's
 settings (4 prompts x 8 samples per step, plus README's 4 anchor prompts, micro-batch 8, 512 new tokens,
 prompts ~128 tokens) against real cards' capacities in GiB.
 The children run with a fixed malloc mmap threshold: glibc's default keeps freed blocks in the heap, and peak
@@ -120,10 +122,15 @@ def predict(m: dict, *, lora_rank: int | None, c: int, rows: int, micro_batch: i
     training = {"checkpointed block inputs": m["L"] * b * s * m["h"] * c,
                 "one block recomputed": b * s * (6 * m["h"] + 3 * m["I"]) * c * 2
                 + (b * m["H"] * s * s * c * 2 if attn_s2 else 0),
-                "teacher + student logits": 2 * b * new * m["V"] * c,
-                "logits gradient": b * new * m["V"] * c,
-                # lean_losses._logsumexp: the masked copy and exp(z - max)
-                "loss chunk": 256 * m["V"] * 4 * 2}
+                "teacher + student logits": 2 * b * new * m["V"] * c}
+    # the loss chunk: lean_losses._logsumexp's masked copy and exp(z - max)
+    grad, chunk = b * new * m["V"] * c, 256 * m["V"] * 4 * 2
+    if c == 4:  # float32 logits: the loss's backward writes into the gradient with no temporary, and the
+        # chunks are freed before it; the full KL's 128-row chunks (log_losses' diagnostic, or the trained
+        # loss) hold 5 [128, V] temporaries (log p, log q, exp, difference, product)
+        training["logits gradient or loss chunks"] = max(grad, chunk, 5 * 128 * m["V"] * 4)
+    else:  # bf16: the backward upcasts a chunk beside the gradient (not measured on a GPU: kept as the sum)
+        training.update({"logits gradient": grad, "loss chunk": chunk})
     per_step = max(sum(sampling.values()), sum(training.values()))
     fixed = {}
     if cuda:
@@ -150,6 +157,22 @@ def peak_rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
+def import_on_first_load(model: str, lora: bool) -> None:
+    """Import the code that loading `model` imports on first use, so that the baseline counts it: transformers
+    imports a model's class lazily, and modeling_llama brings torch._dynamo, sympy, scipy and accelerate
+    (~125 MB of modules on this CPU, whatever the model's size), the tokenizer's classes ~30 MB, peft ~10 MB.
+    Host memory of any process that loads a model, not a step's and not a GPU's: left out of the measured
+    peak, as the other imports are (a tokenizer loaded here and dropped; the run's own, ~15 MB, is
+    measured)."""
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    path = common.bundled_model_dir() if model == common.BUNDLED_MODEL else model
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(path))]  # imports the model's module
+    AutoTokenizer.from_pretrained(path)
+    if lora:
+        import peft  # noqa: F401
+
+
 def child(spec: dict) -> None:
     """One real distillation step (plus its sampling) in this process; print RSS after imports and the
     peak."""
@@ -157,6 +180,7 @@ def child(spec: dict) -> None:
     import common
     import distill
     from chat import encode_chats  # noqa: F401  (imports done before the baseline is read)
+    import_on_first_load(spec["model"], bool(spec["lora"]))
     torch.manual_seed(0)
     base_rss = peak_rss_mb()
     out = Path(spec["out"])
