@@ -122,9 +122,9 @@ def test_sharded_bf16_mixed_precision_on_two_processes(model_dir, tok, tmp_path,
     (a) At step 0, on both ranks, the student's and π0's logits on one path are bf16 and equal: KL exactly 0.
     (b) Where a step's samples are the same text as one process's under bf16 autocast over float32
     weights, its losses and gradient norms are within 5% of that run's (tests/test_sharding.py says why not
-    closer); the anchor loss, a KL of ~5e-4 after two steps, within 3e-4. The policy also rounds what autocast keeps in
-    float32, so a near-tied greedy token may flip between the two (seen once in a clean checkout): from a
-    step with other samples on, the runs are not comparable, and only the losses' finiteness is checked.
+    closer); the anchor loss, a KL of ~5e-4 after two steps, within 3e-4. The policy also rounds what
+    autocast keeps in float32, so a near-tied greedy token may flip between the two (seen once in a clean
+    checkout): from a step with other samples on, the runs are not comparable; every loss must be finite.
     (c) On both ranks every unit has the policy, and the slices and AdamW's moments stay float32."""
     monkeypatch.setattr(precision, "BF16_DEVICES", {"cuda", "cpu"})
     out = tmp_path / "run"
