@@ -6,8 +6,8 @@
                         save_model_dir, peak_memory_mb
     files               read_prompts, read_records, truncate_prompts, write_json etc., save_tensors, run_info
 
-None of the method's math lives here: each stage's is in its own file, the machinery several share in
-chat.py, steering.py, metrics.py, lean_losses.py, parallel.py, schedule.py, specs.py and precision.py.
+None of the method's math lives here: each stage's is in its own file, what several share in the modules
+README's reading path names.
 """
 from __future__ import annotations
 
@@ -214,10 +214,11 @@ def save_model_dir(model, tokenizer, path: Path, extra_files: dict[str, object] 
 
 
 def load_model(name: str = BUNDLED_MODEL, device="cpu", dtype: torch.dtype | None = None,
-               chat_template: str | None = None, device_map: str | None = None):
+               chat_template: str | None = None, device_map: str | None = None, need_template: bool = True):
     """Load (model, tokenizer) in eval mode, in `dtype` or else precision.load_dtype's (CUDA: as saved).
     chat_template: a file whose Jinja template replaces the tokenizer's. device_map (e.g. "auto") spreads a
-    model too big for one device over all of them (transformers/accelerate); the hooks follow each block."""
+    model too big for one device over all of them (the hooks follow each block). need_template=False: a
+    model that reads raw text (a classifier judge) may have no chat template."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     template = None
@@ -248,7 +249,7 @@ def load_model(name: str = BUNDLED_MODEL, device="cpu", dtype: torch.dtype | Non
         raise UserError(f"could not load model {name!r}: {str(e).splitlines()[0]}") from None
     if template is not None:
         tok.chat_template = template
-    if not tok.chat_template:
+    if need_template and not tok.chat_template:
         raise UserError(f"model {name!r} has no chat template; pass one with --chat-template FILE")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

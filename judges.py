@@ -27,9 +27,8 @@ from typing import Callable
 
 import torch
 
-from common import UserError
+from common import UserError, load_model
 from metrics import wilson
-from precision import load_dtype
 
 
 @dataclass(frozen=True)
@@ -126,16 +125,12 @@ def detect_family(path: str | Path, tok) -> str:
 
 # ----------------------------------------------------------------------------- the judge
 
-def phrase_verdicts(completions: list[str], is_refusal: Callable[[str], bool]) -> list[Verdict]:
-    """The phrase list as a judge: a completion without a refusal phrase counts as compliance."""
-    return [Verdict(not r, r) for r in map(is_refusal, completions)]
-
-
 class GuardJudge:
     """A guard model and its family's format; called on (prompts, completions) it returns Verdicts.
     `generate` (texts -> answers) is the guard's greedy decoding; tests pass a fake one."""
 
-    def __init__(self, family: str, tok, generate: Callable[[list[str]], list[str]], name: str = "guard"):
+    def __init__(self, family: str, tok, generate: Callable[[list[str]], list[str]] | None,
+                 name: str = "guard"):
         if family not in FAMILIES:
             raise UserError(f"unknown judge family {family!r} (known: {', '.join(FAMILIES)})")
         self.family, self.tok, self.generate, self.name = FAMILIES[family], tok, generate, name
@@ -143,29 +138,20 @@ class GuardJudge:
 
     @classmethod
     def load(cls, path: str, family: str = "auto", device="cpu", dtype=None, batch_size: int = 8):
-        """The guard in a local transformers directory (a classifier may have no chat template, so not
-        common.load_model, which requires one), in its saved dtype on CUDA (precision.load_dtype)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        """The guard in a local transformers directory, loaded as every model is (common.load_model: its
+        saved dtype on CUDA, a pad token, left padding), but without requiring a chat template: the
+        HarmBench classifier reads its own raw prompt."""
         if not (Path(path) / "config.json").is_file():
             raise UserError(f"--judge {path}: not a transformers model directory (no config.json)")
-        try:
-            tok = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype(path, device, dtype))
-        except (OSError, ValueError) as e:
-            raise UserError(f"could not load the judge {path}: {str(e).splitlines()[0]}") from None
-        family = detect_family(path, tok) if family == "auto" else family
-        if family != "harmbench" and not tok.chat_template:
-            raise UserError(f"--judge {path}: a {family} guard needs its chat template, and it has none")
-        if tok.pad_token_id is None:  # Llama-family guards have no pad token; left padding needs one
-            tok.pad_token = tok.eos_token
-        tok.padding_side = "left"
-        model = model.to(device).eval()
-        if family not in FAMILIES:
-            raise UserError(f"unknown judge family {family!r} (known: {', '.join(FAMILIES)})")
-        fam = FAMILIES[family]
-        limit, bos = fam.max_new_tokens, fam.add_bos
-        generate = lambda texts: greedy_answers(model, tok, texts, limit, batch_size, bos)
-        return cls(family, tok, generate, name=Path(path).name)
+        model, tok = load_model(path, device, dtype, need_template=False)
+        judge = cls(detect_family(path, tok) if family == "auto" else family, tok, None, Path(path).name)
+        if judge.family.format is chat_prompt and not tok.chat_template:
+            raise UserError(f"--judge {path}: a {judge.family_name} guard needs its chat template, "
+                            "and it has none")
+        fam = judge.family
+        judge.generate = lambda texts: greedy_answers(model, tok, texts, fam.max_new_tokens, batch_size,
+                                                      fam.add_bos)
+        return judge
 
     def __call__(self, prompts: list[str], completions: list[str]) -> list[Verdict]:
         texts = [self.family.format(self.tok, p, c) for p, c in zip(prompts, completions)]
