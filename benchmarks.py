@@ -87,6 +87,8 @@ def read_set(path: str | Path, role: str = "", n: int | None = None, seed: int =
     first = records[0][1]
     layout = detect(first) if isinstance(first, dict) else None
     rows = read_benchmark(path, records, layout, role) if layout else [own_row(path, *r) for r in records]
+    if role == "qa" and any(not r["answers"] for r in rows):  # QA is judged against its accepted answers
+        raise UserError(f"{path}: every question needs an 'answers' list")
     if n is not None and n < len(rows):
         keep = sorted(random.Random(seed).sample(range(len(rows)), n))
         rows = [rows[i] for i in keep]

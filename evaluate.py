@@ -93,7 +93,8 @@ def build_parser() -> Parser:
     port.add_argument("--lm-eval", metavar="TASKS", type=lambda v: tuple(v.split(",")),
                       help="tasks of the LM Evaluation Harness, separated by commas, scored on every "
                            "model, an optional extra: capability.py (default: none)")
-    port.add_argument("--lm-eval-limit", type=positive_int, help="at most this many documents per task (default: all)")
+    port.add_argument("--lm-eval-limit", type=positive_int,
+                      help="at most this many documents per task (default: all)")
     run = p.add_argument_group("model and run")
     add_common_args(run, device_map=True, dtype=True)
     run.add_argument("--batch-size", type=positive_int, default=16, help="prompts per greedy decoding batch")
@@ -253,12 +254,12 @@ class Evaluation:
     seed: int
     base_name: str
     base: object          # (model, tokenizer)
-    base_texts: list[str] | None = None
-    base_answers: list[list[int]] | None = None   # token ids
-    base_cache: list = field(default_factory=list)  # π0's logits on them per batch, from the first model on
     judge: GuardJudge | None = None  # a guard model beside the phrases (--judge DIR)
     lm_eval: tuple = ()              # lm-evaluation-harness tasks, and at most so many documents each
     lm_eval_limit: int | None = None
+    base_texts: list[str] | None = None  # filled by evaluate_all
+    base_answers: list[list[int]] | None = None   # token ids
+    base_cache: list = field(default_factory=list)  # π0's logits on them per batch, from the first model on
 
 
 def split_by_sizes(flat: list, sizes: list[int]) -> list[list]:
@@ -417,18 +418,16 @@ def main(argv=None):
              "harmless_reform": args.harmless_reform, "qa": args.qa}
     sets = {name: read_set(path, name.split("_")[0], args.n_prompts, args.seed)  # role: XSTest's half
             for name, path in paths.items() if path}
-    if any(not r["answers"] for r in sets["qa"]):
-        raise UserError(f"{args.qa}: every question needs an 'answers' list")
     prepare_out_dir(out, OUTPUTS, args.overwrite)
     model, tok = load_model(args.model, device, args.dtype, args.chat_template, args.device_map)
     for name, rows in sets.items():
         cut = truncate_prompts(tok, [r["prompt"] for r in rows], args.max_prompt_tokens, paths[name])
         for r, p in zip(rows, cut):
             r["prompt"] = p
+    judge = None if args.judge == "phrases" else GuardJudge.load(args.judge, args.judge_family, device,
+                                                                   args.dtype, args.batch_size)
     ev = Evaluation(sets, paths, args.max_new_tokens, args.qa_new_tokens, args.batch_size, args.seed,
-                    args.model, (model, tok), lm_eval=args.lm_eval or (), lm_eval_limit=args.lm_eval_limit)
-    if args.judge != "phrases":
-        ev.judge = GuardJudge.load(args.judge, args.judge_family, device, args.dtype, args.batch_size)
+                    args.model, (model, tok), judge, args.lm_eval or (), args.lm_eval_limit)
     settings = {"base": args.model, "sets": sets, "device": str(device), "seed": args.seed,  # for fingerprint
                 "max_new_tokens": args.max_new_tokens, "qa_tokens": args.qa_new_tokens, "dtype": args.dtype,
                 "chat_template": args.chat_template, "judge": [args.judge, *REFUSAL_PHRASES],

@@ -1,9 +1,9 @@
 """The python side of the lm-eval task safesteer_general_qa: its questions and its rule, both Stage 4's.
 
-Neither is copied: the questions are read by evaluate.read_set and judged by evaluate.qa_correct, so the
-task cannot drift from Stage 4. The data file is found from this file's place, not the working directory:
-data/general_qa.jsonl beside lm_eval_tasks/, or the file in the metadata `qa_path` (capability.py's qa_path,
-or lm-eval's --metadata '{"qa_path": "..."}').
+Neither is copied: the questions are read by evaluate.read_set (benchmarks.py's, which refuses a question
+without answers) and judged by evaluate.qa_correct, so the task cannot drift from Stage 4. The data file
+is found from this file's place, not the working directory: data/general_qa.jsonl beside lm_eval_tasks/, or
+the file in the metadata `qa_path` (capability.py's qa_path, or lm-eval's --metadata '{"qa_path": "..."}').
 """
 from __future__ import annotations
 
@@ -38,9 +38,7 @@ def load_general_qa(qa_path: str | None = None, **metadata) -> dict:
     this with the task's metadata (version, config_source, ...) as keyword arguments; only qa_path is ours."""
     import datasets
     path = qa_path or QA_FILE
-    rows = stage4().read_set(path)
-    if any(not r["answers"] for r in rows):  # Stage 4 refuses such a file too
-        raise stage4().UserError(f"{path}: every question needs an 'answers' list")
+    rows = stage4().read_set(path, "qa")  # refuses a question without accepted answers, as Stage 4 does
     return {"test": datasets.Dataset.from_list(rows)}
 
 

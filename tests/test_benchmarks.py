@@ -112,3 +112,12 @@ def test_stage_4_evaluates_benchmark_files(model_dir, tmp_path):
     samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
     assert {s["set"] for s in samples} == {"harmbench_behaviors_text_all", "xstest_prompts", "general_qa"}
     assert result["models"]["base"]["refusal_harmful"]["n"] == 2
+
+
+def test_a_qa_set_needs_accepted_answers(tmp_path):
+    """Stage 4 and the lm-eval task both read general_qa through read_set(path, "qa")."""
+    ok = write(tmp_path, "qa.jsonl", '{"prompt": "2 + 2?", "answers": ["4"]}\n')
+    assert read_set(ok, "qa")[0]["answers"] == ["4"]
+    bad = write(tmp_path, "bad_qa.jsonl", '{"prompt": "2 + 2?", "answers": ["4"]}\n{"prompt": "Why?"}\n')
+    with pytest.raises(UserError, match="every question needs an 'answers' list"):
+        read_set(bad, "qa")
