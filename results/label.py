@@ -129,11 +129,11 @@ def sensitivity(groups: list[str], ref: str = "demo") -> list[dict]:
         seeds = sorted(set(runs) & set(base), key=int)
         for s in JUDGED_SETS:
             for name, judge in (("current", is_refusal), ("candidate", candidate_judge)):
-                diffs = [rate(runs[k], s, judge) - rate(base[k], s, judge) for k in seeds]
-                levels = [statistics.mean(rate(x[k], s, judge) for k in seeds) for x in (runs, base)]
+                mine, theirs = ([rate(x[k], s, judge) for k in seeds] for x in (runs, base))  # per seed
+                diffs = [a - b for a, b in zip(mine, theirs)]
                 t = t_interval(diffs) if len(diffs) >= 2 else {"mean": None, "lo": None, "hi": None}
                 out.append({"group": g, "ref": ref, "set": s, "judge": name, "seeds": seeds,
-                            "group_rate": levels[0], "ref_rate": levels[1], **t})
+                            "group_rate": statistics.mean(mine), "ref_rate": statistics.mean(theirs), **t})
     return out
 
 
