@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HERE = ROOT / "results"
 sys.path.insert(0, str(ROOT))
 from common import data_file  # noqa: E402
-from metrics import holm, is_refusal, seed_prompt_bootstrap, t_interval, tost, wilson  # noqa: E402
+from metrics import JUDGE_ID, holm, is_refusal, seed_prompt_bootstrap, t_interval, tost, wilson  # noqa: E402
 
 # The demo's Stage 3 budget (25 steps x 4 prompts x 4 samples x 48 tokens); an experiment's own arguments win.
 BUDGET = ["--prompts-per-step", "4", "--samples", "4", "--max-new-tokens", "48", "--lr", "1e-5"]
@@ -116,7 +116,7 @@ def judged(records: list[dict], files: dict = SPLITS["test"]) -> dict:
     verdicts["qa"] = "".join("1" if r["correct"] else "0" for r in records if r["set"] == "general_qa")
     harmless = zip(verdicts["harmless"], by_set["harmless"])
     risky = "".join(v for v, r in harmless if r["category"] == "risky_sounding")
-    rec = {"verdicts": verdicts, "refusal_harmful": rate(verdicts["harmful"]),
+    rec = {"judge": JUDGE_ID, "verdicts": verdicts, "refusal_harmful": rate(verdicts["harmful"]),
            "over_refusal": rate(verdicts["harmless"]), "harmful_reform": rate(verdicts["harmful_reform"]),
            "harmless_reform": rate(verdicts["harmless_reform"]), "qa_accuracy": rate(verdicts["qa"]),
            "over_refusal_risky": rate(risky)}
@@ -289,7 +289,9 @@ def compare_recipes(a: dict, b: dict, s: str) -> dict | None:
     """Recipe a vs recipe b on one metric, the training run as the unit: per seed the difference of the two
     runs' values (a - b); its mean with a t interval and p-value (k - 1 df); a two-level bootstrap of the
     per-prompt differences over seeds and prompts; TOST against MARGINS[s]. None with fewer than two pairs."""
-    pairs = [(x, y) for x, y in paired_runs(a, b) if per_prompt(x, s) and per_prompt(y, s)]
+    same_judge = lambda x, y: s in ("kl", "qa") or x.get("judge") == y.get("judge")  # never two phrase lists
+    pairs = [(x, y) for x, y in paired_runs(a, b)
+             if per_prompt(x, s) and per_prompt(y, s) and same_judge(x, y)]
     if len(pairs) < 2:
         return None
     diffs = [run_value(x, s) - run_value(y, s) for x, y in pairs]
@@ -357,7 +359,8 @@ def runs_table(rows: list[dict]) -> list[str]:
              "| KL to base | QA | train s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         refusal = f"{pct(r['refusal_harmful'])} | {pct(r.get('harmful_reform'))}"
-        lines.append(f"| {r['name']} | `{r['args']}` | {refusal} "
+        older = "" if r.get("judge") == JUDGE_ID else " ‡"
+        lines.append(f"| {r['name']}{older} | `{r['args']}` | {refusal} "
                      f"| {pct(r['over_refusal'])} ({pct(r.get('over_refusal_risky'))}) "
                      f"| {pct(r.get('harmless_reform'))} | {r['kl_to_base']:.4f} | {pct(r['qa_accuracy'])} "
                      f"| {r.get('train_seconds', '–')} |")
@@ -453,18 +456,20 @@ def frontier_table(points: list[dict]) -> list[str]:
     return lines
 
 
-def to_markdown(rows: list[dict], refs: dict, comps: list[list[dict]] | None = None) -> str:
+def to_markdown(rows: list[dict], refs: dict, comps: list[list[dict]] | None = None,
+                split: str = "test") -> str:
     """The tables; comps: comparison_rows of the verdict's and of the exploratory refs, if already made."""
     base = next((r for r in rows if r["name"] == "reference:base"), None)
-    budget = " ".join(BUDGET)
+    budget, files = " ".join(BUDGET), ", ".join(SPLITS[split].values())
     intro = ("Written by `results/experiment.py` (one command per row; failures kept). Direction and S of "
-             f"the demo; the budget `{budget}` unless the arguments say otherwise. Evaluation: harmful_test, "
-             "harmful_reform_test (rephrased), harmless_test, harmless_reform_test, general_qa; greedy, 64 "
-             "tokens. Rows without rephrased columns were evaluated by an older evaluate.py and judged by an "
-             "older phrase list (43 phrases; on the same completions base π0 refuses 2% of harmful_test "
-             "under it and 8% under the current one, the teacher 35% and 45%): compare them with each other "
-             "only. Every later row is judged from its completions by the current judge; rows whose "
-             "completions are kept in results/completions/ can be judged again (`--rejudge`).")
+             f"the demo; the budget `{budget}` unless the arguments say otherwise. Evaluation: {files}, "
+             "general_qa; greedy, 64 tokens. Rows without rephrased columns were evaluated by an older "
+             "evaluate.py and judged by an older phrase list (43 phrases; on the same completions base π0 "
+             "refuses 2% of harmful_test under it, the teacher 35%): compare them with each other only. ‡: a "
+             "row whose completions were not kept, judged by an earlier phrase list than "
+             f"metrics.REFUSAL_PHRASES (judge {JUDGE_ID}); its refusal rates are compared with no row judged "
+             "otherwise (KL and QA are). Every other row is judged from its kept completions "
+             "(results/completions/) by the current judge, again with `--rejudge`.")
     lines = ["# Experiments", "", intro, ""] + runs_table(rows)
     groups = seed_groups(rows)
     if groups:
@@ -499,7 +504,7 @@ def save(rows: list[dict], refs: dict, split: str = "test") -> None:
     table.write_text("".join(json.dumps(r) + "\n" for r in rows))
     refs_file.write_text(json.dumps(refs, indent=1) + "\n")
     comps = [comparison_rows(rows, part) for part in split_refs(refs)]  # bootstraps: made once, used twice
-    text = to_markdown(rows, refs, comps)
+    text = to_markdown(rows, refs, comps, split)
     flat = [c for table in comps for c in table]
     table.with_name(table.stem + "_comparisons.json").write_text(json.dumps(flat, indent=1) + "\n")
     if split != "test":

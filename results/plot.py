@@ -3,7 +3,8 @@
 Left: refusal on the held-out harmful prompts (harmful_test and harmful_reform_test together, 200 prompts)
 against KL to base (drift on π0's own answers). Right: the same refusal against over-refusal (harmless_test
 and harmless_reform_test, 160 prompts). Error bars: 95% Wilson intervals for rates, 95% bootstrap intervals
-over prompts for KL. Each seed is a small marker; each recipe's mean over seeds a large one.
+over prompts for KL. Each seed is a small marker; each recipe's mean over seeds a large one. Only rows judged
+by the current phrase list are drawn (a row without kept completions keeps an earlier list's verdicts).
 
 A second figure draws the frontier of results/experiments.md (the demo's recipe with only --loss and --lr
 changed): one line per loss through its learning rates, refusal on harmful_test against KL and over-refusal.
@@ -22,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from metrics import bootstrap_mean, wilson  # noqa: E402
+from metrics import JUDGE_ID, bootstrap_mean, wilson  # noqa: E402
 sys.path.insert(0, str(ROOT / "results"))
 from experiment import frontier, seed_groups  # noqa: E402
 
@@ -44,8 +45,8 @@ def rate(verdicts: dict, sets: tuple[str, ...]) -> tuple[float, float, float]:
 def points(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
-        if "verdicts" not in r or not r["verdicts"].get("harmful_reform"):
-            continue  # rows from before the rephrased splits
+        if r.get("judge") != JUDGE_ID or not r["verdicts"].get("harmful_reform"):
+            continue  # refusals judged by an earlier phrase list, or rows from before the rephrased splits
         group = r["name"].split("@")[0].replace("reference:", "")
         kl = r["kl_to_base"]
         kl_lo, kl_hi = bootstrap_mean(r["kl_sums"], r["kl_tokens"]) if r.get("kl_sums") else (kl, kl)

@@ -52,6 +52,21 @@ def test_groups_and_recipe_comparisons_by_hand():
     assert len(comps) == 6 and all("holm" in x and "reading" in x for x in comps)
 
 
+def test_refusals_judged_by_two_phrase_lists_are_never_compared():
+    """A row judged by an earlier phrase list (no kept completions to judge again) pairs with no row judged
+    by the current one on a judged set; KL and QA, which no phrase decides, still pair."""
+    rows = [dict(fake(f"a@s{i}", "1100"), judge=experiment.JUDGE_ID) for i in range(3)]
+    rows += [fake(f"b@s{i}", h) for i, h in enumerate(("0000", "0001", "0011"))]  # no "judge": earlier list
+    ga, gb = experiment.group(rows, "a"), experiment.group(rows, "b")
+    assert experiment.compare_recipes(ga, gb, "harmful") is None
+    assert experiment.compare_recipes(ga, gb, "harmless_reform") is None
+    assert experiment.compare_recipes(ga, gb, "qa")["k"] == 3 and experiment.compare_recipes(ga, gb, "kl")
+    rows[3:] = [dict(r, judge=experiment.JUDGE_ID) for r in rows[3:]]
+    assert experiment.compare_recipes(experiment.group(rows, "a"), experiment.group(rows, "b"), "harmful")
+    md = experiment.to_markdown(rows[:3] + [fake("old", "1111")], {})
+    assert "| old ‡ |" in md and "| a@s0 |" in md
+
+
 def test_completions_are_kept_and_judged_again(tmp_path, monkeypatch):
     """A row's completions go to results/completions/; --rejudge re-reads them with the current judge."""
     monkeypatch.setattr(experiment, "COMPLETIONS", tmp_path / "completions")
@@ -78,7 +93,8 @@ def test_completions_are_kept_and_judged_again(tmp_path, monkeypatch):
 
 
 def test_plot_points_carry_intervals():
-    pts = plot.points([fake("a@s0", "1100"), {"name": "old", "kl_to_base": 0.1}])
+    now = dict(fake("a@s0", "1100"), judge=experiment.JUDGE_ID)
+    pts = plot.points([now, fake("a@s1", "1111"), {"name": "old", "kl_to_base": 0.1}])  # the last two: ‡
     assert len(pts) == 1 and pts[0]["group"] == "a" and pts[0]["seed"] == "0"
     r, lo, hi = pts[0]["refusal"]
     assert r == 0.5 and lo < r < hi
