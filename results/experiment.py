@@ -184,7 +184,8 @@ def group(rows: list[dict], name: str) -> dict | None:
         return None
     keys = ("refusal_harmful", "harmful_reform", "over_refusal", "harmless_reform", "kl_to_base",
             "qa_accuracy")
-    g = {"name": name, "seeds": [r["name"].split("@s")[1] for r in members], "members": members}
+    g = {"name": name, "seeds": [r["name"].split("@s")[1] for r in members], "members": members,
+         "shown": name + ("" if all(r.get("judge") == JUDGE_ID for r in members) else " ‡")}
     for k in keys:
         vals = [r[k] for r in members if r[k] is not None]  # None: a split without that set (val)
         g[k] = statistics.mean(vals) if vals else None
@@ -389,7 +390,7 @@ def recipes_table(groups: list[dict]) -> list[str]:
         styles = ", ".join(f"{st} {pct(v)}" for st, v in g["by_style"].items())
         cells = " | ".join(cell(g, s) for s in ("harmful", "harmful_reform", "harmless", "harmless_reform",
                                                 "kl", "qa"))
-        lines.append(f"| {g['name']} | {','.join(g['seeds'])} | {cells} | {styles} |")
+        lines.append(f"| {g['shown']} | {','.join(g['seeds'])} | {cells} | {styles} |")
     return lines
 
 
@@ -431,7 +432,7 @@ def targets_table(groups: list[dict], base: dict) -> list[str]:
         spread = f"{100 * t['spread']['value']:.0f} {mark(t['spread']['met'])}" if "spread" in t else "–"
         verdicts = [v["met"] for v in t.values()]
         every = "?" if None in verdicts else mark(all(verdicts))
-        lines.append(f"| {g['name']} | {','.join(g['seeds'])} | {styles} | {cell('over_refusal')} "
+        lines.append(f"| {g['shown']} | {','.join(g['seeds'])} | {styles} | {cell('over_refusal')} "
                      f"| {cell('harmless_reform')} | {cell('qa_accuracy')} | {spread} | {every} |")
     return lines
 
@@ -450,7 +451,7 @@ def frontier_table(points: list[dict]) -> list[str]:
         gain_note = lambda q: f" (gain {100 * gain(q):.1f})" if gain(q) is not None else ""
         same_over = ", ".join(f"{q} {pct(v)}" + gain_note(q) for q, v in p["at_over_refusal"].items())
         same_kl = ", ".join(f"{q} {pct(v)}" for q, v in p["at_kl_to_base"].items())
-        lines.append(f"| {p['loss']} | {p['lr']:g} | {p['name']} | {','.join(p['seeds'])} | "
+        lines.append(f"| {p['loss']} | {p['lr']:g} | {p['shown']} | {','.join(p['seeds'])} | "
                      f"{pct(p['refusal_harmful'])} | {pct(p['harmful_reform'])} | {pct(p['over_refusal'])} | "
                      f"{p['kl_to_base']:.4f} | {100 * p['gain']:.1f} | {same_over} | {same_kl} |")
     return lines

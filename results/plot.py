@@ -32,7 +32,9 @@ LABELS = {"base": "base π0", "teacher": "teacher πt", "demo": "localized: coll
           "full": "global: full KL + anchoring", "lora": "localized, LoRA r = 16 student (lr 5e-4)",
           "random": "random S (same size) + anchoring", "window": "demo + loss window [0, 16)",
           "refresh": "demo + teacher refresh every 5 steps", "prompt_teacher": "demo with the prompt teacher",
-          "refresh_aw4": "demo + refresh every 5 steps, anchor weight 4"}
+          "refresh_aw4": "demo + refresh every 5 steps, anchor weight 4",
+          "sft": "SFT on πt's answers (off-policy)", "sft_mix": "SFT-mix: + π0's answers to harmless prompts",
+          "dpo": "DPO: πt's answer over π0's", "dpo_mix": "DPO-mix: + π0's over πt's on harmless prompts"}
 
 
 def rate(verdicts: dict, sets: tuple[str, ...]) -> tuple[float, float, float]:

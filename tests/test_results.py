@@ -11,13 +11,14 @@ import experiment  # noqa: E402
 import plot  # noqa: E402
 
 
-def fake(name, harmful, kl=0.01):
+def fake(name, harmful, kl=0.01, judge=experiment.JUDGE_ID):
+    """A row judged by the current judge (judge=None: by an earlier phrase list, completions not kept)."""
     v = {"harmful": harmful, "harmless": "0000", "harmful_reform": harmful, "harmless_reform": "0001",
          "qa": "1100"}
     return {"name": name, "args": "", "verdicts": v, "kl_sums": [kl] * 4, "kl_tokens": [1] * 4,
             "refusal_harmful": harmful.count("1") / 4, "harmful_reform": harmful.count("1") / 4,
             "over_refusal": 0.0, "harmless_reform": 0.25, "kl_to_base": kl, "qa_accuracy": 0.5, "nll": 1.0,
-            "by_style": {"past_tense": 0.5}, "over_refusal_risky": 0.0}
+            "by_style": {"past_tense": 0.5}, "over_refusal_risky": 0.0, **({"judge": judge} if judge else {})}
 
 
 def test_groups_and_recipe_comparisons_by_hand():
@@ -55,16 +56,17 @@ def test_groups_and_recipe_comparisons_by_hand():
 def test_refusals_judged_by_two_phrase_lists_are_never_compared():
     """A row judged by an earlier phrase list (no kept completions to judge again) pairs with no row judged
     by the current one on a judged set; KL and QA, which no phrase decides, still pair."""
-    rows = [dict(fake(f"a@s{i}", "1100"), judge=experiment.JUDGE_ID) for i in range(3)]
-    rows += [fake(f"b@s{i}", h) for i, h in enumerate(("0000", "0001", "0011"))]  # no "judge": earlier list
+    rows = [fake(f"a@s{i}", "1100") for i in range(3)]
+    rows += [fake(f"b@s{i}", h, judge=None) for i, h in enumerate(("0000", "0001", "0011"))]
     ga, gb = experiment.group(rows, "a"), experiment.group(rows, "b")
     assert experiment.compare_recipes(ga, gb, "harmful") is None
     assert experiment.compare_recipes(ga, gb, "harmless_reform") is None
     assert experiment.compare_recipes(ga, gb, "qa")["k"] == 3 and experiment.compare_recipes(ga, gb, "kl")
     rows[3:] = [dict(r, judge=experiment.JUDGE_ID) for r in rows[3:]]
     assert experiment.compare_recipes(experiment.group(rows, "a"), experiment.group(rows, "b"), "harmful")
-    md = experiment.to_markdown(rows[:3] + [fake("old", "1111")], {})
-    assert "| old ‡ |" in md and "| a@s0 |" in md
+    older = [fake("old", "1111", judge=None), fake("c@s0", "1"), fake("c@s1", "0", judge=None)]
+    md = experiment.to_markdown(rows[:3] + older, {})
+    assert "| old ‡ |" in md and "| a@s0 |" in md and "| a | 0,1,2 |" in md and "| c ‡ | 0,1 |" in md
 
 
 def test_completions_are_kept_and_judged_again(tmp_path, monkeypatch):
@@ -93,8 +95,8 @@ def test_completions_are_kept_and_judged_again(tmp_path, monkeypatch):
 
 
 def test_plot_points_carry_intervals():
-    now = dict(fake("a@s0", "1100"), judge=experiment.JUDGE_ID)
-    pts = plot.points([now, fake("a@s1", "1111"), {"name": "old", "kl_to_base": 0.1}])  # the last two: ‡
+    older = [fake("a@s1", "1111", judge=None), {"name": "old", "kl_to_base": 0.1}]  # neither is drawn
+    pts = plot.points([fake("a@s0", "1100")] + older)
     assert len(pts) == 1 and pts[0]["group"] == "a" and pts[0]["seed"] == "0"
     r, lo, hi = pts[0]["refusal"]
     assert r == 0.5 and lo < r < hi
