@@ -16,6 +16,9 @@ refuse, every comparison between the two is biased. This tool measures it.
     report   the judge against the labels per group: precision and recall with Wilson intervals, the judged
              minus the labelled refusal rate, on the "tune" half (where phrases may be changed) and on the
              "holdout" half (never used to change the judge).
+    flips    every kept completion the current and the previous judge disagree on, blind (--draw: items and
+             key in judge_validation/flips/); without --draw, how many of each judge's verdicts the labels
+             (imported with `import --flips`) uphold, on harmful and on harmless sets
     sensitivity  does the verdict depend on the phrases added from the students' labels? Each recipe
              against the demo, seed by seed (the training run as the unit, t interval over seeds), under the
              current judge and the previous one, on every seed whose completions are kept.
@@ -30,6 +33,7 @@ Usage:
     python results/label.py import labels_from_elsewhere.jsonl --labeller blind-2
     python results/label.py report
     python results/label.py sensitivity --groups full random
+    python results/label.py flips --draw && python results/label.py import L.jsonl --labeller a --flips
 """
 from __future__ import annotations
 
@@ -49,6 +53,7 @@ from metrics import REFUSAL_PHRASES, is_refusal, t_interval, wilson  # noqa: E40
 
 HERE = ROOT / "results" / "judge_validation"
 ITEMS, KEY, LABELS, REPORT = (HERE / n for n in ("items.jsonl", "key.jsonl", "labels.jsonl", "report.md"))
+FLIPS = HERE / "flips"  # the same four files for the completions the two judges disagree on
 COMPLETIONS = ROOT / "results" / "completions"
 JUDGED_SETS = ("harmful_test", "harmful_reform_test", "harmless_test", "harmless_reform_test")
 # What metrics.REFUSAL_PHRASES gained from the tune half's misses on students ("I'm sorry for any
@@ -171,15 +176,52 @@ def label_by_hand() -> None:
             write_jsonl(LABELS, labels)
 
 
-def import_labels(path: Path, labeller: str) -> int:
-    ids = {it["id"] for it in read_jsonl(ITEMS)}
+def draw_flips(seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(items, key): every kept completion of the test split whose verdict the current judge and
+    previous_judge disagree on, shuffled; items carry no model and no verdict."""
+    key = []
+    for path in sorted(COMPLETIONS.glob("*.jsonl.gz")):
+        for r in read_jsonl(path):
+            if r["set"] in JUDGED_SETS and is_refusal(r["completion"]) != previous_judge(r["completion"]):
+                kind = "harmless sets" if r["set"].startswith("harmless") else "harmful sets"
+                key.append({"group": kind, "run": path.name[:-len(".jsonl.gz")], "set": r["set"],
+                            "prompt": r["prompt"], "completion": r["completion"], "half": "flips"})
+    random.Random(seed).shuffle(key)
+    for i, k in enumerate(key):
+        k["id"] = f"f{i:03d}"
+    return [{"id": k["id"], "prompt": k["prompt"], "completion": k["completion"]} for k in key], key
+
+
+def flips_markdown(key: list[dict], labels: list[dict]) -> str:
+    """On the items the two judges disagree on, how many of the current judge's verdicts the labels uphold."""
+    res, a = evaluate_judge(key, labels), agreement(labels)
+    lines = ["# Where the current and the previous judge disagree", "",
+             "Written by `python results/label.py flips`. Every kept completion (test split) that the "
+             "current judge and the previous one (without label.ADDED_PHRASES and metrics.NOT_REFUSALS) "
+             "judge differently, labelled blind (majority of the labellers; ties left out). The previous "
+             "judge is right exactly where the current one is wrong.", "",
+             "| sets | items | current: refusal, upheld by the labels | current: not a refusal, upheld |",
+             "|---|---|---|---|"]
+    for g, c in res["all"].items():
+        yes, no = c["tp"] + c["fp"], c["n"] - c["tp"] - c["fp"]
+        lines.append(f"| {g} | {c['n']} | {c['tp']} of {yes} | {no - c['fn']} of {no} |")
+    if a:
+        lines += ["", f"Labellers agree on {a['agreement']:.0%} of the {a['items']} items two of them "
+                  f"labelled (Cohen's κ = {a['kappa']:.2f})."]
+    return "\n".join(lines) + "\n"
+
+
+def import_labels(path: Path, labeller: str, items: Path | None = None, labels: Path | None = None) -> int:
+    """Add one labeller's labels of ITEMS to LABELS (or of flips' items to its labels), replacing theirs."""
+    items, labels = items or ITEMS, labels or LABELS
+    ids = {it["id"] for it in read_jsonl(items)}
     new = read_jsonl(path)
     bad = [r for r in new if r.get("id") not in ids or not isinstance(r.get("refusal"), bool)]
     if bad:
         raise SystemExit(f"error: {path}: {len(bad)} rows lack a known id or a true/false refusal, "
                          f"e.g. {bad[0]}")
-    old = [r for r in (read_jsonl(LABELS) if LABELS.is_file() else []) if r["labeller"] != labeller]
-    write_jsonl(LABELS, old + [{"id": r["id"], "refusal": r["refusal"], "labeller": labeller} for r in new])
+    old = [r for r in (read_jsonl(labels) if labels.is_file() else []) if r["labeller"] != labeller]
+    write_jsonl(labels, old + [{"id": r["id"], "refusal": r["refusal"], "labeller": labeller} for r in new])
     return len(new)
 
 
@@ -253,7 +295,8 @@ def to_markdown(res: dict) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True, help="sample, label, import, report or sensitivity")
+    sub = p.add_subparsers(dest="cmd", required=True,
+                           help="sample, label, import, report, flips or sensitivity")
     s = sub.add_parser("sample", help="draw blind items from kept completions")
     s.add_argument("--groups", nargs="+", metavar="GROUP=RUN,RUN", required=True,
                    help="students per group, by row name (results/completions/NAME.jsonl.gz)")
@@ -268,6 +311,9 @@ def main(argv=None):
     i = sub.add_parser("import", help="add labels from a JSONL of {id, refusal}")
     i.add_argument("file", type=Path, help="the labels")
     i.add_argument("--labeller", required=True, help="who made them (one label per item and labeller)")
+    i.add_argument("--flips", action="store_true", help="labels of the flips items (judge_validation/flips/)")
+    fl = sub.add_parser("flips", help="the completions the current and the previous judge disagree on")
+    fl.add_argument("--draw", action="store_true", help="write the blind items and their key (else: report)")
     sub.add_parser("report", help="precision and recall of the judge per group, on each half")
     sens = sub.add_parser("sensitivity", help="each recipe against the demo under both judges, seed by seed")
     sens.add_argument("--groups", nargs="+", default=["full", "random"],
@@ -288,7 +334,18 @@ def main(argv=None):
     elif args.cmd == "label":
         label_by_hand()
     elif args.cmd == "import":
-        print(f"imported {import_labels(args.file, args.labeller)} labels into {LABELS}")
+        where = (FLIPS / "items.jsonl", FLIPS / "labels.jsonl") if args.flips else (ITEMS, LABELS)
+        print(f"imported {import_labels(args.file, args.labeller, *where)} labels into {where[1]}")
+    elif args.cmd == "flips" and args.draw:
+        items, key = draw_flips()
+        write_jsonl(FLIPS / "items.jsonl", items)
+        write_jsonl(FLIPS / "key.jsonl", key)
+        print(f"wrote {len(items)} blind items to {FLIPS / 'items.jsonl'} and their key to "
+              f"{FLIPS / 'key.jsonl'}")
+    elif args.cmd == "flips":
+        text = flips_markdown(read_jsonl(FLIPS / "key.jsonl"), read_jsonl(FLIPS / "labels.jsonl"))
+        (FLIPS / "report.md").write_text(text)
+        print(f"wrote {FLIPS / 'report.md'}")
     elif args.cmd == "sensitivity":
         rows = sensitivity(args.groups)
         (HERE / "sensitivity.md").write_text(sensitivity_markdown(rows))
