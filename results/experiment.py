@@ -179,7 +179,8 @@ def recipe_interval(members: list[dict], s: str) -> dict | None:
 def group(rows: list[dict], name: str) -> dict | None:
     """A recipe's runs (rows NAME@sSEED): the mean over runs, the spread (max - min) and, with two runs or
     more, each metric's interval over runs ("ci"); None if no run finished."""
-    members = [r for r in rows if r["name"].split("@")[0] == name and "@s" in r["name"]]
+    members = sorted((r for r in rows if r["name"].split("@")[0] == name and "@s" in r["name"]),
+                     key=lambda r: int(r["name"].split("@s")[1]))  # seed order, whenever each row was made
     if not members:
         return None
     keys = ("refusal_harmful", "harmful_reform", "over_refusal", "harmless_reform", "kl_to_base",
@@ -197,8 +198,11 @@ def group(rows: list[dict], name: str) -> dict | None:
 
 
 def seed_groups(rows: list[dict]) -> list[dict]:
-    """Every group that has finished seeds, in the order its first row appears."""
-    return [g for g in (group(rows, n) for n in dict.fromkeys(r["name"].split("@")[0] for r in rows)) if g]
+    """Every group that has finished seeds: the verdict's (the demo, then PRIMARY) first, then the others in
+    the order their first row appears."""
+    names = list(dict.fromkeys(r["name"].split("@")[0] for r in rows))
+    names.sort(key=lambda n: ("demo", *PRIMARY).index(n) if n in ("demo", *PRIMARY) else len(PRIMARY) + 1)
+    return [g for g in (group(rows, n) for n in names) if g]
 
 
 def target(value: float, per_run_margin: list[float], bound: float, upper: bool = False) -> dict:

@@ -89,6 +89,16 @@ def test_phrases_added_from_students_help_on_labels_they_were_not_chosen_on():
         assert a["recall"][0] > b["recall"][0] + 0.15 and a["precision"][0] >= b["precision"][0]
 
 
+def test_rounding_is_not_spread():
+    """Two runs whose differences are equal up to float rounding (QA 34/60 - 37/60 and 35/60 - 38/60) have no
+    spread to test against: NaN, as for exactly equal values, never p = 0."""
+    diffs = [34 / 60 - 37 / 60, 35 / 60 - 38 / 60]
+    assert diffs[0] != diffs[1] and abs(diffs[0] - diffs[1]) < 1e-15
+    t = metrics.t_interval(diffs)
+    assert math.isnan(t["p_value"]) and t["sd"] == 0 and t["lo"] == t["hi"] == pytest.approx(-0.05)
+    assert metrics.t_interval([0.1, 0.1 + 1e-9])["p_value"] < 1  # a real (if tiny) spread is still tested
+
+
 def test_empty_inputs_are_refused():
     with pytest.raises(ValueError):
         metrics.bootstrap_mean([])
