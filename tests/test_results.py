@@ -67,6 +67,10 @@ def test_refusals_judged_by_two_phrase_lists_are_never_compared():
     older = [fake("old", "1111", judge=None), fake("c@s0", "1"), fake("c@s1", "0", judge=None)]
     md = experiment.to_markdown(rows[:3] + older, {})
     assert "| old ‡ |" in md and "| a@s0 |" in md and "| a | 0,1,2 |" in md and "| c ‡ | 0,1 |" in md
+    groups, base = experiment.seed_groups(rows[:3] + older), fake("reference:base", "0000")
+    assert [g["name"] for g in groups if g["judged_now"]] == ["a"]
+    lines = experiment.targets_table(groups, base)  # c's rates are not held against base's current ones
+    assert any(x.startswith("| a |") for x in lines) and not any(x.startswith("| c") for x in lines)
 
 
 def test_completions_are_kept_and_judged_again(tmp_path, monkeypatch):
