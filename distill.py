@@ -436,14 +436,13 @@ def main(argv=None):
     info = student_info(args, models, s_ids, tokens_file, len(plan), world, round(time.time() - t0, 1))
     if world.sharded:  # rank 0 gathers the slices into a plain model to save
         models.student = unsharded(models.student, world, lambda: build_student(args, torch.device("cpu"))[0])
-    world.barrier()
-    if not world.main:
-        return world.close()
-    save_student(models.student, models.tok, final_dir, info, bool(args.lora_rank), args.save_dtype)
-    write_jsonl(final_dir / "train_log.jsonl", log)
-    shutil.rmtree(work, ignore_errors=True)
-    world.close()
-    print(final_summary(log, time.time() - t0, final_dir, lora=bool(args.lora_rank)))
+    if world.main:
+        save_student(models.student, models.tok, final_dir, info, bool(args.lora_rank), args.save_dtype)
+        write_jsonl(final_dir / "train_log.jsonl", log)
+        shutil.rmtree(work, ignore_errors=True)
+    world.close()  # the other ranks wait for rank 0's files, then all leave the process group together
+    if world.main:
+        print(final_summary(log, time.time() - t0, final_dir, lora=bool(args.lora_rank)))
 
 
 if __name__ == "__main__":

@@ -184,7 +184,11 @@ class World:
             dist.barrier()
 
     def close(self) -> None:
+        """Leave the process group, every rank at once: a rank that tears gloo down while another still
+        works in it can abort ("terminate called without an active exception", seen once at the end of a
+        sharded run)."""
         if self.size > 1 and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 
