@@ -153,6 +153,12 @@ def rejudge(rows: list[dict], split: str = "test") -> tuple[list[dict], int]:
     return out, n
 
 
+def judged_now(r: dict) -> bool:
+    """Was this row's refusal judged by the current phrase list (metrics.JUDGE_ID)? Rows without kept
+    completions keep an earlier list's verdicts (‡ in the tables)."""
+    return r.get("judge") == JUDGE_ID
+
+
 def per_prompt(r: dict, s: str) -> tuple[list[float], list[float]] | None:
     """A row's per-prompt values of a metric and their weights: 0/1 verdicts (weight 1 each), or KL sums over
     each prompt's tokens (weight = its token count, so Σ values / Σ weights is the per-token KL). None if
@@ -186,7 +192,7 @@ def group(rows: list[dict], name: str) -> dict | None:
     keys = ("refusal_harmful", "harmful_reform", "over_refusal", "harmless_reform", "kl_to_base",
             "qa_accuracy")
     g = {"name": name, "seeds": [r["name"].split("@s")[1] for r in members], "members": members,
-         "judged_now": all(r.get("judge") == JUDGE_ID for r in members)}
+         "judged_now": all(map(judged_now, members))}
     g["shown"] = name + ("" if g["judged_now"] else " ‡")
     for k in keys:
         vals = [r[k] for r in members if r[k] is not None]  # None: a split without that set (val)
@@ -202,7 +208,8 @@ def seed_groups(rows: list[dict]) -> list[dict]:
     """Every group that has finished seeds: the verdict's (the demo, then PRIMARY) first, then the others in
     the order their first row appears."""
     names = list(dict.fromkeys(r["name"].split("@")[0] for r in rows))
-    names.sort(key=lambda n: ("demo", *PRIMARY).index(n) if n in ("demo", *PRIMARY) else len(PRIMARY) + 1)
+    first = ("demo", *PRIMARY)
+    names.sort(key=lambda n: first.index(n) if n in first else len(first))
     return [g for g in (group(rows, n) for n in names) if g]
 
 
@@ -367,7 +374,7 @@ def runs_table(rows: list[dict]) -> list[str]:
              "| KL to base | QA | train s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         refusal = f"{pct(r['refusal_harmful'])} | {pct(r.get('harmful_reform'))}"
-        older = "" if r.get("judge") == JUDGE_ID else " ‡"
+        older = "" if judged_now(r) else " ‡"
         lines.append(f"| {r['name']}{older} | `{r['args']}` | {refusal} "
                      f"| {pct(r['over_refusal'])} ({pct(r.get('over_refusal_risky'))}) "
                      f"| {pct(r.get('harmless_reform'))} | {r['kl_to_base']:.4f} | {pct(r['qa_accuracy'])} "

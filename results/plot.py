@@ -23,9 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from metrics import JUDGE_ID, bootstrap_mean, wilson  # noqa: E402
+from metrics import bootstrap_mean, wilson  # noqa: E402
 sys.path.insert(0, str(ROOT / "results"))
-from experiment import frontier, seed_groups  # noqa: E402
+from experiment import frontier, judged_now, seed_groups  # noqa: E402
 
 HERE = ROOT / "results"
 LABELS = {"base": "base π0", "teacher": "teacher πt", "demo": "localized: collapsed on S + anchoring (demo)",
@@ -47,7 +47,7 @@ def rate(verdicts: dict, sets: tuple[str, ...]) -> tuple[float, float, float]:
 def points(rows: list[dict]) -> list[dict]:
     out = []
     for r in rows:
-        if r.get("judge") != JUDGE_ID or not r["verdicts"].get("harmful_reform"):
+        if not judged_now(r) or not r["verdicts"].get("harmful_reform"):
             continue  # refusals judged by an earlier phrase list, or rows from before the rephrased splits
         group = r["name"].split("@")[0].replace("reference:", "")
         kl = r["kl_to_base"]
