@@ -63,7 +63,8 @@ from distill import Recipe, anchor_steps, make_optimizer, sample_batch, step_pro
 from metrics import refusal_rate
 from parallel import (Loop, World, add_scale_args, build_models, checkpoint_interval,
                       enable_grad_checkpointing, prepare_output_dirs, save_student, trainable)
-from steering import Teacher, completion_logits, decode_completions
+from steering import Teacher, decode_completions
+from forcing import completion_logits
 
 
 # ----------------------------------------------------------------------------- the losses

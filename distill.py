@@ -56,7 +56,8 @@ from parallel import (Loop, Models, World, add_scale_args, build_models, build_s
                       startup_summary, student_info, trainable, unsharded)
 from lean_losses import collapsed_kl, full_kl, partial_kl, rest_term
 from schedule import add_schedule_args, refresh_teacher, resume_schedule, start_schedule
-from steering import Teacher, completion_logits, decode_completions, sample
+from steering import Teacher, decode_completions, sample
+from forcing import completion_logits
 
 
 @dataclass

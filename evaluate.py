@@ -58,7 +58,8 @@ from common import (Parser, UserError, add_common_args, add_renamed, data_file, 
 from judges import FAMILIES, GuardJudge, guard_summary
 from metrics import REFUSAL_PHRASES, bootstrap_mean, is_refusal, mcnemar_exact, paired_bootstrap, wilson
 from specs import check_model_spec, check_spec, earlier_evaluation, fingerprint, load_spec, reuse
-from steering import completion_logits, decode_completions, right_pad, sample
+from steering import decode_completions, sample
+from forcing import completion_logits, right_pad
 
 OUTPUTS = ["eval.json", "eval.md", "eval_samples.jsonl"]
 SETS = ("harmful", "harmless", "harmful_reform", "harmless_reform")  # judged for refusal

@@ -32,7 +32,8 @@ from checkpoints import load_checkpoint, save_checkpoint
 from common import (UserError, load_model, positive_float, positive_int, run_info, save_model_dir,
                     seed_everything, write_jsonl)
 from precision import DTYPES, computes_in_bf16, frozen_copy, merge_lora, training_autocast
-from steering import Teacher, load_teacher, packing_path
+from steering import Teacher, load_teacher
+from forcing import packing_path
 
 
 # ----------------------------------------------------------------------------- the models: full or LoRA
@@ -272,7 +273,7 @@ def unsharded(model, world: World, rebuild):
 def startup_summary(args, steps: int, n_s: int, models: Models, anchored: bool, start: int,
                     world: World) -> str:
     """The lines printed before the first step: the plan, the loss, |S|, πt, what trains, and the extras;
-    then how the student scores its samples (steering.packing_path)."""
+    then how the student scores its samples (forcing.packing_path)."""
     n_train = sum(p.numel() for p in trainable(models.student).values())
     text = f"distilling {steps} steps x {args.prompts_per_step} prompts x {args.samples} samples"
     text += f", loss {args.loss} ({args.loss_impl}), |S| = {n_s}"

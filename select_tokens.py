@@ -35,7 +35,8 @@ from chat import encode_chats, special_token_ids, stop_token_ids, tokenizer_fing
 from common import (Parser, UserError, add_common_args, add_renamed, data_file, load_model,
                     non_negative_float, pick_device, positive_int, prepare_out_dir, read_prompts, run_cli,
                     run_info, seed_everything, truncate_prompts, write_json)
-from steering import Teacher, completion_logits, load_teacher, sample
+from steering import Teacher, load_teacher, sample
+from forcing import completion_logits
 
 OUTPUTS = ["safety_tokens.json"]
 

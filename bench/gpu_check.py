@@ -37,7 +37,8 @@ import distill  # noqa: E402
 import memory_model  # noqa: E402
 from chat import encode_chats  # noqa: E402
 from precision import frozen_copy, merge_lora, surviving_update  # noqa: E402
-from steering import Teacher, completion_logits, packing_path  # noqa: E402
+from steering import Teacher  # noqa: E402
+from forcing import completion_logits, packing_path  # noqa: E402
 
 # The shapes of each model's config.json (public model cards); the weights are random.
 CONFIGS = {

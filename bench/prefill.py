@@ -4,7 +4,7 @@ prefill runs each distinct prompt once (Stage 2 samples M = 8 continuations per 
 template prefix all prompts share once (SmolLM2: a 24-token system turn). Compared here, each pair in one
 process and interleaved over the repeats so that the box's drift hits both alike:
 
-  teacher forcing  steering.completion_logits without autograd (prefill + cache) against the plain forward
+  teacher forcing  forcing.completion_logits without autograd (prefill + cache) against the plain forward
                    over prompt + completion (the same function with autograd on and every weight frozen: no
                    graph, the code path the student takes), at Stage 2's and Stage 3's shapes; max |logit
                    difference|
@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import chat  # noqa: E402
 import common  # noqa: E402
+import forcing
 import steering  # noqa: E402
 
 
@@ -60,10 +61,10 @@ def main(argv=None):
         plain, cached = [], []
         for _ in range(args.repeats):
             with torch.enable_grad():  # frozen weights: no graph, the plain path
-                s, full = timed(lambda: steering.completion_logits(model, ids, mask, comp))
+                s, full = timed(lambda: forcing.completion_logits(model, ids, mask, comp))
             plain.append(s)
             with torch.no_grad():
-                s, fast = timed(lambda: steering.completion_logits(model, ids, mask, comp))
+                s, fast = timed(lambda: forcing.completion_logits(model, ids, mask, comp))
             cached.append(s)
         diff = (full - fast).abs().max().item()
         print(f"  {name}: {min(plain):.2f} s vs {min(cached):.2f} s, {min(plain) / min(cached):.2f}x; "

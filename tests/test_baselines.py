@@ -13,6 +13,7 @@ import common
 import distill
 import evaluate
 import parallel
+import forcing
 import steering
 
 
@@ -74,7 +75,7 @@ def test_sequence_logprobs_on_a_tiny_model_equal_a_loop_over_positions(tok, mode
     assert (mask == 0).any()  # left padding is exercised
     answer = torch.randint(0, 250, (3, 5), generator=torch.Generator().manual_seed(1))
     lengths = [3, 1, 5]
-    got = bl.sequence_logprobs(steering.completion_logits(model, ids, mask, answer), answer,
+    got = bl.sequence_logprobs(forcing.completion_logits(model, ids, mask, answer), answer,
                                mask_of(lengths, 5))
     wide = copy.deepcopy(model).double()
     for r, n in enumerate(lengths):
@@ -201,7 +202,7 @@ def test_sampled_answers_end_at_the_first_stop_and_sft_ignores_what_follows(tok,
     assert all(cmask[r, :n].all() and not cmask[r, n:].any() for r, n in enumerate(lengths))
     ids, mask = chat.encode_chats(tok, [p for p in ["hello", "how are you"] for _ in range(3)])
     with torch.no_grad():
-        z = steering.completion_logits(model, ids, mask, comp)
+        z = forcing.completion_logits(model, ids, mask, comp)
     loss = bl.sft_loss(z, comp, cmask)
     assert loss.item() == pytest.approx(brute_sft(z.double(), comp, lengths).item(), rel=1e-5)
     after = torch.where(cmask.bool(), comp, torch.full_like(comp, 5))
@@ -248,11 +249,11 @@ def test_mixed_step_gradient_is_harmful_loss_plus_lambda_anchor_loss(tok, model,
     def group_loss(group):
         ids, mask = chat.encode_chats(tok, group.prompts)
         if not dpo:
-            return bl.sft_loss(steering.completion_logits(model, ids, mask, group.chosen[0]), *group.chosen)
+            return bl.sft_loss(forcing.completion_logits(model, ids, mask, group.chosen[0]), *group.chosen)
         lp = []
         for m in (model, ref):
             for y, ym in (group.chosen, group.rejected):
-                lp.append(bl.sequence_logprobs(steering.completion_logits(m, ids, mask, y), y, ym))
+                lp.append(bl.sequence_logprobs(forcing.completion_logits(m, ids, mask, y), y, ym))
         return bl.dpo_loss(*lp, 0.1)[0].mean()
     model.zero_grad()
     (group_loss(groups[0]) + 0.5 * group_loss(groups[1])).backward()

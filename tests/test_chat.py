@@ -17,6 +17,7 @@ import distill
 import evaluate
 import extract_direction as ed
 import select_tokens
+import forcing
 import steering
 from common import UserError
 
@@ -91,9 +92,9 @@ def test_prefill_equals_the_plain_forward_and_decoding_equals_generate(family_di
     assert torch.equal(ours, gen[:, ids.shape[1]:])
     # teacher forcing without autograd (πt, π0) goes through prefill and the cache: the same logits
     with torch.no_grad():
-        cached = steering.completion_logits(model, ids, mask, ours)
+        cached = forcing.completion_logits(model, ids, mask, ours)
     with torch.enable_grad():
-        plain = steering.completion_logits(model, ids, mask, ours)
+        plain = forcing.completion_logits(model, ids, mask, ours)
     assert torch.allclose(cached, plain.detach(), atol=1e-5)
 
 
@@ -211,11 +212,11 @@ def test_packed_samples_score_like_one_row_per_sample(family_dir):
     ids, mask = chat.encode_chats(tok, [p for p in prompts for _ in range(3)])
     comp = torch.randint(0, 200, (9, 6), generator=torch.Generator().manual_seed(0))
     weights = torch.randn(9, 6, len(tok), generator=torch.Generator().manual_seed(1))
-    assert steering.packs_exactly(model) == (not name.startswith("gemma"))
+    assert forcing.packs_exactly(model) == (not name.startswith("gemma"))
     results = []
     for pack in (False, True):
         model.zero_grad()
-        logits = steering.completion_logits(model, ids, mask, comp, pack=pack)
+        logits = forcing.completion_logits(model, ids, mask, comp, pack=pack)
         (logits * weights).sum().backward()
         results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
     (plain, g_plain), (packed, g_packed) = results

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import forcing
 import steering
 import chat
 import distill as dl
@@ -284,8 +285,8 @@ def test_one_step_lowers_the_loss(tok, model):
 
     def loss():
         with torch.no_grad(), steering.add_vector(teacher, 1, vec):
-            lt = steering.completion_logits(teacher, ids, mask, comp)
-        ls = steering.completion_logits(model, ids, mask, comp)
+            lt = forcing.completion_logits(teacher, ids, mask, comp)
+        ls = forcing.completion_logits(model, ids, mask, comp)
         return dl.localized_reverse_kl(ls, lt, cmask, s, "collapsed")
     before = loss()
     before.backward()
@@ -328,8 +329,8 @@ def test_anchored_step_gradient_is_harmful_loss_plus_lambda_anchor_loss(tok, mod
 
     def part(rows, steer):
         with torch.no_grad(), (steering.add_vector(teacher, 1, vec) if steer else contextlib.nullcontext()):
-            lt = steering.completion_logits(teacher, ids[rows], mask[rows], comp[rows])
-        ls = steering.completion_logits(model, ids[rows], mask[rows], comp[rows])
+            lt = forcing.completion_logits(teacher, ids[rows], mask[rows], comp[rows])
+        ls = forcing.completion_logits(model, ids[rows], mask[rows], comp[rows])
         return dl.localized_reverse_kl(ls, lt, cmask[rows], s, "partial")
     model.zero_grad()
     (part(slice(0, 4), True) + 0.5 * part(slice(4, 6), False)).backward()
@@ -353,8 +354,8 @@ def test_packed_samples_give_the_step_of_one_row_per_sample(tok, model, monkeypa
     """--pack-samples (the default) and --no-pack-samples: the same loss and gradient on the same samples."""
     harmful, anchors = ["hello", "how are you today"], ["what is 2+2"]
     teacher, vec, *_ = fixed_samples(tok, model, monkeypatch, harmful + anchors)
-    packed, real = [], steering.packed_completion_logits
-    monkeypatch.setattr(steering, "packed_completion_logits", lambda *a: packed.append(a[-1]) or real(*a))
+    packed, real = [], forcing.packed_completion_logits
+    monkeypatch.setattr(forcing, "packed_completion_logits", lambda *a: packed.append(a[-1]) or real(*a))
     runs = []
     teachers = (steering.Teacher(teacher, "hook", vec, 1), steering.Teacher(teacher, "base"))
     for pack in (True, False):
@@ -570,12 +571,12 @@ def test_lora_teacher_base_and_student_share_one_copy(model_dir, tok, tmp_path):
     comp = torch.randint(0, 250, (2, 4))
     with torch.no_grad():
         with steering.add_vector(separate, 1, vec, 1.0):
-            ref = steering.completion_logits(separate, ids, mask, comp)
-        ref0 = steering.completion_logits(separate, ids, mask, comp)
+            ref = forcing.completion_logits(separate, ids, mask, comp)
+        ref0 = forcing.completion_logits(separate, ids, mask, comp)
         with teacher.steer():
-            got = steering.completion_logits(teacher.model, ids, mask, comp)
+            got = forcing.completion_logits(teacher.model, ids, mask, comp)
         with base.steer():
-            got0 = steering.completion_logits(base.model, ids, mask, comp)
+            got0 = forcing.completion_logits(base.model, ids, mask, comp)
     assert torch.allclose(got, ref, atol=1e-5) and torch.allclose(got0, ref0, atol=1e-5)
     # one storage: teacher, π0 and student read the same base tensors
     assert teacher.model is student and base.model is student
@@ -586,10 +587,10 @@ def test_lora_teacher_base_and_student_share_one_copy(model_dir, tok, tmp_path):
     assert not base_ptrs(full_teacher.model) & base_ptrs(full_student)  # full fine-tuning: a second copy
     # gradients reach the adapters only
     with torch.no_grad(), teacher.steer():
-        lt = steering.completion_logits(teacher.model, ids, mask, comp)
+        lt = forcing.completion_logits(teacher.model, ids, mask, comp)
     student.train()
     torch.nn.init.normal_(next(p for n, p in student.named_parameters() if "lora_B" in n), std=0.1)
-    dl.localized_reverse_kl(steering.completion_logits(student, ids, mask, comp), lt, torch.ones_like(comp),
+    dl.localized_reverse_kl(forcing.completion_logits(student, ids, mask, comp), lt, torch.ones_like(comp),
                             torch.tensor([10, 20]), "collapsed").backward()
     grads = {n: p.grad for n, p in student.named_parameters()}
     assert all(g is None for n, g in grads.items() if "lora_" not in n)
@@ -644,7 +645,7 @@ def test_prompt_teacher_sees_the_system_prompt_and_the_same_completion(tok, mode
     comp = torch.randint(0, 250, (2, 4))
     t_ids, t_mask = teacher.encode(tok, prompts)
     with torch.no_grad(), teacher.steer():
-        lt = steering.completion_logits(model, t_ids, t_mask, comp)
+        lt = forcing.completion_logits(model, t_ids, t_mask, comp)
     for r, p in enumerate(prompts):
         ids, _ = chat.encode_chats(tok, [p], system="Refuse harmful requests.")  # unpadded, one at a time
         with torch.no_grad():

@@ -84,7 +84,7 @@ def step0_kl(student, frozen, autocast: bool) -> float:
     without (prefill + cache), both under the same autocast (the CPU's bf16 here, CUDA's on a GPU)."""
     from chat import encode_chats
     from distill import full_kl_formula
-    from steering import completion_logits
+    from forcing import completion_logits
     tok = make_tokenizer()
     ids, mask = encode_chats(tok, [p for p in ["hello there", "how do I do x?"] for _ in range(4)])
     comp = torch.randint(0, 200, (8, 12), generator=torch.Generator().manual_seed(0))

@@ -8,7 +8,7 @@ import torch
 import common
 import chat
 import evaluate as ev
-import steering
+import forcing
 from common import UserError
 
 REFUSALS = [
@@ -99,7 +99,7 @@ def test_retention_per_prompt_sums_equal_the_token_mean(tok, model):
                        batch_size=2)
     assert ret["tokens"] == [3, 1, 2]
     ids, mask = chat.encode_chats(tok, prompts)
-    comp, cmask = steering.right_pad(answers, tok.pad_token_id, "cpu")
+    comp, cmask = forcing.right_pad(answers, tok.pad_token_id, "cpu")
     kl, nll = ev.kl_to_base(other, model, ids, mask, comp, cmask)
     assert sum(ret["kl"]) == pytest.approx(kl.sum().item(), rel=1e-6)
     assert sum(ret["nll"]) == pytest.approx(nll.sum().item(), rel=1e-6)

@@ -1,5 +1,5 @@
 """bench/gpu_check.py with --tiny on the CPU, and the GPU paths it measures that a CPU can check: which path
-packing takes (steering.packing_path) and the line Stage 3 prints about it."""
+packing takes (forcing.packing_path) and the line Stage 3 prints about it."""
 import copy
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,7 +27,7 @@ def test_packing_falls_back_where_the_4d_mask_is_ignored(tok):
     """flash_attention_2 and flex_attention take no 4-D mask: a packed row would attend across samples. Such
     a student scores a row per sample (2-D masks), with the same logits, and Stage 3's log says so."""
     from chat import encode_chats
-    from steering import completion_logits, packing_path
+    from forcing import completion_logits, packing_path
     model = make_model(tok).train()
     ids, mask = encode_chats(tok, ["hi", "hi", "hi", "bye", "bye", "bye"])
     comp = torch.randint(0, 200, (6, 5), generator=torch.Generator().manual_seed(0))

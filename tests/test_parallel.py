@@ -328,7 +328,7 @@ def test_startup_summary_names_the_loss_s_the_teacher_and_the_anchors(tok, model
     world = parallel.World(torch.device("cpu"))
     n = sum(p.numel() for p in model.parameters())
     text, packing = parallel.startup_summary(args, 7, 50, models, True, 3, world).splitlines()
-    assert packing.startswith("student scores samples packed")  # the path it takes (steering.packing_path)
+    assert packing.startswith("student scores samples packed")  # the path it takes (forcing.packing_path)
     assert text == (f"distilling 7 steps x 4 prompts x 8 samples, loss partial (lean), |S| = 50 (random); "
                     f"teacher hook at block 1, c = 2.0, |r| = {vec.norm():.2f}; "
                     f"{n / 1e6:.1f}M trainable weights; anchor 2 x 8 harmless samples, λ = 1.5; "

@@ -11,6 +11,7 @@ import common
 import directions
 import distill as dl
 import extract_direction as ed
+import forcing
 import steering
 from common import UserError
 from conftest import kill_at_step
@@ -52,9 +53,9 @@ def test_refreshed_teacher_equals_stage1_on_the_saved_student(model_dir, tok, tm
     assert any(not torch.equal(live[n], p) for n, p in saved.named_parameters())  # step 2 moved the student
     with torch.no_grad():
         with refreshed.steer():
-            got = steering.completion_logits(refreshed.model, ids, mask, comp)
+            got = forcing.completion_logits(refreshed.model, ids, mask, comp)
         with ref.steer():
-            want = steering.completion_logits(saved, ids, mask, comp)
+            want = forcing.completion_logits(saved, ids, mask, comp)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert all(torch.equal(live[n], p) for n, p in refreshed.model.named_parameters())  # swapped back
     assert common.load_json(out / "two" / "safesteer.json")["refresh_every"] == 1

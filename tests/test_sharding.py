@@ -13,6 +13,7 @@ import distill as dl
 import parallel
 import precision
 import sharding
+import forcing
 import steering
 
 
@@ -91,8 +92,8 @@ def step0_kl(student, frozen, tok, one_path: bool) -> float:
     ids, mask = chat.encode_chats(tok, [p for p in ["hello there", "how do I do x?"] for _ in range(4)])
     comp = torch.randint(0, 200, (8, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ls = steering.completion_logits(student.train(), ids, mask, comp)
-        lt = steering.completion_logits(frozen.train(one_path), ids, mask, comp, share_prefix=False)
+        ls = forcing.completion_logits(student.train(), ids, mask, comp)
+        lt = forcing.completion_logits(frozen.train(one_path), ids, mask, comp, share_prefix=False)
     for m in (student, frozen):
         if hasattr(m.eval(), "reshard"):
             m.reshard()

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import chat
+import forcing
 import steering
 from common import UserError
 
@@ -291,10 +292,10 @@ def test_load_teacher_takes_c_from_direction_json_unless_given(model, tmp_path):
 
 def test_sample_groups_finds_runs_of_identical_prompts(tok):
     ids, mask = chat.encode_chats(tok, ["a", "a", "bb", "bb", "c", "c"])
-    assert steering.sample_groups(ids, mask) == 2
+    assert forcing.sample_groups(ids, mask) == 2
     for rows in (["a", "a", "bb"], ["a", "bb", "a", "bb"], ["a", "a", "a", "bb"], ["a"], ["a", "bb"]):
-        assert steering.sample_groups(*chat.encode_chats(tok, rows)) == 1, rows
-    assert steering.sample_groups(*chat.encode_chats(tok, ["a"] * 4)) == 4
+        assert forcing.sample_groups(*chat.encode_chats(tok, rows)) == 1, rows
+    assert forcing.sample_groups(*chat.encode_chats(tok, ["a"] * 4)) == 4
 
 
 def test_packed_mask_keeps_samples_apart(tok, model):
@@ -304,7 +305,7 @@ def test_packed_mask_keeps_samples_apart(tok, model):
     other = comp.clone()
     other[1, 2:] = (other[1, 2:] + 7) % 200
     with torch.enable_grad():
-        a = steering.packed_completion_logits(model, ids, mask, comp, 3)
-        b = steering.packed_completion_logits(model, ids, mask, other, 3)
+        a = forcing.packed_completion_logits(model, ids, mask, comp, 3)
+        b = forcing.packed_completion_logits(model, ids, mask, other, 3)
     assert torch.allclose(a[[0, 2]], b[[0, 2]], atol=1e-6) and torch.allclose(a[1, :3], b[1, :3], atol=1e-6)
     assert (a[1, 3:] - b[1, 3:]).abs().max() > 1e-3

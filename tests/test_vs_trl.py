@@ -38,6 +38,7 @@ from trl.trainer.distillation_trainer import _chunked_divergence_loss  # noqa: E
 
 import distill  # noqa: E402
 import lean_losses  # noqa: E402
+import forcing
 import steering  # noqa: E402
 from bench.vs_trl import trl_trainer  # noqa: E402
 from chat import encode_chats  # noqa: E402
@@ -211,8 +212,8 @@ def test_trl_trainer_scores_the_steered_teacher_as_distill_does(tok, model, tmp_
     def our_loss(weights):  # weights per sequence: turn our mean of means into TRL's token mean
         student.zero_grad()
         with torch.no_grad(), teacher.steer():
-            lt = steering.completion_logits(frozen, ids, mask, comp)
-        ls = steering.completion_logits(student, ids, mask, comp)
+            lt = forcing.completion_logits(frozen, ids, mask, comp)
+        ls = forcing.completion_logits(student, ids, mask, comp)
         one = [slice(i, i + 1) for i in range(len(rows))]
         per_seq = torch.stack([ours_full(ls[i], lt[i], comp_mask[i], "formula") for i in one])
         loss = (per_seq * weights).sum()

@@ -67,7 +67,7 @@ def step0_one_path(student, frozen, tok) -> dict:
     """πs's and π0's logits at step 0 computed the same way (the student's path, without a graph): under
     FSDP2's bf16 policy both gather the same bf16 weights, so they must be equal and their KL exactly 0."""
     from chat import encode_chats
-    from steering import completion_logits
+    from forcing import completion_logits
     ids, mask = encode_chats(tok, ["hello there", "how do I do x?"])
     comp = torch.randint(0, 200, (2, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
