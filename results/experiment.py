@@ -58,9 +58,11 @@ MARGINS = {"harmful": 0.10, "harmful_reform": 0.10, "harmless": 0.03, "harmless_
            "kl": 0.01}
 NEEDED = ["direction.safetensors", "direction.json", "safety_tokens.json"]  # from the demo's run
 COMPLETIONS = HERE / "completions"
-# The comparisons README's verdict rests on (six seeds each); every other comparison is exploratory. Holm's
-# correction runs over each table separately.
-PRIMARY = ("full", "random")  # every evaluated completion, one gzipped JSONL per row
+# The comparisons README's verdict rests on (six seeds each): the ablations of S (PRIMARY) and the method
+# against the paper's baselines (BASELINES, issue 34), two questions asked separately, so Holm's correction
+# runs over each family's table alone; every other comparison is exploratory (a third table).
+PRIMARY = ("full", "random")
+BASELINES = ("sft_mix", "dpo_mix", "sft", "dpo")
 # What each split evaluates on (data/ file stems).
 SPLITS = {
     "test": {"harmful": "harmful_test", "harmless": "harmless_test", "harmful_reform": "harmful_reform_test",
@@ -208,7 +210,7 @@ def seed_groups(rows: list[dict]) -> list[dict]:
     """Every group that has finished seeds: the verdict's (the demo, then PRIMARY) first, then the others in
     the order their first row appears."""
     names = list(dict.fromkeys(r["name"].split("@")[0] for r in rows))
-    first = ("demo", *PRIMARY)
+    first = ("demo", *PRIMARY, *BASELINES)
     names.sort(key=lambda n: first.index(n) if n in first else len(first))
     return [g for g in (group(rows, n) for n in names) if g]
 
@@ -362,11 +364,10 @@ def p3(p: float) -> str:
     return "–" if math.isnan(p) else f"{p:.3f}"
 
 
-def split_refs(refs: dict) -> tuple[dict, dict]:
-    """(the comparisons README's verdict rests on, the others)."""
-    primary = {a: b for a, b in refs.items() if a in PRIMARY}
-    other = {a: b for a, b in refs.items() if a not in PRIMARY}
-    return primary, other
+def split_refs(refs: dict) -> tuple[dict, dict, dict]:
+    """(the ablations README's verdict rests on, the method against the baselines, the others)."""
+    family = lambda names: {a: b for a, b in refs.items() if a in names}
+    return family(PRIMARY), family(BASELINES), {a: b for a, b in refs.items() if a not in PRIMARY + BASELINES}
 
 
 def runs_table(rows: list[dict]) -> list[str]:
@@ -492,6 +493,7 @@ def to_markdown(rows: list[dict], refs: dict, comps: list[list[dict]] | None = N
         lines += recipes_table(groups)
     comps = comps if comps is not None else [comparison_rows(rows, part) for part in split_refs(refs)]
     titles = ("Recipe comparisons behind the verdict: the training run as the unit",
+              "The method against the paper's baselines (baselines.py; Holm over this table alone)",
               "Exploratory comparisons (fewer runs; Holm over this table alone)")
     for table, title in zip(comps, titles):
         if table:

@@ -53,6 +53,26 @@ def test_groups_and_recipe_comparisons_by_hand():
     assert len(comps) == 6 and all("holm" in x and "reading" in x for x in comps)
 
 
+def test_baselines_are_their_own_holm_family():
+    """The ablations (full, random) and the baselines answer two questions: Holm's correction runs over each
+    family's table alone, so adding baselines leaves the ablations' adjusted p-values as they were."""
+    rows = []
+    runs = (("1100", "1110", "0000"), ("1000", "1110", "0001"), ("1100", "1111", "0011"))
+    for i, (h, f, s) in enumerate(runs):
+        rows += [fake(f"demo@s{i}", h), fake(f"full@s{i}", f, 0.02), fake(f"sft_mix@s{i}", s, 0.03)]
+    refs = {"full": "demo", "sft_mix": "demo", "other": "demo"}
+    assert experiment.split_refs(refs) == ({"full": "demo"}, {"sft_mix": "demo"}, {"other": "demo"})
+    alone = experiment.comparison_rows(rows, {"full": "demo"})
+    families = experiment.split_refs(refs)
+    ablations, baselines, _ = (experiment.comparison_rows(rows, part) for part in families)
+    assert [c["holm"] for c in ablations] == [c["holm"] for c in alone]
+    assert {c["a"] for c in baselines} == {"sft_mix"} and len(baselines) == len(alone)
+    md = experiment.to_markdown(rows, refs)
+    assert md.index("behind the verdict") < md.index("against the paper's baselines") < md.index("| sft_mix vs")
+    names = [g["name"] for g in experiment.seed_groups(rows)]
+    assert names == ["demo", "full", "sft_mix"]  # the verdict's groups first, in their order
+
+
 def test_refusals_judged_by_two_phrase_lists_are_never_compared():
     """A row judged by an earlier phrase list (no kept completions to judge again) pairs with no row judged
     by the current one on a judged set; KL and QA, which no phrase decides, still pair."""
