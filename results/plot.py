@@ -33,8 +33,10 @@ LABELS = {"base": "base π0", "teacher": "teacher πt", "demo": "localized: coll
           "random": "random S (same size) + anchoring", "window": "demo + loss window [0, 16)",
           "refresh": "demo + teacher refresh every 5 steps", "prompt_teacher": "demo with the prompt teacher",
           "refresh_aw4": "demo + refresh every 5 steps, anchor weight 4",
-          "sft": "SFT on πt's answers (off-policy)", "sft_mix": "SFT-mix: + π0's answers to harmless prompts",
-          "dpo": "DPO: πt's answer over π0's", "dpo_mix": "DPO-mix: + π0's over πt's on harmless prompts"}
+          "sft": "SFT on πt's answers (off-policy)",
+          "sft_mix": "SFT-mix: SFT on πt's answers + π0's on harmless",
+          "dpo": "DPO: πt's answer over π0's",
+          "dpo_mix": "DPO-mix: πt's over π0's + π0's over πt's on harmless"}
 
 
 def rate(verdicts: dict, sets: tuple[str, ...]) -> tuple[float, float, float]:
