@@ -86,8 +86,13 @@ def test_sharded_equals_one_process(model_dir, tok, tmp_path, lora, family):
     one, two = log_of(out / "one"), log_of(out / "two")
     assert len(one) == len(two) == 3
     for a, b in zip(one, two):
+        # Step 1 (before any update) must match to 1e-4: it checks the sharded forward and the gradient's
+        # reduce-scatter. After an update, Llama-3's untied embedding rows whose gradient is near AdamW's eps
+        # differ by rounding (up to 1e-3, as the weights below), and its later losses inherit that: measured
+        # 1.9e-4 apart on one CPU, within 1e-4 on another.
+        rel = 1e-3 if family and a["step"] > 1 else 1e-4
         for k in ("loss", "collapsed", "full", "anchor_loss", "grad_norm", "sampled_refusal"):
-            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-7), (a["step"], k)
+            assert a[k] == pytest.approx(b[k], rel=rel, abs=1e-7), (a["step"], k)
     wa, wb = load_file(out / "one" / "model.safetensors"), load_file(out / "two" / "model.safetensors")
     assert wa.keys() == wb.keys()
     for k in wa:  # an untied embedding row whose gradient is ~1e-9, near AdamW's eps, moves by a share of lr
