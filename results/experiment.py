@@ -59,10 +59,11 @@ MARGINS = {"harmful": 0.10, "harmful_reform": 0.10, "harmless": 0.03, "harmless_
 NEEDED = ["direction.safetensors", "direction.json", "safety_tokens.json"]  # from the demo's run
 COMPLETIONS = HERE / "completions"
 # The comparisons README's verdict rests on (six seeds each): the ablations of S (PRIMARY) and the method
-# against the paper's baselines (BASELINES, issue 34), two questions asked separately, so Holm's correction
-# runs over each family's table alone; every other comparison is exploratory (a third table).
+# against the paper's anchored baselines (BASELINES, issue 34; the paper's DPO-Mix), two questions asked
+# separately, so Holm's correction runs over each family's table alone; every other comparison, plain SFT and
+# DPO (fewer runs) among them, is exploratory (a third table). The families were fixed before their test runs.
 PRIMARY = ("full", "random")
-BASELINES = ("sft_mix", "dpo_mix", "sft", "dpo")
+BASELINES = ("sft_mix", "dpo_mix")
 # What each split evaluates on (data/ file stems).
 SPLITS = {
     "test": {"harmful": "harmful_test", "harmless": "harmless_test", "harmful_reform": "harmful_reform_test",
@@ -531,10 +532,11 @@ def save(rows: list[dict], refs: dict, split: str = "test") -> None:
 
 
 def same_student(out: Path, extra: list[str]) -> bool:
-    """A finished student trained with exactly these arguments (the seed is in the directory's name)."""
+    """A finished student trained with these arguments, in any order (the seed is in the directory's name)."""
     args = out / "experiment_args.json"
     trained = (out / "student" / "config.json").is_file()
-    return trained and args.is_file() and json.loads(args.read_text()) == extra
+    same = lambda a, b: recipe(" ".join(a)) == recipe(" ".join(b))  # as argparse reads them: order aside
+    return trained and args.is_file() and same(json.loads(args.read_text()), extra)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -159,6 +159,10 @@ def test_a_student_with_the_same_arguments_is_reused(tmp_path):
     (out / "student" / "config.json").write_text("{}")
     assert experiment.same_student(out, ["--lr", "1e-4"])
     assert not experiment.same_student(out, ["--lr", "2e-4"])
+    (out / "experiment_args.json").write_text('["--method", "dpo-mix", "--lr", "8e-5", "--beta", "0.1"]')
+    assert experiment.same_student(out, ["--method", "dpo-mix", "--beta", "0.1", "--lr", "8e-5"])  # the Makefile's
+    assert not experiment.same_student(out, ["--method", "dpo-mix", "--beta", "0.2", "--lr", "8e-5"])
+    assert not experiment.same_student(out, ["--method", "dpo", "--lr", "8e-5", "--beta", "0.1"])
 
 
 def test_targets_against_base_by_hand():
