@@ -57,12 +57,12 @@ from tqdm import tqdm
 
 from chat import encode_chats
 from common import (Parser, UserError, add_common_args, data_file, fraction, non_negative_float,
-                    peak_memory_mb, pick_device, positive_float, positive_int, read_prompts, run_cli,
-                    run_info, seed_everything, truncate_prompts, write_jsonl)
+                    pick_device, positive_float, positive_int, read_prompts, run_cli, run_info,
+                    seed_everything, truncate_prompts, write_jsonl)
 from distill import Recipe, anchor_steps, make_optimizer, sample_batch, step_prompts
 from metrics import refusal_rate
 from parallel import (Loop, World, add_scale_args, build_models, checkpoint_interval,
-                      enable_grad_checkpointing, prepare_output_dirs, save_student, trainable)
+                      enable_grad_checkpointing, peak_memory_mb, prepare_output_dirs, save_student, trainable)
 from steering import Teacher, decode_completions
 from forcing import completion_logits
 

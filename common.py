@@ -3,7 +3,7 @@
     errors and CLI      UserError, run_cli, Parser, add_common_args, add_runtime_args, add_renamed (an
                         option's old spelling), positive_int etc. (types), pick_device, seed_everything
     model loading       load_model (bundled GGUF -> cached transformers dir; --chat-template, --device-map),
-                        save_model_dir, peak_memory_mb
+                        save_model_dir
     files               read_prompts, read_records, truncate_prompts, write_json etc., save_tensors, run_info
 
 None of the method's math lives here: each stage's is in its own file, what several share in the modules
@@ -142,14 +142,6 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but torch sees no CUDA device")
     return torch.device(name)
-
-
-def peak_memory_mb(device) -> float:
-    """Peak memory so far: allocated CUDA memory on a GPU, the process's peak RSS on the CPU."""
-    if torch.device(device).type == "cuda":
-        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    import resource
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -48,12 +48,12 @@ from tqdm import tqdm
 
 from chat import encode_chats, load_safety_tokens, stop_token_ids
 from common import (Parser, UserError, add_common_args, data_file, fraction, non_negative_float,
-                    non_negative_int, peak_memory_mb, pick_device, positive_float, positive_int, read_prompts,
-                    run_cli, truncate_prompts, write_jsonl)
+                    non_negative_int, pick_device, positive_float, positive_int, read_prompts, run_cli,
+                    truncate_prompts, write_jsonl)
 from metrics import refusal_rate
 from parallel import (Loop, Models, World, add_scale_args, build_models, build_student, checkpoint_interval,
-                      enable_grad_checkpointing, final_summary, prepare_output_dirs, save_student,
-                      startup_summary, student_info, trainable, unsharded)
+                      enable_grad_checkpointing, final_summary, peak_memory_mb, prepare_output_dirs,
+                      save_student, startup_summary, student_info, trainable, unsharded)
 from lean_losses import collapsed_kl, full_kl, partial_kl, rest_term
 from schedule import add_schedule_args, refresh_teacher, resume_schedule, start_schedule
 from steering import Teacher, decode_completions, sample

@@ -319,6 +319,14 @@ def save_student(student, tok, path: Path, info: dict, lora: bool, dtype: str = 
     save_model_dir(merged, tok, path, extra_files={"safesteer.json": info}, also=write_adapter)
 
 
+def peak_memory_mb(device) -> float:
+    """Peak memory so far: allocated CUDA memory on a GPU, the process's peak RSS on the CPU."""
+    if torch.device(device).type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    import resource
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def final_summary(log: list[dict], seconds: float, final_dir: Path, lora: bool) -> str:
     """The lines printed at the end: loss and sampled refusal at the first and last step, time, memory."""
     lines = []

@@ -160,7 +160,8 @@ def test_a_student_with_the_same_arguments_is_reused(tmp_path):
     assert experiment.same_student(out, ["--lr", "1e-4"])
     assert not experiment.same_student(out, ["--lr", "2e-4"])
     (out / "experiment_args.json").write_text('["--method", "dpo-mix", "--lr", "8e-5", "--beta", "0.1"]')
-    assert experiment.same_student(out, ["--method", "dpo-mix", "--beta", "0.1", "--lr", "8e-5"])  # the Makefile's
+    # the Makefile's order of the same arguments
+    assert experiment.same_student(out, ["--method", "dpo-mix", "--beta", "0.1", "--lr", "8e-5"])
     assert not experiment.same_student(out, ["--method", "dpo-mix", "--beta", "0.2", "--lr", "8e-5"])
     assert not experiment.same_student(out, ["--method", "dpo", "--lr", "8e-5", "--beta", "0.1"])
 
