@@ -18,6 +18,7 @@ Usage:
 """
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -33,6 +34,7 @@ LABELS = {"base": "base π0", "teacher": "teacher πt", "demo": "localized: coll
           "random": "random S (same size) + anchoring", "window": "demo + loss window [0, 16)",
           "refresh": "demo + teacher refresh every 5 steps", "prompt_teacher": "demo with the prompt teacher",
           "refresh_aw4": "demo + refresh every 5 steps, anchor weight 4",
+          "ema": "demo + the authors' schedule: πt follows the student, r and S refreshed",
           "sft": "SFT on πt's answers (off-policy)",
           "sft_mix": "SFT-mix: SFT on πt's answers + π0's on harmless",
           "dpo": "DPO: πt's answer over π0's",
@@ -82,26 +84,41 @@ def main(argv=None):
     extra = {p["name"] for p in front} - {"demo", "full"}
     groups = [g for g in dict.fromkeys(p["group"] for p in pts) if g not in extra]
     colors = {g: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(groups)}
+    # A model that drifts far past the teacher (plain DPO) would squash every other point: the drift axis ends at
+    # 1.2 × πt's KL, and a point beyond it sits on that edge as a ▶ with its KL written beside it.
+    teacher_kl = [p["kl"][0] for p in pts if p["group"] == "teacher"]
+    cap = 1.2 * teacher_kl[0] if teacher_kl else math.inf
     fig, axes = plt.subplots(1, 2, figsize=(11, 5.5))
     for ax, (xkey, xlabel) in zip(axes, (("kl", "KL to base on π0's answers (drift) ↓"),
                                         ("over", "over-refusal, harmless + rephrased harmless ↓"))):
+        edge = cap if xkey == "kl" else math.inf
         for g in groups:
             mine = [p for p in pts if p["group"] == g]
             for p in mine:
                 x, y = p[xkey], p["refusal"]
-                xerr = [[x[0] - x[1]], [x[2] - x[0]]]
                 yerr = [[y[0] - y[1]], [y[2] - y[0]]]
+                if x[0] > edge:
+                    ax.errorbar(edge, y[0], yerr=yerr, fmt=">", ms=4, color=colors[g], alpha=0.5, elinewidth=0.8)
+                    continue
+                xerr = [[x[0] - x[1]], [min(x[2], edge) - x[0]]]
                 ax.errorbar(x[0], y[0], xerr=xerr, yerr=yerr,
                             fmt="o", ms=4, color=colors[g], alpha=0.5, elinewidth=0.8)
             mx = sum(p[xkey][0] for p in mine) / len(mine)
             my = sum(p["refusal"][0] for p in mine) / len(mine)
             label = LABELS.get(g, g) + (f" ({len(mine)} seeds)" if len(mine) > 1 else "")
+            if mx > edge:
+                ax.plot(edge, my, marker=">", ms=9, color=colors[g], markeredgecolor="black", linestyle="none")
+                ax.annotate(f"KL {mx:.2f}", (edge, my), xytext=(-8, -14), textcoords="offset points",
+                            ha="right", fontsize=8)
+                continue
             ax.plot(mx, my, marker="D", ms=9, color=colors[g], markeredgecolor="black", linestyle="none",
                     label=label)
+        if edge < math.inf:
+            ax.set_xlim(-0.01, edge * 1.04)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("refusal, held-out harmful + rephrased ↑")
         ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()  # below both panels: the points fill the corners
+    handles, labels = axes[1].get_legend_handles_labels()  # below both panels (the right one has every mean)
     fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3)
     fig.suptitle("SmolLM2-135M-Instruct: safety against its cost "
                  "(95% intervals; small = one seed, diamond = mean)")
