@@ -214,11 +214,11 @@ def tost(values: list[float], margin: float, alpha: float = 0.05) -> dict:
     from scipy import stats
     t = t_interval(values, level=1 - 2 * alpha)
     se = t["sd"] / math.sqrt(t["k"])
-    if se == 0:
-        p = 0.0 if abs(t["mean"]) < margin else 1.0
+    if se == 0:  # every run gave the same difference (two runs of a rate can): no spread to test against, as
+        p = float("nan")  # in t_interval; equivalence is never declared from a variance of zero
     else:
         df = t["k"] - 1
         p_low = stats.t.sf((t["mean"] + margin) / se, df)   # H0: mean <= -margin
         p_high = stats.t.cdf((t["mean"] - margin) / se, df)  # H0: mean >= +margin
         p = float(max(p_low, p_high))
-    return {"p_value": p, "equivalent": p < alpha, "margin": margin, "lo": t["lo"], "hi": t["hi"]}
+    return {"p_value": p, "equivalent": bool(p < alpha), "margin": margin, "lo": t["lo"], "hi": t["hi"]}

@@ -152,6 +152,10 @@ def test_tost_equivalence():
     assert not metrics.tost([0.08, 0.11, 0.09, 0.10], 0.1)["equivalent"]
     noisy = [0.2, -0.25, 0.15, -0.1]
     assert metrics.t_interval(noisy)["p_value"] > 0.05 and not metrics.tost(noisy, 0.1)["equivalent"]
+    # two runs with the same difference (a QA rate can repeat exactly): zero spread is no evidence of a tie
+    flat = metrics.tost([0.0, 0.0], 0.05)
+    assert math.isnan(flat["p_value"]) and not flat["equivalent"]
+    assert not metrics.tost([0.01, 0.01, 0.01], 0.05)["equivalent"]
 
 
 def test_seed_prompt_bootstrap_against_enumeration():
