@@ -34,7 +34,7 @@ LABELS = {"base": "base π0", "teacher": "teacher πt", "demo": "localized: coll
           "random": "random S (same size) + anchoring", "window": "demo + loss window [0, 16)",
           "refresh": "demo + teacher refresh every 5 steps", "prompt_teacher": "demo with the prompt teacher",
           "refresh_aw4": "demo + refresh every 5 steps, anchor weight 4",
-          "ema": "demo + the authors' schedule: πt follows the student, r and S refreshed",
+          "ema": "demo + the authors' schedule (πt tracks the student)",
           "sft": "SFT on πt's answers (off-policy)",
           "sft_mix": "SFT-mix: SFT on πt's answers + π0's on harmless",
           "dpo": "DPO: πt's answer over π0's",
