@@ -336,7 +336,7 @@ def comparison_rows(rows: list[dict], refs: dict) -> list[dict]:
                     out.append({"a": a, "b": b, "metric": s, **c})
     for c, p in zip(out, holm([c["p_value"] for c in out])):
         c["holm"] = p
-        if math.isnan(c["p_value"]) or c["sd"] == 0:  # equal differences in every run: neither test applies
+        if c["sd"] == 0:  # the same difference in every run: neither test applies (t's p is NaN, or 1 at 0)
             c["reading"] = "no spread over runs: untested"
         elif p < 0.05:
             c["reading"] = f"{c['a']} higher" if c["mean"] > 0 else f"{c['a']} lower"

@@ -84,8 +84,8 @@ def main(argv=None):
     extra = {p["name"] for p in front} - {"demo", "full"}
     groups = [g for g in dict.fromkeys(p["group"] for p in pts) if g not in extra]
     colors = {g: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(groups)}
-    # A model that drifts far past the teacher (plain DPO) would squash every other point: the drift axis ends at
-    # 1.2 × πt's KL, and a point beyond it sits on that edge as a ▶ with its KL written beside it.
+    # A model that drifts far past the teacher (plain DPO) would squash every other point: the drift axis
+    # ends at 1.2 × πt's KL, and a point beyond it sits on that edge as a ▶ (no KL interval), its KL beside it.
     teacher_kl = [p["kl"][0] for p in pts if p["group"] == "teacher"]
     cap = 1.2 * teacher_kl[0] if teacher_kl else math.inf
     fig, axes = plt.subplots(1, 2, figsize=(11, 5.5))
@@ -96,29 +96,24 @@ def main(argv=None):
             mine = [p for p in pts if p["group"] == g]
             for p in mine:
                 x, y = p[xkey], p["refusal"]
-                yerr = [[y[0] - y[1]], [y[2] - y[0]]]
-                if x[0] > edge:
-                    ax.errorbar(edge, y[0], yerr=yerr, fmt=">", ms=4, color=colors[g], alpha=0.5, elinewidth=0.8)
-                    continue
-                xerr = [[x[0] - x[1]], [min(x[2], edge) - x[0]]]
-                ax.errorbar(x[0], y[0], xerr=xerr, yerr=yerr,
-                            fmt="o", ms=4, color=colors[g], alpha=0.5, elinewidth=0.8)
+                cut = x[0] > edge
+                xerr = None if cut else [[x[0] - x[1]], [min(x[2], edge) - x[0]]]
+                ax.errorbar(min(x[0], edge), y[0], xerr=xerr, yerr=[[y[0] - y[1]], [y[2] - y[0]]],
+                            fmt=">" if cut else "o", ms=4, color=colors[g], alpha=0.5, elinewidth=0.8)
             mx = sum(p[xkey][0] for p in mine) / len(mine)
             my = sum(p["refusal"][0] for p in mine) / len(mine)
             label = LABELS.get(g, g) + (f" ({len(mine)} seeds)" if len(mine) > 1 else "")
+            ax.plot(min(mx, edge), my, marker=">" if mx > edge else "D", ms=9, color=colors[g],
+                    markeredgecolor="black", linestyle="none", label=label)
             if mx > edge:
-                ax.plot(edge, my, marker=">", ms=9, color=colors[g], markeredgecolor="black", linestyle="none")
                 ax.annotate(f"KL {mx:.2f}", (edge, my), xytext=(-8, -14), textcoords="offset points",
                             ha="right", fontsize=8)
-                continue
-            ax.plot(mx, my, marker="D", ms=9, color=colors[g], markeredgecolor="black", linestyle="none",
-                    label=label)
         if edge < math.inf:
             ax.set_xlim(-0.01, edge * 1.04)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("refusal, held-out harmful + rephrased ↑")
         ax.grid(alpha=0.3)
-    handles, labels = axes[1].get_legend_handles_labels()  # below both panels (the right one has every mean)
+    handles, labels = axes[1].get_legend_handles_labels()  # below both panels; every mean is a ◆ on the right
     fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3)
     fig.suptitle("SmolLM2-135M-Instruct: safety against its cost "
                  "(95% intervals; small = one seed, diamond = mean)")

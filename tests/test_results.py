@@ -51,7 +51,8 @@ def test_groups_and_recipe_comparisons_by_hand():
     assert "| a vs b | refusal | 3 | +33.3 |" in md and "Exploratory comparisons" in md
     comps = experiment.comparison_rows(rows, {"a": "b"})
     assert len(comps) == 6 and all("holm" in x and "reading" in x for x in comps)
-    # every run answers the same questions (QA 0.5 - 0.5 per seed): zero spread is no tie, whatever TOST's margin
+    # every run answers the same questions (QA 0.5 - 0.5 per seed): zero spread is no tie, whatever the
+    # margin
     qa = next(x for x in comps if x["metric"] == "qa")
     assert qa["per_seed"] == [0.0, 0.0, 0.0] and qa["reading"] == "no spread over runs: untested"
 

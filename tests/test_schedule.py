@@ -1,5 +1,5 @@
-"""schedule.py --teacher-ema α: after every step θt ← (1 − α)·θt + α·θs, and every N steps r measured again on
-θt by Stage 1's rule and S selected again on θt by Stage 2's rule; π0 fixed; resume exact."""
+"""schedule.py --teacher-ema α: after every step θt ← (1 − α)·θt + α·θs, and every N steps r measured again
+on θt by Stage 1's rule and S selected again on θt by Stage 2's rule; π0 fixed; resume exact."""
 import json
 
 import pytest
