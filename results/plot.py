@@ -34,11 +34,15 @@ LABELS = {"base": "base π0", "teacher": "teacher πt", "demo": "localized: coll
           "random": "random S (same size) + anchoring", "window": "demo + loss window [0, 16)",
           "refresh": "demo + teacher refresh every 5 steps", "prompt_teacher": "demo with the prompt teacher",
           "refresh_aw4": "demo + refresh every 5 steps, anchor weight 4",
-          "ema": "demo + the authors' schedule (πt tracks the student)",
-          "sft": "SFT on πt's answers (off-policy)",
+          "ema": "demo + the authors' schedule (πt tracks it)",
+          "sft_lr2": "SFT on πt's answers (off-policy)",
           "sft_mix": "SFT-mix: SFT on πt's answers + π0's on harmless",
-          "dpo": "DPO: πt's answer over π0's",
+          "dpo_lr05": "DPO: πt's answer over π0's",
           "dpo_mix": "DPO-mix: πt's over π0's + π0's over πt's on harmless"}
+
+# plain SFT and DPO at the -mix variants' lr 8e-5, run before validation chose their own (LOG 2026-12-03d): their
+# rows stay in experiments.md; the figure draws the plain baselines at validation's choice (sft_lr2, dpo_lr05)
+UNCHOSEN = {"sft", "dpo"}
 
 
 def rate(verdicts: dict, sets: tuple[str, ...]) -> tuple[float, float, float]:
@@ -82,7 +86,7 @@ def main(argv=None):
     front = frontier(seed_groups(rows), base) if base else []
     # the frontier's extra learning rates have a figure of their own; here the recipes at the demo's budget
     extra = {p["name"] for p in front} - {"demo", "full"}
-    groups = [g for g in dict.fromkeys(p["group"] for p in pts) if g not in extra]
+    groups = [g for g in dict.fromkeys(p["group"] for p in pts) if g not in extra | UNCHOSEN]
     colors = {g: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(groups)}
     # A model that drifts far past the teacher (plain DPO) would squash every other point: the drift axis
     # ends at 1.2 × πt's KL, and a point beyond it sits on that edge as a ▶ (no KL interval), its KL beside it.
