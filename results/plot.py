@@ -40,8 +40,9 @@ LABELS = {"base": "base π0", "teacher": "teacher πt", "demo": "localized: coll
           "dpo_lr05": "DPO: πt's answer over π0's",
           "dpo_mix": "DPO-mix: πt's over π0's + π0's over πt's on harmless"}
 
-# plain SFT and DPO at the -mix variants' lr 8e-5, run before validation chose their own (LOG 2026-12-03d): their
-# rows stay in experiments.md; the figure draws the plain baselines at validation's choice (sft_lr2, dpo_lr05)
+# plain SFT and DPO at the -mix variants' lr 8e-5, run before validation chose their own (LOG 2026-12-03d):
+# their rows stay in experiments.md; the figure draws the plain baselines at validation's choice (sft_lr2,
+# dpo_lr05)
 UNCHOSEN = {"sft", "dpo"}
 
 
@@ -88,8 +89,9 @@ def main(argv=None):
     extra = {p["name"] for p in front} - {"demo", "full"}
     groups = [g for g in dict.fromkeys(p["group"] for p in pts) if g not in extra | UNCHOSEN]
     colors = {g: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(groups)}
-    # A model that drifts far past the teacher (plain DPO) would squash every other point: the drift axis
-    # ends at 1.2 × πt's KL, and a point beyond it sits on that edge as a ▶ (no KL interval), its KL beside it.
+    # A model that drifts far past the teacher (plain DPO at 8e-5: KL 1.7) would squash every other point:
+    # the drift axis ends at 1.2 × πt's KL, and a point beyond it sits on that edge as a ▶ (no KL interval),
+    # its KL beside it.
     teacher_kl = [p["kl"][0] for p in pts if p["group"] == "teacher"]
     cap = 1.2 * teacher_kl[0] if teacher_kl else math.inf
     fig, axes = plt.subplots(1, 2, figsize=(11, 5.5))
