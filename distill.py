@@ -17,8 +17,9 @@ end-of-turn token, mean per sequence, then over sequences.
 
 The paper's path comes first (Recipe, the loss formulas, localized_reverse_kl, train_step, step_prompts);
 then, as --help groups them, the authors' variants (prompt teacher, loss window; the teacher schedules, a
-hard refresh and their moving average, are in schedule.py), ours (anchoring to π0, lest the student learn
-the teacher's over-refusal; lean losses; packing) and, in parallel.py, scale.
+hard refresh and their moving average, are in safesteer/scale/schedule.py), ours (anchoring to π0, lest the
+student learn
+the teacher's over-refusal; lean losses; packing) and, in safesteer/scale/parallel.py, scale.
 
 Reads   OUT/direction.safetensors + .json (Stage 1), OUT/safety_tokens.json (Stage 2), data/harmful_train
 Writes  OUT/student/   a transformers model directory (AutoModelForCausalLM.from_pretrained loads it; with
@@ -27,9 +28,9 @@ Writes  OUT/student/   a transformers model directory (AutoModelForCausalLM.from
 
 Usage:
     python distill.py --out runs/demo
-    python distill.py --out runs/demo --loss full --student full --max-new-tokens 48 --samples 4
-    python distill.py --out runs/demo --student lora --lora-rank 16 --anchor data/harmless_train.jsonl
-    torchrun --nproc-per-node 8 distill.py --out runs/big --model DIR --lora-rank 16 --shard   (parallel.py)
+    python distill.py --out runs/demo --loss full --student student_full --max-new-tokens 48 --samples 4
+    python distill.py --out runs/demo --student student_lora --lora-rank 16 --anchor data/harmless_train.jsonl
+    torchrun --nproc-per-node 8 distill.py --out runs/big --model DIR --lora-rank 16 --shard   (scale/parallel.py)
 """
 from __future__ import annotations
 
@@ -46,18 +47,23 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from chat import encode_chats, load_safety_tokens, stop_token_ids
-from common import (Parser, UserError, add_common_args, data_file, fraction, non_negative_float,
-                    non_negative_int, pick_device, positive_float, positive_int, read_prompts, run_cli,
-                    truncate_prompts, write_jsonl)
-from metrics import refusal_rate
-from parallel import (Loop, Models, World, add_scale_args, build_models, build_student, checkpoint_interval,
-                      enable_grad_checkpointing, final_summary, peak_memory_mb, prepare_output_dirs,
-                      save_student, startup_summary, student_info, trainable, unsharded)
-from lean_losses import collapsed_kl, full_kl, partial_kl, rest_term
-from schedule import add_schedule_args, refresh_teacher, resume_schedule, start_schedule
-from steering import Teacher, decode_completions, sample
-from forcing import completion_logits
+from safesteer.artifacts import load_safety_tokens
+from safesteer.chat import encode_chats, stop_token_ids
+from safesteer.cli import (Parser, add_common_args, fraction, non_negative_float, non_negative_int,
+                           pick_device, positive_float, positive_int, run_cli)
+from safesteer.errors import UserError
+from safesteer.files import data_file, read_prompts, truncate_prompts, write_jsonl
+from safesteer.metrics import refusal_rate
+from safesteer.scale.parallel import (Loop, Models, World, add_scale_args, build_models, build_student,
+                                      checkpoint_interval, enable_grad_checkpointing, final_summary,
+                                      peak_memory_mb, prepare_output_dirs, save_student, startup_summary,
+                                      student_info, trainable, unsharded)
+from safesteer.losses import collapsed_kl, full_kl, partial_kl, rest_term
+from safesteer.scale.schedule import add_schedule_args, refresh_teacher, resume_schedule, start_schedule
+from safesteer.sampling import decode_completions, sample
+from safesteer.teacher import Teacher
+from safesteer.forcing import completion_logits
+from select_tokens import select_again  # the authors' schedule selects S again by Stage 2's rule
 
 
 @dataclass
@@ -78,13 +84,14 @@ class Recipe:
     micro_batch: int = 8             # sequences per forward/backward (gradient accumulation, for memory)
     sample_batch: int | None = None  # rows sampled at a time (None: all (P + A)·G; for memory, same samples)
     # the authors' variants
-    refresh_every: int | None = None  # πt := the student + c·r every N steps (a hard copy; schedule.py)
+    # πt := the student + c·r every N steps (a hard copy; safesteer/scale/schedule.py)
+    refresh_every: int | None = None
     skip_tokens: int = 0             # the loss on completion positions [K, M) only (as the authors')
     keep_tokens: int | None = None
     # ours
     anchor_per_step: int = 2         # harmless prompts per step, pulled toward π0 (with --anchor)
     anchor_weight: float = 0.5       # λ in L(harmful, πt) + λ·L(anchor, π0)
-    impl: str = "lean"               # the losses of lean_losses.py; "formula": plain autograd
+    impl: str = "lean"               # the losses of safesteer/losses.py; "formula": plain autograd
     pack: bool = True                # the student computes each prompt once for its G samples
 
     @classmethod
@@ -99,7 +106,8 @@ class Recipe:
 
 
 # ----------------------------------------------------------------------------- the paper's losses
-# As formulas, in float64: exact, as a reference should be; lean_losses.py keeps float32 and no [n, V] copies.
+# As formulas, in float64: exact, as a reference should be; safesteer/losses.py keeps float32 and no [n, V]
+# copies.
 
 def _log_probs_s_and_rest(logits, s_ids):
     """log π(v) for v ∈ S: [n, |S|], and log π(R) = logsumexp over V with S masked to -inf: [n]."""
@@ -319,12 +327,16 @@ def anchor_steps(anchors: list[str], n_steps: int, per_step: int, seed: int) -> 
 
 def parse_args(argv=None):
     p = Parser(__doc__)
-    add_common_args(p)
-    p.add_argument("--direction", help="Stage 1's direction.safetensors (default: OUT/direction.safetensors)")
-    p.add_argument("--tokens", help="Stage 2's safety_tokens.json (default: OUT/safety_tokens.json)")
-    p.add_argument("--student", default="student", help="name of the student directory inside --out")
-    p.add_argument("--overwrite", action="store_true", help="replace a student, or restart an unfinished run")
-    paper = p.add_argument_group("the paper's recipe")
+    run = p.add_argument_group("model and run")
+    add_common_args(run)
+    run.add_argument("--direction",
+                     help="Stage 1's direction.safetensors (default: OUT/direction.safetensors)")
+    run.add_argument("--tokens", help="Stage 2's safety_tokens.json (default: OUT/safety_tokens.json)")
+    run.add_argument("--student", default="student",
+                     help="the student's folder name inside --out (a name, not a mode)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace a student, or restart an unfinished run")
+    paper = p.add_argument_group("the paper's recipe (a default marked 'ours' is not the paper's)")
     paper.add_argument("--prompts", default=str(data_file("harmful_train")),
                        help="the harmful prompts (paper: 100)")
     paper.add_argument("--coefficient", type=float, help="c of the teacher hook (default: direction.json's)")
@@ -427,7 +439,7 @@ def main(argv=None):
     plan = step_prompts(prompts, recipe.prompts_per_step, recipe.epochs, args.seed)[:args.max_steps]
     anchor_plan = anchor_steps(anchors, len(plan), recipe.anchor_per_step, args.seed)
     world.check_even(plan + anchor_plan)
-    ema = start_schedule(args, models, s_ids, tokens_file, out)  # a refresh's inputs, checked before step 1
+    ema = start_schedule(args, models, s_ids, tokens_file, out, select_again)  # a refresh's inputs, checked
     loop = Loop(*make_optimizer(models.student, recipe, len(plan)), gen, world, work, args.checkpoint_every)
     start, log = loop.open(models.student, args.resume)
     resume_schedule(models, ema, work, start, args.refresh_every)

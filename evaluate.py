@@ -24,9 +24,10 @@ and settings are unchanged since OUT's last eval.json (fingerprint: a hash of al
 again: `make ablate` evaluates only its new students.
 
 A port's evaluation: --harmful and --harmless also read the field's benchmark files as published (HarmBench,
-XSTest, ...: benchmarks.py); --judge DIR adds a guard model's verdicts on the harmful sets beside the phrases,
-with their agreement (judges.py); --lm-eval TASKS scores each model with lm-evaluation-harness
-(capability.py).
+XSTest, ...: safesteer/port/benchmarks.py); --judge DIR adds a guard model's verdicts on the harmful sets
+beside the phrases,
+with their agreement (safesteer/port/judges.py); --lm-eval TASKS scores each model with lm-evaluation-harness
+(safesteer/port/capability.py).
 
 Reads   data/harmful_test, harmless_test, general_qa, harmful_reform_test, harmless_reform_test; the models
 Writes  OUT/eval.json (metrics, intervals, paired tests), OUT/eval.md (the table), OUT/eval_samples.jsonl
@@ -34,14 +35,13 @@ Writes  OUT/eval.json (metrics, intervals, paired tests), OUT/eval.md (the table
 Usage:
     python evaluate.py --out runs/demo
     python evaluate.py --out runs/x --models base=smollm2-135m teacher=steer:runs/x student=runs/x/student
-    python evaluate.py --out runs/x --harmful harmbench_behaviors_text_test.csv \
+    python evaluate.py --out runs/x --harmful harmbench_behaviors_text_test.csv \\
         --harmless xstest_prompts.csv --judge /models/Llama-Guard-3-8B --lm-eval mmlu,gsm8k   # a port, GPU
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,17 +49,22 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from benchmarks import read_set
-from capability import lm_eval_scores
-from chat import encode_chats, stop_token_ids
-from common import (Parser, UserError, add_common_args, add_renamed, data_file, load_model, pick_device,
-                    positive_int, prepare_out_dir, run_cli, run_info, seed_everything, truncate_prompts,
-                    write_json, write_jsonl, write_text)
-from judges import FAMILIES, GuardJudge, guard_summary
-from metrics import REFUSAL_PHRASES, bootstrap_mean, is_refusal, mcnemar_exact, paired_bootstrap, wilson
-from specs import check_model_spec, check_spec, earlier_evaluation, fingerprint, load_spec, reuse
-from steering import decode_completions, sample
-from forcing import completion_logits, right_pad
+from safesteer.port.benchmarks import read_set
+from safesteer.port.capability import lm_eval_scores
+from safesteer.chat import encode_chats, stop_token_ids
+from safesteer.cli import (Parser, add_common_args, add_renamed, pick_device, positive_int, run_cli,
+                           seed_everything)
+from safesteer.errors import UserError
+from safesteer.files import (data_file, prepare_out_dir, run_info, truncate_prompts, write_json, write_jsonl,
+                             write_text)
+from safesteer.models import load_model
+from safesteer.port.judges import FAMILIES, GuardJudge, guard_summary
+from safesteer.metrics import (REFUSAL_PHRASES, bootstrap_mean, is_refusal, mcnemar_exact, paired_bootstrap,
+                               qa_correct, wilson)
+from safesteer.port.specs import (check_model_spec, check_spec, earlier_evaluation, fingerprint, load_spec,
+                                  reuse)
+from safesteer.sampling import decode_completions, sample
+from safesteer.forcing import completion_logits, right_pad
 
 OUTPUTS = ["eval.json", "eval.md", "eval_samples.jsonl"]
 SETS = ("harmful", "harmless", "harmful_reform", "harmless_reform")  # judged for refusal
@@ -88,12 +93,12 @@ def build_parser() -> Parser:
     port = p.add_argument_group("a port's evaluation (a benchmark's file goes to --harmful or --harmless)")
     port.add_argument("--judge", default="phrases",
                       help="phrases (metrics.REFUSAL_PHRASES), or DIR: a guard model judging the harmful "
-                           "sets beside the phrases (judges.py)")
+                           "sets beside the phrases (safesteer/port/judges.py)")
     port.add_argument("--judge-family", choices=["auto", *FAMILIES], default="auto",
                       help="the guard's prompt and verdict format (auto: from its name or chat template)")
     port.add_argument("--lm-eval", metavar="TASKS", type=lambda v: tuple(v.split(",")),
                       help="tasks of the LM Evaluation Harness, separated by commas, scored on every "
-                           "model, an optional extra: capability.py (default: none)")
+                           "model, an optional extra: safesteer/port/capability.py (default: none)")
     port.add_argument("--lm-eval-limit", type=positive_int,
                       help="at most this many documents per task (default: all)")
     run = p.add_argument_group("model and run")
@@ -111,12 +116,6 @@ def parse_args(argv=None):
 
 def judge_refusal(texts: list[str]) -> list[bool]:
     return [is_refusal(t) for t in texts]
-
-
-def qa_correct(answer: str, accepted: list[str]) -> bool:
-    """An accepted answer appears in the reply, starting at a word boundary (so '7' does not match '17')."""
-    a = answer.lower()
-    return any(re.search(r"(?<![\w])" + re.escape(x.lower()), a) for x in accepted)
 
 
 def kl_and_nll(logits, base_logits, comp, comp_mask):

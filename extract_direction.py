@@ -27,7 +27,7 @@ the model answers both, their difference of means carries topic, not refusal. In
 own residual stream over a prefilled refusal and over a prefilled compliance to the same harmful prompts
 (contrastive activation addition, Rimsky et al. 2023): r[l] = mean over response tokens, refusal - compliance.
 The teacher is still π0 steered by its own activations; candidates are one per layer, scored as above. The
-means themselves are computed in directions.py, which Stage 3's --refresh-every uses too.
+means themselves are computed in safesteer/directions.py, which Stage 3's --refresh-every uses too.
 
 Reads   data/harmful_train, harmless_train (means), harmful_val, harmless_val (scores)
 Writes  OUT/direction.safetensors  tensor "direction" [hidden], float32, the raw r[p*, l*]
@@ -50,13 +50,17 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from chat import encode_chats, post_instruction_ids, stop_token_ids
-from directions import PromptBatches, ablate_direction, candidate_directions, response_directions
-from common import (Parser, UserError, add_common_args, add_renamed, data_file, load_model, non_negative_int,
-                    pick_device, positive_float, positive_int, prepare_out_dir, read_prompts, run_cli,
-                    run_info, save_tensors, seed_everything, truncate_prompts, write_json)
-from metrics import is_refusal, refusal_rate
-from steering import add_vector, decode_completions, decoder_layers, sample
+from safesteer.chat import encode_chats, post_instruction_ids, stop_token_ids
+from safesteer.directions import PromptBatches, ablate_direction, candidate_directions, response_directions
+from safesteer.cli import (Parser, add_common_args, add_renamed, non_negative_int, pick_device,
+                           positive_float, positive_int, run_cli, seed_everything)
+from safesteer.errors import UserError
+from safesteer.files import (data_file, prepare_out_dir, read_prompts, run_info, save_tensors,
+                             truncate_prompts, write_json)
+from safesteer.models import load_model
+from safesteer.metrics import is_refusal, refusal_rate
+from safesteer.hooks import add_vector, decoder_layers
+from safesteer.sampling import decode_completions, sample
 
 # Words a refusal usually opens with; their first tokens form R. Override with --refusal-tokens.
 REFUSAL_WORDS = ("I", "Sorry", "As", "Unfortunately", "No")

@@ -31,14 +31,18 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from chat import encode_chats, special_token_ids, stop_token_ids, tokenizer_fingerprint
-from common import (Parser, UserError, add_common_args, add_renamed, data_file, load_model,
-                    non_negative_float, pick_device, positive_int, prepare_out_dir, read_prompts, run_cli,
-                    run_info, seed_everything, truncate_prompts, write_json)
-from steering import Teacher, load_teacher, sample
-from forcing import completion_logits
+from safesteer.chat import encode_chats, special_token_ids, stop_token_ids, tokenizer_fingerprint
+from safesteer.cli import (Parser, add_common_args, add_renamed, non_negative_float, pick_device,
+                           positive_int, run_cli, seed_everything)
+from safesteer.errors import UserError
+from safesteer.files import data_file, prepare_out_dir, read_prompts, run_info, truncate_prompts, write_json
+from safesteer.models import load_model
+from safesteer.sampling import sample
+from safesteer.teacher import Teacher, load_teacher
+from safesteer.forcing import completion_logits
 
 OUTPUTS = ["safety_tokens.json"]
+BATCH_SIZE = 32  # --batch-size: the batches, and so the draws, that select_again repeats
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,7 @@ def build_parser() -> Parser:
                       help="Stage 1's direction.safetensors (default: OUT/direction.safetensors)")
     run = p.add_argument_group("model and run")
     add_common_args(run, device_map=True)
-    run.add_argument("--batch-size", type=positive_int, default=32, help="sequences per forward pass")
+    run.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE, help="sequences per forward pass")
     run.add_argument("--overwrite", action="store_true", help="replace this stage's outputs in --out")
     return p
 
@@ -228,6 +232,18 @@ def select(model, tok, teacher, batches, rule: Selection = Selection(), contrast
     return {"ids": s_ids, "votes": votes, "mean_delta": mean_delta, "mean_score": scores.mean(0),
             "coverage": coverage(shift, s_ids).mean().item(), "n_positions": scores.shape[0],
             "n_eligible": int(eligible.sum())}
+
+
+def select_again(model, tok, teacher: Teacher, settings: dict, prompts: list[str]) -> dict:
+    """S selected again by this stage's rule as safety_tokens.json records it (score, aggregate, k, K', floor,
+    M samples of H tokens from πt, drawn from the recorded seed), πt against `model` without the hook: the
+    authors' teacher schedule calls it in Stage 3 (distill.py hands it to safesteer.scale.schedule)."""
+    rule = Selection(settings["score"], settings["aggregate"], settings["k"], settings["k_vote"],
+                     settings["prob_floor"])
+    gen = torch.Generator().manual_seed(settings["seed"])  # what seed_everything hands the sampler here
+    batches = teacher_samples(model, tok, teacher, prompts, settings["samples"], settings["horizon"],
+                              BATCH_SIZE, gen)
+    return select(model, tok, teacher, batches, rule)
 
 
 # ----------------------------------------------------------------------------- the run

@@ -10,11 +10,11 @@ model and optimiser included) for --steps steps after one warm-up step; the medi
 never stops early (no stop token) so that every configuration generates exactly its length.
 
 Usage:
-    python bench/distill_step.py phases
-    python bench/distill_step.py phases --steps 1 --repeats 2
+    python -m bench.distill_step phases
+    python -m bench.distill_step phases --steps 1 --repeats 2
         # interleaved, so the box's drift hits all alike
-    python bench/distill_step.py phases --check   # exit 1 if the loss takes 5% of the step or more
-    python bench/distill_step.py scaling --max-new-tokens 64 128 256 --completions 8 16 32
+    python -m bench.distill_step phases --check   # exit 1 if the loss takes 5% of the step or more
+    python -m bench.distill_step scaling --max-new-tokens 64 128 256 --completions 8 16 32
 """
 import argparse
 import copy
@@ -23,26 +23,26 @@ import resource
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
-import steering  # noqa: E402
-import distill  # noqa: E402
+from safesteer.cli import Parser, add_renamed, positive_int
+from safesteer.files import data_file, read_prompts
+from safesteer.models import load_model
+from safesteer.teacher import Teacher
+import distill
 
 
 def child(cfg):
-    student, tok = common.load_model("smollm2-135m", "cpu", dtype=torch.float32)
+    student, tok = load_model("smollm2-135m", "cpu", dtype=torch.float32)
     frozen = copy.deepcopy(student).requires_grad_(False).eval()
     vec = torch.randn(student.config.hidden_size, generator=torch.Generator().manual_seed(0)) * 20
-    teacher, base = steering.Teacher(frozen, "hook", vec, 18), steering.Teacher(frozen, "base")
+    teacher, base = Teacher(frozen, "hook", vec, 18), Teacher(frozen, "base")
     if cfg["checkpointing"]:
         student.activation_checkpointing_enable()
     s_ids = torch.arange(1000, 1050)
-    prompts = common.read_prompts(common.data_file("harmful_train"))
-    anchors = common.read_prompts(common.data_file("harmless_train"))
+    prompts = read_prompts(data_file("harmful_train"))
+    anchors = read_prompts(data_file("harmless_train"))
     opt = torch.optim.AdamW(student.parameters(), lr=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     gen = torch.Generator().manual_seed(0)
@@ -62,7 +62,7 @@ def child(cfg):
 
 
 def run(cfg):
-    out = subprocess.run([sys.executable, __file__, "child", "--cfg", json.dumps(cfg)],
+    out = subprocess.run([sys.executable, "-m", __spec__.name, "child", "--cfg", json.dumps(cfg)],
                          capture_output=True, text=True)
     if out.returncode:
         return {"error": (out.stderr.strip().splitlines() or ["?"])[-1]}
@@ -70,19 +70,19 @@ def run(cfg):
 
 
 def parse_args(argv=None):
-    p = common.Parser(__doc__)
+    p = Parser(__doc__)
     p.add_argument("what", choices=["phases", "scaling", "child"],
                    help="phases: one step by phase; scaling: step time against length and completions")
     p.add_argument("--cfg", help=argparse.SUPPRESS)  # child: the configuration to run, as JSON
-    p.add_argument("--steps", type=common.positive_int, default=2,
+    p.add_argument("--steps", type=positive_int, default=2,
                    help="measured steps after the warm-up step")
-    common.add_renamed(p, "--lengths", "--max-new-tokens", type=common.positive_int, nargs="+",
+    add_renamed(p, "--lengths", "--max-new-tokens", type=positive_int, nargs="+",
                        default=[64, 128, 256], help="scaling: completion lengths")
-    p.add_argument("--completions", type=common.positive_int, nargs="+", default=[8, 16, 32],
+    p.add_argument("--completions", type=positive_int, nargs="+", default=[8, 16, 32],
                    help="scaling: completions per step (prompts x samples, 4 samples per prompt)")
-    p.add_argument("--micro-batch", type=common.positive_int, default=8,
+    p.add_argument("--micro-batch", type=positive_int, default=8,
                    help="sequences per forward/backward")
-    p.add_argument("--repeats", type=common.positive_int, default=1,
+    p.add_argument("--repeats", type=positive_int, default=1,
                    help="phases: runs of each configuration, interleaved")
     p.add_argument("--check", action="store_true",
                    help="phases: exit 1 if the loss takes 5%% of a step or more")

@@ -7,42 +7,41 @@ what a larger batch buys on this CPU. Batch sizes are interleaved over the repea
 all alike.
 
 Usage:
-    python bench/eval_batch.py --n-prompts 64 --max-new-tokens 64 --batch-sizes 16 32 64 --repeats 2
-    python bench/eval_batch.py --splits harmful_test harmless_test harmful_reform_test harmless_reform_test \
+    python -m bench.eval_batch --n-prompts 64 --max-new-tokens 64 --batch-sizes 16 32 64 --repeats 2
+    python -m bench.eval_batch --splits harmful_test harmless_test harmful_reform_test harmless_reform_test \
         --n-prompts 360 --batch-sizes 128 512 --repeats 1      # the demo's Stage 4: its splits in one batch
 """
 import contextlib
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
-import evaluate  # noqa: E402
+from safesteer.cli import Parser, add_renamed, positive_int
+from safesteer.files import data_file, read_prompts
+from safesteer.models import load_model
+import evaluate
 
 
 def parse_args(argv=None):
-    p = common.Parser(__doc__)
+    p = Parser(__doc__)
     p.add_argument("--splits", nargs="+", default=["harmful_test"],
                    help="data/ files, pooled as Stage 4 pools them")
-    common.add_renamed(p, "--prompts", "--n-prompts", type=common.positive_int, default=64,
+    add_renamed(p, "--prompts", "--n-prompts", type=positive_int, default=64,
                        help="the first N prompts of the pooled splits")
-    common.add_renamed(p, "--tokens", "--max-new-tokens", type=common.positive_int, default=64,
+    add_renamed(p, "--tokens", "--max-new-tokens", type=positive_int, default=64,
                        help="greedy new tokens per answer (Stage 4's default)")
-    p.add_argument("--batch-sizes", type=common.positive_int, nargs="+", default=[16, 32, 64],
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[16, 32, 64],
                    help="batch sizes compared; the answers of each are checked against the first's")
-    p.add_argument("--repeats", type=common.positive_int, default=2,
+    p.add_argument("--repeats", type=positive_int, default=2,
                    help="runs of each batch size, interleaved")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    model, tok = common.load_model("smollm2-135m", torch.device("cpu"))
-    prompts = [p for s in args.splits for p in common.read_prompts(common.data_file(s))][:args.n_prompts]
+    model, tok = load_model("smollm2-135m", torch.device("cpu"))
+    prompts = [p for s in args.splits for p in read_prompts(data_file(s))][:args.n_prompts]
     seconds, texts = {b: [] for b in args.batch_sizes}, {}
     for _ in range(args.repeats):
         for b in args.batch_sizes:

@@ -18,27 +18,25 @@ and writes them to one JSON file. `--tiny` runs everything at tiny sizes on the 
 No GPU has run it yet.
 
 Usage:
-    python bench/gpu_check.py                      # on a GPU: results/gpu_check.json
-    python bench/gpu_check.py --tiny --out /tmp/check.json
+    python -m bench.gpu_check                      # on a GPU: results/gpu_check.json
+    python -m bench.gpu_check --tiny --out /tmp/check.json
 """
 import copy
 import gc
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-import distill  # noqa: E402
-import memory_model  # noqa: E402
-from chat import encode_chats  # noqa: E402
-from precision import frozen_copy, merge_lora, surviving_update  # noqa: E402
-from steering import Teacher  # noqa: E402
-from forcing import completion_logits, packing_path  # noqa: E402
+from safesteer.cli import Parser, pick_device, run_cli
+from safesteer.errors import UserError
+from safesteer.files import PROJECT_DIR, data_file, read_prompts, run_info, write_json
+import distill
+from bench import memory_model
+from safesteer.chat import encode_chats
+from safesteer.scale.precision import frozen_copy, merge_lora, surviving_update
+from safesteer.teacher import Teacher
+from safesteer.forcing import completion_logits, packing_path
 
 # The shapes of each model's config.json (public model cards); the weights are random.
 CONFIGS = {
@@ -91,7 +89,7 @@ def build(name: str, tok, device, dtype, tiny: bool):
 
 def batch(tok, n_prompts: int, samples: int, new: int, vocab: int, device):
     """n_prompts harmful prompts, each `samples` times, and random completions of `new` tokens."""
-    prompts = common.read_prompts(common.data_file("harmful_train"))[:n_prompts]
+    prompts = read_prompts(data_file("harmful_train"))[:n_prompts]
     ids, mask = encode_chats(tok, [p for p in prompts for _ in range(samples)], device=device)
     gen = torch.Generator().manual_seed(0)
     comp = torch.randint(0, min(vocab, len(tok)), (len(ids), new), generator=gen).to(device)
@@ -209,7 +207,7 @@ def memory_step(name: str, tok, device, tiny, size) -> dict:
     recipe = distill.Recipe(samples=size["samples"], max_new_tokens=size["new"],
                             micro_batch=size["micro_batch"])
     loop = distill.Loop(*distill.make_optimizer(student, recipe, 1), gen=torch.Generator().manual_seed(0))
-    prompts = common.read_prompts(common.data_file("harmful_train"))[:size["memory_prompts"]]
+    prompts = read_prompts(data_file("harmful_train"))[:size["memory_prompts"]]
     s_ids = torch.arange(10, 60, device=device)
     t = time.perf_counter()
     distill.train_step(student, tok, prompts, [], (teacher, base), s_ids, recipe, loop)
@@ -251,21 +249,21 @@ def memory(device) -> dict:
 
 
 def parse_args(argv=None):
-    p = common.Parser(__doc__)
+    p = Parser(__doc__)
     p.add_argument("--tiny", action="store_true",
                    help="tiny models on the CPU: checks the script, not the GPU")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: CUDA if available")
-    p.add_argument("--out", default=str(common.PROJECT_DIR / "results" / "gpu_check.json"),
+    p.add_argument("--out", default=str(PROJECT_DIR / "results" / "gpu_check.json"),
                    help="the JSON file written")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = common.pick_device("cpu" if args.tiny else args.device)
+    device = pick_device("cpu" if args.tiny else args.device)
     if device.type != "cuda" and not args.tiny:
-        raise common.UserError("no CUDA device: run on a GPU, or pass --tiny to check the script on the CPU")
+        raise UserError("no CUDA device: run on a GPU, or pass --tiny to check the script on the CPU")
     size, tok, t0 = SIZES["tiny" if args.tiny else "gpu"], byte_tokenizer(), time.time()
     distill.stop_token_ids = lambda tok: [-1]  # every row samples exactly `new` tokens, as predicted
     distill.decode_completions = lambda tok, tokens, mask: [""] * len(tokens)  # ids beyond the tokenizer's
@@ -278,10 +276,10 @@ def main(argv=None):
     for name in ("Qwen3-4B", "Llama-3-8B"):
         report["memory"][name] = memory_step(name, tok, device, args.tiny, size)
         print(f"memory {name}: {json.dumps(report['memory'][name])}", flush=True)
-    report.update(seconds=round(time.time() - t0, 1), **common.run_info())
-    common.write_json(args.out, report)
+    report.update(seconds=round(time.time() - t0, 1), **run_info())
+    write_json(args.out, report)
     print(f"took {report['seconds']:.0f} s; wrote {args.out}")
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    run_cli(main)

@@ -11,57 +11,56 @@ bench/memory_model.py's for the same config and settings, compared with the card
 Nothing has run it on a GPU yet; on the CPU it runs the bundled model.
 
 Usage:
-    python bench/gpu_step.py                                            # bundled model, CPU, small settings
-    python bench/gpu_step.py --model /models/Llama-3-8B-Instruct --lora-rank 16 --samples 8 \
+    python -m bench.gpu_step                                            # bundled model, CPU, small settings
+    python -m bench.gpu_step --model /models/Llama-3-8B-Instruct --lora-rank 16 --samples 8 \
         --max-new-tokens 512 --micro-batch 4
 """
 import json
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-import distill  # noqa: E402
-import memory_model  # noqa: E402
-from chat import encode_chats  # noqa: E402
+from safesteer.cli import Parser, add_renamed, pick_device, positive_int, run_cli
+from safesteer.files import data_file, read_prompts, save_tensors, write_json
+from safesteer.models import BUNDLED_MODEL, bundled_model_dir
+import distill
+from bench import memory_model
+from safesteer.chat import encode_chats
 
 
 def parse_args(argv=None):
-    p = common.Parser(__doc__)
-    p.add_argument("--model", default=common.BUNDLED_MODEL,
+    p = Parser(__doc__)
+    p.add_argument("--model", default=BUNDLED_MODEL,
                    help="'smollm2-135m' (bundled), a local transformers directory, or a hub id")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: CUDA if available")
-    p.add_argument("--lora-rank", type=common.positive_int,
+    p.add_argument("--lora-rank", type=positive_int,
                    help="train LoRA adapters of this rank, not all weights (default: full fine-tuning)")
-    common.add_renamed(p, "--prompts", "--prompts-per-step", type=common.positive_int, default=4,
+    add_renamed(p, "--prompts", "--prompts-per-step", type=positive_int, default=4,
                        help="P, prompts per step (paper: 4)")
-    p.add_argument("--samples", type=common.positive_int, default=4, help="G, samples per prompt (paper: 8)")
-    common.add_renamed(p, "--new", "--max-new-tokens", type=common.positive_int, default=48,
+    p.add_argument("--samples", type=positive_int, default=4, help="G, samples per prompt (paper: 8)")
+    add_renamed(p, "--new", "--max-new-tokens", type=positive_int, default=48,
                        help="new tokens per sample (paper: 512)")
-    p.add_argument("--micro-batch", type=common.positive_int, default=8,
+    p.add_argument("--micro-batch", type=positive_int, default=8,
                    help="sequences per forward/backward")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = common.pick_device(args.device)
+    device = pick_device(args.device)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         from transformers import AutoConfig
-        model_dir = common.bundled_model_dir() if args.model == "smollm2-135m" else args.model
+        model_dir = bundled_model_dir() if args.model == "smollm2-135m" else args.model
         cfg = AutoConfig.from_pretrained(model_dir)
-        common.save_tensors(out / "direction.safetensors",
+        save_tensors(out / "direction.safetensors",
                             {"direction": torch.zeros(cfg.get_text_config().hidden_size)})
-        common.write_json(out / "direction.json", {"layer": 1, "coefficient": 1.0})
+        write_json(out / "direction.json", {"layer": 1, "coefficient": 1.0})
         dargs = distill.parse_args(["--model", args.model, "--out", str(out), "--device", device.type]
                                    + (["--lora-rank", str(args.lora_rank)] if args.lora_rank else []))
         student, tok, teacher, base, _ = distill.build_models(dargs, out, device)
@@ -74,7 +73,7 @@ def main(argv=None):
                             micro_batch=args.micro_batch)
     loop = distill.Loop(opt, sched, gen=torch.Generator().manual_seed(0))
     distill.stop_token_ids = lambda tok: [-1]  # every row generates exactly --max-new-tokens tokens
-    prompts = common.read_prompts(common.data_file("harmful_train"))
+    prompts = read_prompts(data_file("harmful_train"))
     times = []
     per_step = args.prompts_per_step
     for i in range(2):  # a warm-up step, then the measured one
@@ -110,4 +109,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    run_cli(main)

@@ -4,16 +4,16 @@ Qwen-sized vocabulary (151,936), 8 x 256 positions, |S| = 50. Each variant runs 
 extra memory is peak RSS (resource.getrusage, the whole process) minus the RSS after the inputs exist, so the
 student and teacher logits themselves (2 x 1.2 GB) are not counted. Times are the median of --repeats runs.
 
-    lean       lean_losses.py: hand-written backward, logsumexp over chunks + |S| gathered columns (the
+    lean       safesteer/losses.py: hand-written backward, logsumexp over chunks + |S| gathered columns (the
                default)
     formula    distill.py's *_formula: a few lines on log_softmax outputs in float64, autograd does the rest
     float32    the same few lines in float32 (what a port would write first; the collapsed one exact, with R
                summed from masked probabilities, not 1 - Σ_S)
 
 Usage:
-    python bench/loss_memory.py
-    python bench/loss_memory.py --vocab 49152 --positions 1024
-    python bench/loss_memory.py --check    # exit 1 if lean misses 3x less memory or is slower than float32
+    python -m bench.loss_memory
+    python -m bench.loss_memory --vocab 49152 --positions 1024
+    python -m bench.loss_memory --check    # exit 1 if lean misses 3x less memory or is slower than float32
 """
 import argparse
 import json
@@ -22,14 +22,12 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
-import distill  # noqa: E402
+from safesteer.cli import Parser, positive_int, run_cli
+import distill
 
 
 def naive_collapsed(ls, lt, s):
@@ -87,11 +85,11 @@ def child(name, vocab, positions, repeats):
 
 
 def parse_args(argv=None):
-    p = common.Parser(__doc__)
-    p.add_argument("--vocab", type=common.positive_int, default=151_936, help="vocabulary size V (Qwen's)")
-    p.add_argument("--positions", type=common.positive_int, default=8 * 256,
+    p = Parser(__doc__)
+    p.add_argument("--vocab", type=positive_int, default=151_936, help="vocabulary size V (Qwen's)")
+    p.add_argument("--positions", type=positive_int, default=8 * 256,
                    help="completion positions in one call (micro-batch x tokens)")
-    p.add_argument("--repeats", type=common.positive_int, default=3,
+    p.add_argument("--repeats", type=positive_int, default=3,
                    help="timed runs per variant (the median)")
     p.add_argument("--check", action="store_true",
                    help="exit 1 if a lean loss holds less than 3x less memory than its float32 formula, "
@@ -111,7 +109,7 @@ def main(argv=None):
     print(f"{'variant':<22} {'extra MB':>9} {'fwd+bwd s':>10}")
     res = {}
     for name in VARIANTS:
-        cmd = [sys.executable, __file__, "--child", name, "--vocab", str(args.vocab),
+        cmd = [sys.executable, "-m", __spec__.name, "--child", name, "--vocab", str(args.vocab),
                "--positions", str(args.positions), "--repeats", str(args.repeats)]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
@@ -145,4 +143,4 @@ def main(argv=None):
         sys.exit(f"targets missed: {', '.join(missed)}")
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    run_cli(main)

@@ -5,7 +5,8 @@ V = vocabulary, h = hidden, I = MLP width, L = blocks, c = compute dtype's bytes
 the CPU):
 
     resident   full:  float32 student (4P) + its gradient (4P) + AdamW moments (8P) + a frozen float32 π0/πt
-                      copy (4P: it computes as the student does, precision.py); on CUDA also autocast's
+                      copy (4P: it computes as the student does, safesteer/scale/precision.py); on CUDA also
+                      autocast's
                       cached bf16 copy of the weights (2P; not sharded, where FSDP2 casts each unit instead)
                       and, with foreach AdamW, its temporary (4P; 0 with the fused AdamW used on CUDA)
                LoRA:  one base copy (cP) + adapters A in float32 with gradient and moments (16A)
@@ -36,10 +37,10 @@ The children run with a fixed malloc mmap threshold: glibc's default keeps freed
 RSS then counts memory that no tensor holds (+27% to +135% here with the default).
 
 Usage:
-    python bench/memory_model.py                 # the table
-    python bench/memory_model.py --validate      # predicted vs measured on this CPU (a few minutes)
-    python bench/memory_model.py --gpus 8        # per GPU when Stage 3 is sharded over 8 GPUs
-    python bench/memory_model.py --sample-batch 16   # 16 of a step's rows sampled at a time
+    python -m bench.memory_model                 # the table
+    python -m bench.memory_model --validate      # predicted vs measured on this CPU (a few minutes)
+    python -m bench.memory_model --gpus 8        # per GPU when Stage 3 is sharded over 8 GPUs
+    python -m bench.memory_model --sample-batch 16   # 16 of a step's rows sampled at a time
 """
 import argparse
 import json
@@ -49,8 +50,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
+from safesteer.cli import Parser, add_renamed, non_negative_int, positive_int, run_cli
+from safesteer.files import data_file, read_prompts, save_tensors, write_json
+from safesteer.models import BUNDLED_MODEL, bundled_model_dir, load_model
 
 GIB = 2 ** 30
 # Configs of the paper's models and others, as their config.json give them (public model cards).
@@ -123,7 +125,7 @@ def predict(m: dict, *, lora_rank: int | None, c: int, rows: int, micro_batch: i
                 "one block recomputed": b * s * (6 * m["h"] + 3 * m["I"]) * c * 2
                 + (b * m["H"] * s * s * c * 2 if attn_s2 else 0),
                 "teacher + student logits": 2 * b * new * m["V"] * c}
-    # the loss chunk: lean_losses._logsumexp's masked copy and exp(z - max)
+    # the loss chunk: losses._logsumexp's masked copy and exp(z - max)
     grad, chunk = b * new * m["V"] * c, 256 * m["V"] * 4 * 2
     if c == 4:  # float32 logits: the loss's backward writes into the gradient with no temporary, and the
         # chunks are freed before it; the full KL's 128-row chunks (log_losses' diagnostic, or the trained
@@ -166,7 +168,7 @@ def import_on_first_load(model: str, lora: bool) -> None:
     measured)."""
     from transformers import AutoConfig, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-    path = common.bundled_model_dir() if model == common.BUNDLED_MODEL else model
+    path = bundled_model_dir() if model == BUNDLED_MODEL else model
     MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(path))]  # imports the model's module
     AutoTokenizer.from_pretrained(path)
     if lora:
@@ -177,9 +179,8 @@ def child(spec: dict) -> None:
     """One real distillation step (plus its sampling) in this process; print RSS after imports and the
     peak."""
     import torch
-    import common
     import distill
-    from chat import encode_chats  # noqa: F401  (imports done before the baseline is read)
+    from safesteer.chat import encode_chats
     import_on_first_load(spec["model"], bool(spec["lora"]))
     torch.manual_seed(0)
     base_rss = peak_rss_mb()
@@ -193,7 +194,7 @@ def child(spec: dict) -> None:
     opt = torch.optim.AdamW(distill.trainable(student).values(), lr=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     distill.stop_token_ids = lambda tok: [-1]  # every row generates exactly `new` tokens
-    prompts = common.read_prompts(common.data_file("harmful_train"))[:spec["prompts"]]
+    prompts = read_prompts(data_file("harmful_train"))[:spec["prompts"]]
     recipe = distill.Recipe(samples=spec["samples"], max_new_tokens=spec["new"],
                             micro_batch=spec["micro_batch"])
     for _ in range(2):  # the second step has AdamW's moments allocated
@@ -206,7 +207,6 @@ def child(spec: dict) -> None:
 
 def validate(tmp: Path) -> list[dict]:
     import torch
-    import common
     rows = []
     cases = [("smollm2-135m", None), ("smollm2-135m", 16), ("tiny", None), ("tiny", 8)]
     for model, lora in cases:
@@ -214,7 +214,7 @@ def validate(tmp: Path) -> list[dict]:
         out.mkdir(parents=True, exist_ok=True)
         if model == "tiny":  # a small Llama, built here: 8 blocks, hidden 256, SmolLM2's tokenizer
             from transformers import LlamaConfig, LlamaForCausalLM
-            _, tok = common.load_model("smollm2-135m")
+            _, tok = load_model("smollm2-135m")
             cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=768,
                               num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
                               tie_word_embeddings=True)
@@ -226,15 +226,16 @@ def validate(tmp: Path) -> list[dict]:
         from transformers import AutoConfig
         hidden = (AutoConfig.from_pretrained(path) if model == "tiny" else None)
         hidden = hidden.hidden_size if hidden else 576
-        common.save_tensors(out / "direction.safetensors", {"direction": torch.zeros(hidden)})
-        common.write_json(out / "direction.json", {"layer": 2, "coefficient": 1.0})
+        save_tensors(out / "direction.safetensors", {"direction": torch.zeros(hidden)})
+        write_json(out / "direction.json", {"layer": 2, "coefficient": 1.0})
         spec = {"model": path, "lora": lora, "out": str(out), "prompts": 4, "samples": 4, "new": 48,
                 "micro_batch": 8}
         # glibc's dynamic mmap threshold keeps freed blocks below 32 MB in the heap, so peak RSS would count
         # memory no tensor holds any more; a fixed threshold returns it, and RSS follows live tensors.
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
                "OMP_NUM_THREADS": "1"}
-        res = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
+        res = subprocess.run([sys.executable, "-m", __spec__.name, "--child", json.dumps(spec)],
+                             capture_output=True,
                              text=True, env=env)
         if res.returncode:
             raise SystemExit(res.stderr[-2000:])
@@ -269,19 +270,19 @@ def table(rank: int, prompt: int, new: int, shard: int = 1, anchors: int = 4,
 
 
 def parse_args(argv=None):
-    p = common.Parser(__doc__)
+    p = Parser(__doc__)
     p.add_argument("--validate", action="store_true", help="also measure real steps on this CPU and compare")
-    common.add_renamed(p, "--rank", "--lora-rank", type=common.positive_int, default=16,
+    add_renamed(p, "--rank", "--lora-rank", type=positive_int, default=16,
                        help="LoRA rank in the table")
-    common.add_renamed(p, "--prompt", "--prompt-tokens", type=common.positive_int, default=128,
+    add_renamed(p, "--prompt", "--prompt-tokens", type=positive_int, default=128,
                        help="prompt tokens per row in the table")
-    common.add_renamed(p, "--new", "--max-new-tokens", type=common.positive_int, default=512,
+    add_renamed(p, "--new", "--max-new-tokens", type=positive_int, default=512,
                        help="new tokens per row in the table (paper: 512)")
-    p.add_argument("--anchor-per-step", type=common.non_negative_int, default=4,
+    p.add_argument("--anchor-per-step", type=non_negative_int, default=4,
                    help="anchor prompts per step in the table (README's command: 4); rows = (4 + A) x 8")
-    p.add_argument("--sample-batch", type=common.positive_int,
+    p.add_argument("--sample-batch", type=positive_int,
                    help="rows sampled at a time, as distill.py's --sample-batch (default: all (4 + A) x 8)")
-    common.add_renamed(p, "--shard", "--gpus", type=common.positive_int, default=1,
+    add_renamed(p, "--shard", "--gpus", type=positive_int, default=1,
                        help="per GPU when Stage 3 is sharded over this many GPUs (distill.py --shard)")
     p.add_argument("--child", help=argparse.SUPPRESS)  # --validate's subprocess: one measured step, as JSON
     return p.parse_args(argv)
@@ -318,4 +319,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    run_cli(main)

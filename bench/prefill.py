@@ -1,4 +1,4 @@
-"""Benchmark: what steering.prefill saves, side by side, on the bundled model, and that nothing changes.
+"""Benchmark: what sampling.prefill saves, side by side, on the bundled model, and that nothing changes.
 
 prefill runs each distinct prompt once (Stage 2 samples M = 8 continuations per prompt, Stage 3 G = 4) and the
 template prefix all prompts share once (SmolLM2: a 24-token system turn). Compared here, each pair in one
@@ -8,27 +8,26 @@ process and interleaved over the repeats so that the box's drift hits both alike
                    over prompt + completion (the same function with autograd on and every weight frozen: no
                    graph, the code path the student takes), at Stage 2's and Stage 3's shapes; max |logit
                    difference|
-  greedy decoding  steering.sample against transformers' generate (no shared prefix) at Stage 4's shape;
+  greedy decoding  sample against transformers' generate (no shared prefix) at Stage 4's shape;
                    identical tokens expected
-  sampling         steering.sample at Stage 3's shape (8 prompts x 4 samples, 48 tokens), against generate
+  sampling         sample at Stage 3's shape (8 prompts x 4 samples, 48 tokens), against generate
                    with the same rows (its draws differ: only the time is compared)
 
 Usage:
-    python bench/prefill.py --repeats 2
+    python -m bench.prefill --repeats 2
 """
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import chat  # noqa: E402
-import common  # noqa: E402
-import forcing
-import steering  # noqa: E402
+from safesteer.chat import encode_chats, stop_token_ids
+from safesteer.cli import Parser, positive_int, run_cli
+from safesteer.files import data_file
+from safesteer.models import BUNDLED_MODEL, load_model
+from safesteer.sampling import sample
+from safesteer import forcing
 
 
 def timed(fn):
@@ -38,8 +37,8 @@ def timed(fn):
 
 
 def parse_args(argv=None):
-    p = common.Parser(__doc__)
-    p.add_argument("--repeats", type=common.positive_int, default=2,
+    p = Parser(__doc__)
+    p.add_argument("--repeats", type=positive_int, default=2,
                    help="runs of each pair, interleaved (the best)")
     return p.parse_args(argv)
 
@@ -47,16 +46,16 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(0)
-    model, tok = common.load_model(common.BUNDLED_MODEL, "cpu")
+    model, tok = load_model(BUNDLED_MODEL, "cpu")
     model.requires_grad_(False)
-    lines = common.data_file("harmful_test").read_text().splitlines()
+    lines = data_file("harmful_test").read_text().splitlines()
     prompts = [json.loads(line)["prompt"] for line in lines]
-    stops, pad = chat.stop_token_ids(tok), tok.pad_token_id
+    stops, pad = stop_token_ids(tok), tok.pad_token_id
 
     print("teacher forcing (πt, π0 in Stages 2-4): plain forward vs prefill + cache")
     for name, n, g, t in (("Stage 2 batch: 4 prompts x 8, 8 tokens", 4, 8, 8),
                           ("Stage 3 micro-batch: 2 prompts x 4, 48 tokens", 2, 4, 48)):
-        ids, mask = chat.encode_chats(tok, [q for q in prompts[:n] for _ in range(g)])
+        ids, mask = encode_chats(tok, [q for q in prompts[:n] for _ in range(g)])
         comp = torch.randint(100, 40_000, (n * g, t))
         plain, cached = [], []
         for _ in range(args.repeats):
@@ -74,10 +73,10 @@ def main(argv=None):
     for name, rows, new, temp in (("greedy, Stage 4: 64 prompts, 64 tokens", prompts[:64], 64, 0.0),
                                   ("sampling, Stage 3: 8 prompts x 4, 48 tokens",
                                    [q for q in prompts[:8] for _ in range(4)], 48, 1.0)):
-        ids, mask = chat.encode_chats(tok, rows)
+        ids, mask = encode_chats(tok, rows)
         ours, ref = [], []
         for _ in range(args.repeats):
-            s, (a, _) = timed(lambda: steering.sample(model, ids, mask, new, temperature=temp,
+            s, (a, _) = timed(lambda: sample(model, ids, mask, new, temperature=temp,
                                                       generator=torch.Generator().manual_seed(0), **kw))
             ours.append(s)
             gen_kw = (dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0) if temp
@@ -95,4 +94,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    run_cli(main)

@@ -5,36 +5,36 @@ and repeated so that both see the same machine load; the ratio (ours / generate 
 read.
 
 Usage:
-    python bench/sampler_vs_generate.py                      # batch 8, 32 x new tokens 64, 256
-    python bench/sampler_vs_generate.py --batch-sizes 8 --max-new-tokens 64 --repeats 2
-    python bench/sampler_vs_generate.py --check              # exit 1 if a ratio falls below 0.9
+    python -m bench.sampler_vs_generate                      # batch 8, 32 x new tokens 64, 256
+    python -m bench.sampler_vs_generate --batch-sizes 8 --max-new-tokens 64 --repeats 2
+    python -m bench.sampler_vs_generate --check              # exit 1 if a ratio falls below 0.9
 """
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import common  # noqa: E402
-from chat import encode_chats  # noqa: E402
-from common import data_file, load_model, read_prompts  # noqa: E402
-from steering import sample  # noqa: E402
+from safesteer.cli import Parser, add_renamed, positive_int, run_cli
+from safesteer.models import BUNDLED_MODEL
+from safesteer.chat import encode_chats
+from safesteer.files import data_file, read_prompts
+from safesteer.models import load_model
+from safesteer.sampling import sample
 
 
 TARGET = 0.9  # ours / generate throughput, at every size
 
 
 def parse_args(argv=None):
-    p = common.Parser(__doc__)
-    p.add_argument("--model", default=common.BUNDLED_MODEL,
+    p = Parser(__doc__)
+    p.add_argument("--model", default=BUNDLED_MODEL,
                    help="'smollm2-135m' (bundled), a local transformers directory, or a hub id")
-    common.add_renamed(p, "--batches", "--batch-sizes", type=common.positive_int, nargs="+", default=[8, 32],
+    add_renamed(p, "--batches", "--batch-sizes", type=positive_int, nargs="+", default=[8, 32],
                        help="rows decoded together")
-    common.add_renamed(p, "--lengths", "--max-new-tokens", type=common.positive_int, nargs="+",
+    add_renamed(p, "--lengths", "--max-new-tokens", type=positive_int, nargs="+",
                        default=[64, 256], help="new tokens per row")
-    p.add_argument("--repeats", type=common.positive_int, default=3,
+    p.add_argument("--repeats", type=positive_int, default=3,
                    help="interleaved runs of each (the median)")
     p.add_argument("--check", action="store_true", help=f"exit 1 if a ratio is below {TARGET}")
     return p.parse_args(argv)
@@ -68,4 +68,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    run_cli(main)

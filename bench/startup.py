@@ -5,7 +5,7 @@ $SAFESTEER_CACHE at an empty temporary folder (GGUF de-quantisation + saving the
 "cached" loads the converted directory that the cold run left behind.
 
 Usage:
-    python bench/startup.py --repeats 3
+    python -m bench.startup --repeats 3
 """
 import os
 import statistics
@@ -15,11 +15,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import common  # noqa: E402
+from safesteer.cli import Parser, positive_int, run_cli
 
-SNIPPET = ("import time, sys; sys.path.insert(0, %r); t = time.perf_counter(); import common; "
-           "common.load_model('smollm2-135m'); print(time.perf_counter() - t)" % str(ROOT))
+SNIPPET = ("import time; t = time.perf_counter(); from safesteer.models import load_model; "
+           "load_model('smollm2-135m'); print(time.perf_counter() - t)")
 
 
 def timed(env):
@@ -28,8 +27,8 @@ def timed(env):
 
 
 def parse_args(argv=None):
-    p = common.Parser(__doc__)
-    p.add_argument("--repeats", type=common.positive_int, default=3,
+    p = Parser(__doc__)
+    p.add_argument("--repeats", type=positive_int, default=3,
                    help="cold and cached loads each (the median)")
     return p.parse_args(argv)
 
@@ -43,10 +42,11 @@ def main(argv=None):
             cold.append(timed(env))
             cached.append(timed(env))
     c, w = statistics.median(cold), statistics.median(cached)
-    print(f"load_model('smollm2-135m'), import of common + transformers included, median of {args.repeats}:")
+    print(f"load_model('smollm2-135m'), import of safesteer.models + transformers included, "
+          f"median of {args.repeats}:")
     print(f"  first use (GGUF -> cache): {c:6.2f} s")
     print(f"  cached                   : {w:6.2f} s   ({c / w:.0f}x faster)")
 
 
 if __name__ == "__main__":
-    common.run_cli(main)
+    run_cli(main)

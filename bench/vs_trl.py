@@ -12,7 +12,7 @@ runs so that the box's drift hits every method alike:
 Settings: the demo's Stage 3 without anchors (TRL has nothing like them): 4 prompts per step x 4 samples,
 48 new tokens, micro-batches of 8 (TRL: per_device_train_batch_size 8 x gradient_accumulation_steps 2),
 gradient checkpointing on, AdamW at the same constant lr, gradient-norm clip 1.0, float32 on the CPU. The
-teacher is πt = π0 + c·r at block l (steering.Teacher): TRL gets the frozen copy of π0 with the hook in
+teacher is πt = π0 + c·r at block l (Teacher): TRL gets the frozen copy of π0 with the hook in
 place, and as it calls that model's backbone the hook runs there too. r is Stage 1's
 (RUN/direction.safetensors) if it has run, else a random vector of the right size with a fixed seed: the
 timing does not depend on it.
@@ -31,10 +31,10 @@ teacher, student forward, loss, backward, optimiser), timed from outside both tr
 many sampled tokens the two samplers happened to share.
 
 Usage:
-    python bench/vs_trl.py                          # 2 interleaved runs x 1 measured step: 10-20 min here
-    python bench/vs_trl.py --repeats 3 --steps 2    # steadier, twice as long
-    python bench/vs_trl.py --check          # exit 1 unless full >= 1.5x TRL's steps/s (CPU) at <= its RSS
-    python bench/vs_trl.py --profile trl    # one process, torch profiler: the top operators of 2 steps
+    python -m bench.vs_trl                          # 2 interleaved runs x 1 measured step: 10-20 min here
+    python -m bench.vs_trl --repeats 3 --steps 2    # steadier, twice as long
+    python -m bench.vs_trl --check          # exit 1 unless full >= 1.5x TRL's steps/s (CPU) at <= its RSS
+    python -m bench.vs_trl --profile trl    # one process, torch profiler: the top operators of 2 steps
 """
 import argparse
 import json
@@ -48,11 +48,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 # No hub traffic: the bundled model is on disk, and TRL's trainer would otherwise send a telemetry ping.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
-import common  # noqa: E402
+from safesteer.cli import Parser, positive_float, positive_int
+from safesteer.files import data_file, read_prompts
+from safesteer.models import BUNDLED_MODEL, load_model
+from safesteer.teacher import Teacher, load_teacher
 
 METHODS = {"trl": "TRL DistillationTrainer, beta = 1", "full": "distill.py --loss full",
            "collapsed": "distill.py --loss collapsed"}
@@ -136,23 +138,22 @@ def setup(cfg: dict):
     on the frozen copy. One step more than measured: the warm-up."""
     import copy
     import torch
-    import steering
-    from chat import load_safety_tokens
+    from safesteer.artifacts import load_safety_tokens
     torch.manual_seed(cfg["seed"])
-    student, tok = common.load_model(cfg["model"], "cpu", dtype=torch.float32)
+    student, tok = load_model(cfg["model"], "cpu", dtype=torch.float32)
     frozen = copy.deepcopy(student).requires_grad_(False).eval()
     run = ROOT / cfg["run"]
     if (run / "direction.safetensors").is_file():
-        teacher, _ = steering.load_teacher(frozen, run / "direction.safetensors")
+        teacher, _ = load_teacher(frozen, run / "direction.safetensors")
     else:
         vec = torch.randn(student.config.hidden_size, generator=torch.Generator().manual_seed(cfg["seed"]))
         vec = vec / vec.norm() * cfg["random_norm"]
-        teacher = steering.Teacher(frozen, "hook", vec, cfg["layer"], cfg["coefficient"])
+        teacher = Teacher(frozen, "hook", vec, cfg["layer"], cfg["coefficient"])
     if (run / "safety_tokens.json").is_file():
         s_ids = load_safety_tokens(run / "safety_tokens.json", tok, student)[0]
     else:  # `collapsed` costs the same for any 50 ids
         s_ids = torch.arange(1000, 1050)
-    prompts = common.read_prompts(common.data_file("harmful_train"))
+    prompts = read_prompts(data_file("harmful_train"))
     n = cfg["prompts"]
     steps = [prompts[i * n:(i + 1) * n] for i in range(cfg["steps"] + 1)]
     return student, tok, teacher, steps, s_ids
@@ -163,9 +164,8 @@ def setup(cfg: dict):
 def run_ours(cfg: dict, loss: str) -> dict:
     import torch
     import distill
-    import steering
     student, tok, teacher, steps, s_ids = setup(cfg)
-    teachers = (teacher, steering.Teacher(teacher.model, "base"))  # (πt, π0); π0 unused without anchors
+    teachers = (teacher, Teacher(teacher.model, "base"))  # (πt, π0); π0 unused without anchors
     student.activation_checkpointing_enable()
     recipe = distill.Recipe(loss=loss, samples=cfg["samples"], max_new_tokens=cfg["max_new_tokens"],
                             prompts_per_step=cfg["prompts"], lr=cfg["lr"], weight_decay=0.0, clip=1.0,
@@ -225,7 +225,7 @@ def run_trl(cfg: dict) -> dict:
     import torch
     from transformers import TrainerCallback
     import trl.trainer.distillation_trainer as trl_distillation
-    from chat import encode_chats
+    from safesteer.chat import encode_chats
     student, tok, teacher, steps, _ = setup(cfg)
     phases, recs, sampled = Phases(), [], []
 
@@ -297,7 +297,8 @@ def profile(cfg: dict) -> None:
 
 def run(cfg: dict) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg["threads"])}
-    out = subprocess.run([sys.executable, __file__, "child", "--cfg", json.dumps(cfg)], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", __spec__.name, "child", "--cfg", json.dumps(cfg)],
+                         capture_output=True,
                          text=True, env=env)
     if out.returncode:
         return {"error": (out.stderr.strip().splitlines() or ["?"])[-1]}
@@ -375,26 +376,26 @@ def same_tokens(ours: list[dict], trl: list[dict]) -> str:
 
 
 def parse_args(argv=None):
-    p = common.Parser(__doc__)
+    p = Parser(__doc__)
     p.add_argument("what", nargs="?", default="compare", choices=["compare", "child"], help=argparse.SUPPRESS)
     p.add_argument("--cfg", help=argparse.SUPPRESS)  # child: its configuration, as JSON
-    p.add_argument("--repeats", type=common.positive_int, default=2, help="runs of each method, interleaved")
-    p.add_argument("--steps", type=common.positive_int, default=1,
+    p.add_argument("--repeats", type=positive_int, default=2, help="runs of each method, interleaved")
+    p.add_argument("--steps", type=positive_int, default=1,
                    help="measured steps per run, after a warm-up step")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="which to run")
-    p.add_argument("--prompts", type=common.positive_int, default=4, help="prompts per step (the demo's)")
-    p.add_argument("--samples", type=common.positive_int, default=4, help="completions per prompt (demo's)")
-    p.add_argument("--max-new-tokens", type=common.positive_int, default=48, help="new tokens (demo's)")
-    p.add_argument("--micro-batch", type=common.positive_int, default=8, help="rows per backward (demo's)")
-    p.add_argument("--lr", type=common.positive_float, default=8e-5, help="AdamW lr, constant (demo's peak)")
+    p.add_argument("--prompts", type=positive_int, default=4, help="prompts per step (the demo's)")
+    p.add_argument("--samples", type=positive_int, default=4, help="completions per prompt (demo's)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=48, help="new tokens (demo's)")
+    p.add_argument("--micro-batch", type=positive_int, default=8, help="rows per backward (demo's)")
+    p.add_argument("--lr", type=positive_float, default=8e-5, help="AdamW lr, constant (demo's peak)")
     p.add_argument("--run", default="runs/demo", help="run directory whose Stage 1 direction (and Stage 2 S) "
                    "to use, where it has them")
     p.add_argument("--layer", type=int, default=16, help="without a run: block of the random direction")
     p.add_argument("--coefficient", type=float, default=0.5, help="without a run: c of the random direction")
-    p.add_argument("--random-norm", type=common.positive_float, default=8.0, help="without a run: |r|")
-    p.add_argument("--model", default=common.BUNDLED_MODEL, help="the student and π0 (the bundled model)")
+    p.add_argument("--random-norm", type=positive_float, default=8.0, help="without a run: |r|")
+    p.add_argument("--model", default=BUNDLED_MODEL, help="the student and π0 (the bundled model)")
     p.add_argument("--seed", type=int, default=0, help="seeds the samplers, TRL and the random direction")
-    p.add_argument("--threads", type=common.positive_int, default=1,
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch threads per process (one: the box's other runs share its 2 cores)")
     p.add_argument("--profile", choices=list(METHODS), help="profile this method's warm-up and measured step")
     p.add_argument("--json", metavar="FILE", help="also write every run's raw measurements here")

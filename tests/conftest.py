@@ -1,12 +1,10 @@
 """Tiny models and tokenizers built in memory: the unit tests never need the 98 MB bundled model."""
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # Tiny models gain nothing from threads, and a second busy process on a 2-core box makes them 20x slower.
 # Subprocesses (a stage's command line, torchrun) get one thread too, so their numbers match in-process runs.
 torch.set_num_threads(1)

@@ -7,14 +7,15 @@ import math
 import pytest
 import torch
 
-import baselines as bl
-import chat
-import common
+from experiments import baselines as bl
+from safesteer.chat import encode_chats
+from safesteer.cli import run_cli
+from safesteer.files import data_file, read_prompts, save_tensors, write_json
+from safesteer.teacher import Teacher
 import distill
 import evaluate
-import parallel
-import forcing
-import steering
+from safesteer.scale import parallel
+from safesteer import forcing
 
 
 # ----------------------------------------------------------------------------- brute force, float64, by hand
@@ -71,7 +72,7 @@ def test_sequence_logprobs_on_a_tiny_model_equal_a_loop_over_positions(tok, mode
     """Left-padded prompts of three lengths (as encode_chats makes them), answers of 3, 1 and 5 tokens with
     anything after them: the sum over each answer's tokens equals a float64 loop over positions of the
     unpadded prompt + answer, so neither prompt nor padding counts."""
-    ids, mask = chat.encode_chats(tok, ["hi", "what is the capital of France?", "tell me"])
+    ids, mask = encode_chats(tok, ["hi", "what is the capital of France?", "tell me"])
     assert (mask == 0).any()  # left padding is exercised
     answer = torch.randint(0, 250, (3, 5), generator=torch.Generator().manual_seed(1))
     lengths = [3, 1, 5]
@@ -194,13 +195,13 @@ def test_sampled_answers_end_at_the_first_stop_and_sft_ignores_what_follows(tok,
     recipe = distill.Recipe(samples=3, max_new_tokens=6, prompts_per_step=2)
     loop = parallel.Loop(None, None, torch.Generator().manual_seed(0))
     prompts = ["hello", "how are you", "hello"]  # a repeated prompt is answered once
-    answers = bl.sample_answers(steering.Teacher(model, "base"), tok, prompts, recipe, loop)
+    answers = bl.sample_answers(Teacher(model, "base"), tok, prompts, recipe, loop)
     assert list(answers) == ["hello", "how are you"]
     comp, cmask = bl.answer_rows(answers, ["hello", "how are you"])  # [6, T]
     lengths = first_stop_lengths(comp, set(stops))
     assert cmask.sum(-1).tolist() == lengths and min(lengths) < comp.shape[1]
     assert all(cmask[r, :n].all() and not cmask[r, n:].any() for r, n in enumerate(lengths))
-    ids, mask = chat.encode_chats(tok, [p for p in ["hello", "how are you"] for _ in range(3)])
+    ids, mask = encode_chats(tok, [p for p in ["hello", "how are you"] for _ in range(3)])
     with torch.no_grad():
         z = forcing.completion_logits(model, ids, mask, comp)
     loss = bl.sft_loss(z, comp, cmask)
@@ -247,7 +248,7 @@ def test_mixed_step_gradient_is_harmful_loss_plus_lambda_anchor_loss(tok, model,
     ref = copy.deepcopy(model).requires_grad_(False)
 
     def group_loss(group):
-        ids, mask = chat.encode_chats(tok, group.prompts)
+        ids, mask = encode_chats(tok, group.prompts)
         if not dpo:
             return bl.sft_loss(forcing.completion_logits(model, ids, mask, group.chosen[0]), *group.chosen)
         lp = []
@@ -263,7 +264,7 @@ def test_mixed_step_gradient_is_harmful_loss_plus_lambda_anchor_loss(tok, model,
     opt.zero_grad = lambda set_to_none=True: None  # the step's gradients stay, to be read after it
     loop = parallel.Loop(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
     recipe = distill.Recipe(micro_batch=3, clip=1e9)
-    rec = bl.train_step(model, tok, groups, steering.Teacher(ref, "base"), recipe, loop, beta=0.1)
+    rec = bl.train_step(model, tok, groups, Teacher(ref, "base"), recipe, loop, beta=0.1)
     assert all(torch.allclose(p.grad, b, atol=1e-6) for p, b in zip(model.parameters(), expected))
     assert rec["loss"] == pytest.approx(rec["harmful_loss"] + 0.5 * rec["anchor_loss"], abs=1e-6)
     if dpo:  # the policy is π0 here: every margin is 0, the loss log 2
@@ -280,12 +281,12 @@ def make_run(out, model_dir):
     """Stage 1's output written directly: a random direction at block 1 (the baselines need no S)."""
     hidden = json.loads((model_dir / "config.json").read_text())["hidden_size"]
     torch.manual_seed(0)
-    common.save_tensors(out / "direction.safetensors", {"direction": torch.randn(hidden) * 4})
-    common.write_json(out / "direction.json", {"layer": 1, "coefficient": 1.0, "hidden_size": hidden})
+    save_tensors(out / "direction.safetensors", {"direction": torch.randn(hidden) * 4})
+    write_json(out / "direction.json", {"layer": 1, "coefficient": 1.0, "hidden_size": hidden})
 
 
 def args_for(model_dir, out, method, *extra):
-    anchor = ["--anchor", str(common.data_file("harmless_val")), "--anchor-per-step", "1"]
+    anchor = ["--anchor", str(data_file("harmless_val")), "--anchor-per-step", "1"]
     return ["--model", str(model_dir), "--out", str(out), "--method", method, "--prompts-per-step", "2",
             "--samples", "2", "--max-new-tokens", "4", "--max-steps", "2", "--lr", "1e-3",
             "--micro-batch", "3",
@@ -360,8 +361,8 @@ def test_the_budget_is_stage_3s(model_dir, tmp_path, monkeypatch):
                         lambda m, t, ps, *a: sampled.append(ps) or real_sample(m, t, ps, *a))
     argv = args_for(model_dir, out, "sft", "--prompts", str(prompts), "--epochs", "2")
     bl.main(argv + ["--max-steps", "99"])  # the last value wins: no cut
-    assert seen == distill.step_prompts(common.read_prompts(prompts), 2, 2, 0)
-    assert sorted(p for batch in sampled for p in batch) == sorted(common.read_prompts(prompts))
+    assert seen == distill.step_prompts(read_prompts(prompts), 2, 2, 0)
+    assert sorted(p for batch in sampled for p in batch) == sorted(read_prompts(prompts))
     assert len(read_log(out / "sft" / "train_log.jsonl")) == 6
 
 
@@ -429,7 +430,7 @@ def test_bad_input_is_one_line_and_writes_nothing(name, argv, fragment, model_di
     capsys.readouterr()
     full = ["--model", str(model_dir), "--out", str(out), "--method", "dpo", *argv(tmp_path)]
     with pytest.raises(SystemExit) as e:
-        common.run_cli(lambda: bl.main(full))
+        run_cli(lambda: bl.main(full))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], err
     assert sorted(p.name for p in out.iterdir()) == before  # nothing half-written

@@ -1,11 +1,12 @@
-"""benchmarks.py: each benchmark's file as published (fixtures in its layout, written here, no real data)."""
+"""safesteer/port/benchmarks.py: each benchmark's file as published (fixtures in its layout, written here, no
+real data)."""
 import json
 
 import pytest
 
 import evaluate as ev
-from benchmarks import LAYOUTS, read_set
-from common import UserError
+from safesteer.port.benchmarks import LAYOUTS, read_set
+from safesteer.errors import UserError
 
 # Each fixture copies only the layout: the columns, their order and quoting as the authors publish them.
 HARMBENCH = ('Behavior,FunctionalCategory,SemanticCategory,Tags,ContextString,BehaviorID\n'

@@ -1,4 +1,5 @@
-"""capability.py against Stage 4: the harness's safesteer_general_qa must count what evaluate.py counts.
+"""safesteer/port/capability.py against Stage 4: the harness's safesteer_general_qa must count what
+evaluate.py counts.
 
 The harness tests need lm-eval, an optional extra (`make test-lm-eval` installs it and runs this file);
 without it they are skipped and only the install hint is tested. A tiny random model answers in noise and
@@ -19,10 +20,12 @@ import torch
 from tokenizers import processors
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # a hub request would fail here: nothing is fetched
-import capability  # noqa: E402
-import evaluate  # noqa: E402  (the project's Stage 4; lm-eval installs another package of that name)
-from chat import render_chat  # noqa: E402
-from common import UserError, data_file  # noqa: E402
+import evaluate  # the project's Stage 4 (lm-eval installs another package of that name)
+from safesteer import metrics
+from safesteer.port import capability
+from safesteer.chat import render_chat
+from safesteer.errors import UserError
+from safesteer.files import data_file
 from conftest import make_model, make_tokenizer  # noqa: E402
 
 TASK = "safesteer_general_qa"
@@ -85,7 +88,7 @@ def test_harness_scores_what_stage4_scores(lm_eval, tmp_path):
     qa_file = tmp_path / "qa.jsonl"
     qa_file.write_text("".join(json.dumps({"question": q, "answers": a}) + "\n"
                                for q, a in zip(questions, answers)))
-    correct = [evaluate.qa_correct(t, a) for t, a in zip(texts, answers)][:LIMIT]
+    correct = [metrics.qa_correct(t, a) for t, a in zip(texts, answers)][:LIMIT]
     assert correct == [True, False] * (LIMIT // 2)
 
     results = capability.run_harness(model, tok, [TASK], BATCH, LIMIT, max_new_tokens=NEW_TOKENS,
@@ -114,14 +117,14 @@ def test_default_questions_are_found_from_any_directory_and_unknown_tasks_are_re
         capability.lm_eval_scores(make_model(tok), tok, ["safesteer_nonexistent"], batch_size=2, limit=2)
 
 
-def test_task_reads_stage4_even_where_the_name_evaluate_is_taken(lm_eval, monkeypatch):
-    """lm-eval installs Hugging Face's `evaluate`; the task loads the project's evaluate.py from its file."""
+def test_task_reads_stage4s_rule_even_where_the_name_evaluate_is_taken(lm_eval, monkeypatch):
+    """lm-eval installs Hugging Face's `evaluate`; the task imports the package, never the stage's file, so
+    that name does not matter, and its rule is Stage 4's own (metrics.qa_correct, which evaluate.py uses)."""
+    monkeypatch.setitem(sys.modules, "evaluate", types.ModuleType("evaluate"))  # the other package
     spec = importlib.util.spec_from_file_location("task_utils", capability.TASK_DIR / "utils.py")
     utils = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(utils)
-    monkeypatch.setitem(sys.modules, "evaluate", types.ModuleType("evaluate"))  # the other package
-    stage4 = utils.stage4()
-    assert stage4.__file__ == evaluate.__file__ and stage4 is not evaluate
+    assert utils.qa_correct is metrics.qa_correct
     doc = {"answers": ["Paris"]}
     assert utils.process_results(doc, [" It is Paris."]) == {"acc": 1.0}
     assert utils.process_results(doc, ["Comparison"]) == {"acc": 0.0}

@@ -11,29 +11,31 @@ import pytest
 import torch
 from conftest import FAMILIES, LLAMA3, make_tokenizer
 
-import chat
-import common
+from safesteer.chat import (encode_chats, end_of_turn_id, post_instruction_ids, render_chat,
+                            special_token_ids, stop_token_ids)
+from safesteer.hooks import add_vector, decoder_layers
+from safesteer.models import load_model
+from safesteer.sampling import prefill, sample, shared_prefix_len
 import distill
 import evaluate
 import extract_direction as ed
 import select_tokens
-import forcing
-import steering
-from common import UserError
+from safesteer import forcing
+from safesteer.errors import UserError
 
 
 def load(family_dir):
     name, d = family_dir
-    model, tok = common.load_model(str(d))  # as every stage loads it: padding side, pad token
+    model, tok = load_model(str(d))  # as every stage loads it: padding side, pad token
     return name, model, tok
 
 
 def test_post_instruction_tokens_are_what_the_template_adds(family_dir):
     name, model, tok = load(family_dir)
     expected = tok(FAMILIES[name][7], add_special_tokens=False).input_ids
-    ids = chat.post_instruction_ids(tok)
+    ids = post_instruction_ids(tok)
     assert ids == expected, (name, tok.decode(ids))
-    full, _ = chat.encode_chats(tok, ["short", "a much longer question here"])
+    full, _ = encode_chats(tok, ["short", "a much longer question here"])
     assert full[:, -len(ids):].tolist() == [ids, ids]  # left padding puts them at the end of every row
     if tok.bos_token_id is not None:
         assert all((row == tok.bos_token_id).sum() == 1 for row in full)  # BOS from the template only
@@ -42,13 +44,13 @@ def test_post_instruction_tokens_are_what_the_template_adds(family_dir):
 def test_end_of_turn_stops_the_sampler(family_dir):
     name, model, tok = load(family_dir)
     eot = tok.convert_tokens_to_ids(FAMILIES[name][6])
-    assert chat.end_of_turn_id(tok) == eot
-    stops = chat.stop_token_ids(tok)
+    assert end_of_turn_id(tok) == eot
+    stops = stop_token_ids(tok)
     assert eot in stops and tok.eos_token_id in stops
-    ids, mask = chat.encode_chats(tok, ["hi", "tell me more"])
+    ids, mask = encode_chats(tok, ["hi", "tell me more"])
 
     def force_eot_at_step_3(module, args, output):  # the LM head's logits: call k predicts token k; eot at 3
-        if output.shape[0] == 1:  # the shared template prefix, run once before the prompts (steering.prefill)
+        if output.shape[0] == 1:  # the shared template prefix, run once before the prompts (prefill)
             return output
         if state["calls"] == 3:
             output[..., eot] += 1e4
@@ -57,7 +59,7 @@ def test_end_of_turn_stops_the_sampler(family_dir):
     state = {"calls": 0}
     handle = model.get_output_embeddings().register_forward_hook(force_eot_at_step_3)
     try:
-        toks, m = steering.sample(model, ids, mask, 10, temperature=0, stop_ids=stops,
+        toks, m = sample(model, ids, mask, 10, temperature=0, stop_ids=stops,
                                   pad_id=tok.pad_token_id)
     finally:
         handle.remove()
@@ -70,23 +72,23 @@ def test_prefill_equals_the_plain_forward_and_decoding_equals_generate(family_di
     slots."""
     name, model, tok = load(family_dir)
     prompts = ["hi", "tell me a long story about the sea please", "hi", "why?", "hi"]
-    ids, mask = chat.encode_chats(tok, prompts)
+    ids, mask = encode_chats(tok, prompts)
     rows = [r[m.bool()].tolist() for r, m in zip(ids, mask)]
     sliding = name.startswith("gemma")
-    assert (steering.shared_prefix_len(rows, model) == 0) == sliding
+    assert (shared_prefix_len(rows, model) == 0) == sliding
     with torch.no_grad():
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         ref = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float()
         outputs = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
         hidden = outputs.hidden_states
-    logits, cache, cache_mask, next_pos, ours = steering.prefill(model, ids, mask, tok.pad_token_id,
+    logits, cache, cache_mask, next_pos, ours = prefill(model, ids, mask, tok.pad_token_id,
                                                                  last_hidden=3)
     assert torch.allclose(logits, ref, atol=1e-5)
     assert len(ours) == len(hidden) - 1  # the input of each block, at the last positions (Stage 1's means)
     for h, want in zip(ours, hidden):
         assert h.shape[1] == 3 and torch.allclose(h, want[:, -3:], atol=1e-4)
     assert torch.equal(next_pos[:, 0], mask.sum(-1)) and torch.equal(cache_mask.sum(-1), mask.sum(-1))
-    ours, _ = steering.sample(model, ids, mask, 24, temperature=0, stop_ids=[10_000], pad_id=tok.pad_token_id)
+    ours, _ = sample(model, ids, mask, 24, temperature=0, stop_ids=[10_000], pad_id=tok.pad_token_id)
     gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
                          eos_token_id=None, pad_token_id=tok.pad_token_id)
     assert torch.equal(ours, gen[:, ids.shape[1]:])
@@ -100,15 +102,15 @@ def test_prefill_equals_the_plain_forward_and_decoding_equals_generate(family_di
 
 def test_system_prompt_where_the_family_has_none(family_dir):
     name, model, tok = load(family_dir)
-    text = chat.render_chat(tok, "hello there", system="Be safe.")
+    text = render_chat(tok, "hello there", system="Be safe.")
     assert "Be safe." in text and text.index("Be safe.") < text.index("hello there")
 
 
 def test_blocks_and_hook_at_the_chosen_block_only(family_dir):
     name, model, tok = load(family_dir)
-    blocks = steering.decoder_layers(model)
+    blocks = decoder_layers(model)
     assert len(blocks) == model.config.num_hidden_layers
-    ids, mask = chat.encode_chats(tok, ["hi", "what now"])
+    ids, mask = encode_chats(tok, ["hi", "what now"])
     vec = torch.randn(model.config.hidden_size)
 
     def block_inputs():
@@ -122,7 +124,7 @@ def test_blocks_and_hook_at_the_chosen_block_only(family_dir):
         [h.remove() for h in hs]
         return seen, logits
     plain, base_logits = block_inputs()
-    with steering.add_vector(model, 1, vec, 0.5):
+    with add_vector(model, 1, vec, 0.5):
         steered, logits = block_inputs()
     assert torch.equal(steered[0], plain[0])  # the block before is untouched
     assert torch.allclose(steered[1] - plain[1], (0.5 * vec).expand_as(plain[1]), atol=1e-5)
@@ -132,7 +134,7 @@ def test_blocks_and_hook_at_the_chosen_block_only(family_dir):
 def test_refusal_tokens_are_real_tokens(family_dir):
     name, model, tok = load(family_dir)
     ids = ed.refusal_token_ids(tok, ed.REFUSAL_WORDS)
-    assert all(0 <= i < len(tok) for i in ids) and not set(ids) & set(chat.special_token_ids(tok))
+    assert all(0 <= i < len(tok) for i in ids) and not set(ids) & set(special_token_ids(tok))
     for word, i in zip(ed.REFUSAL_WORDS, ids):
         assert word.startswith(tok.decode([i]))
 
@@ -152,7 +154,7 @@ def test_every_stage_runs_and_the_student_reloads(family_dir, tmp_path):
     real_save = distill.save_student
 
     def remember_logits(student, tok, path, info, lora, dtype="float32"):
-        ids, mask = chat.encode_chats(tok, ["check the reload"])
+        ids, mask = encode_chats(tok, ["check the reload"])
         with torch.no_grad():
             saved["logits"] = student.eval()(input_ids=ids, attention_mask=mask).logits
         saved["ids"], saved["mask"] = ids, mask
@@ -178,27 +180,27 @@ def test_every_stage_runs_and_the_student_reloads(family_dir, tmp_path):
 
 def test_llama3_template_from_the_conftest():
     tok = make_tokenizer(LLAMA3)
-    ids = chat.post_instruction_ids(tok)
+    ids = post_instruction_ids(tok)
     assert tok.decode(ids) == "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
 
 
 def test_missing_template_names_the_flag(tok):
     tok.chat_template = None
     with pytest.raises(UserError, match="--chat-template"):
-        chat.render_chat(tok, "hi")
+        render_chat(tok, "hi")
 
 
 def test_chat_template_flag_replaces_the_tokenizers(model_dir, tmp_path):
     template = tmp_path / "t.jinja"
     template.write_text("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
                         "{% if add_generation_prompt %}[assistant]{% endif %}")
-    _, tok = common.load_model(str(model_dir), chat_template=str(template))
-    assert chat.render_chat(tok, "hi") == "[user]hi[assistant]"
+    _, tok = load_model(str(model_dir), chat_template=str(template))
+    assert render_chat(tok, "hi") == "[user]hi[assistant]"
 
 
 def test_think_block_is_what_qwen3_adds_with_thinking_off(family_dir):
     name, model, tok = load(family_dir)
-    text = chat.render_chat(tok, "x")
+    text = render_chat(tok, "x")
     assert text.endswith("<think>\n\n</think>\n\n") == (name == "qwen3")
 
 
@@ -209,7 +211,7 @@ def test_packed_samples_score_like_one_row_per_sample(family_dir):
     name, model, tok = load(family_dir)
     model.train()
     prompts = ["hi", "tell me a long story about the sea please", "why?"]  # unequal lengths: left padding
-    ids, mask = chat.encode_chats(tok, [p for p in prompts for _ in range(3)])
+    ids, mask = encode_chats(tok, [p for p in prompts for _ in range(3)])
     comp = torch.randint(0, 200, (9, 6), generator=torch.Generator().manual_seed(0))
     weights = torch.randn(9, 6, len(tok), generator=torch.Generator().manual_seed(1))
     assert forcing.packs_exactly(model) == (not name.startswith("gemma"))

@@ -1,11 +1,12 @@
-"""checkpoints.py in one process: what a checkpoint restores, and what it says when the number of processes
+"""safesteer/scale/checkpoints.py in one process: what a checkpoint restores, and what it says when the number
+of processes
 changed. Under torchrun (2 processes, sharded, 2 -> 1 and 1 -> 2): tests/test_parallel.py."""
 import pytest
 import torch
 from conftest import make_model
 
-import checkpoints
-import parallel
+from safesteer.scale import checkpoints
+from safesteer.scale import parallel
 
 
 def training(model):

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import common
-import chat
+from safesteer.chat import tokenizer_fingerprint
+from safesteer.cli import run_cli
+from safesteer.files import save_tensors, write_json
 import distill
 import evaluate
 import extract_direction
@@ -21,7 +22,7 @@ STAGES = {"extract": extract_direction, "select": select_tokens, "distill": dist
 def run(stage, argv, capsys):
     """Run a stage the way its command line does; return (exit code, stderr)."""
     with pytest.raises(SystemExit) as e:
-        common.run_cli(lambda: STAGES[stage].main(argv))
+        run_cli(lambda: STAGES[stage].main(argv))
     return e.value.code, capsys.readouterr().err
 
 
@@ -30,10 +31,10 @@ def run_dir(tmp_path, model_dir, tok):
     """A run directory holding valid Stage 1 and 2 outputs for the tiny model."""
     out = tmp_path / "run"
     hidden = json.loads((model_dir / "config.json").read_text())["hidden_size"]
-    common.save_tensors(out / "direction.safetensors", {"direction": torch.ones(hidden)})
-    common.write_json(out / "direction.json", {"layer": 1, "coefficient": 1.0})
-    common.write_json(out / "safety_tokens.json", {"token_ids": [10, 20], "vocab_size": len(tok),
-                                                   "tokenizer_fingerprint": chat.tokenizer_fingerprint(tok)})
+    save_tensors(out / "direction.safetensors", {"direction": torch.ones(hidden)})
+    write_json(out / "direction.json", {"layer": 1, "coefficient": 1.0})
+    write_json(out / "safety_tokens.json", {"token_ids": [10, 20], "vocab_size": len(tok),
+                                                   "tokenizer_fingerprint": tokenizer_fingerprint(tok)})
     return out
 
 
@@ -92,13 +93,13 @@ def test_bad_input(name, stage, argv, fragment, tmp_path, model_dir, run_dir, to
     if name == "cuda without cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     t = files(tmp_path)
-    common.save_tensors(t / "small.safetensors", {"direction": torch.ones(7)})
-    common.write_json(t / "small.json", {"layer": 1})
-    common.save_tensors(t / "deep.safetensors", {"direction": torch.ones(32)})
-    common.write_json(t / "deep.json", {"layer": 40})
+    save_tensors(t / "small.safetensors", {"direction": torch.ones(7)})
+    write_json(t / "small.json", {"layer": 1})
+    save_tensors(t / "deep.safetensors", {"direction": torch.ones(32)})
+    write_json(t / "deep.json", {"layer": 40})
     meta = json.loads((run_dir / "safety_tokens.json").read_text())
-    common.write_json(t / "other_tok.json", {**meta, "tokenizer_fingerprint": "f" * 16})
-    common.write_json(t / "big_ids.json", {**meta, "token_ids": [1, 99_999]})
+    write_json(t / "other_tok.json", {**meta, "tokenizer_fingerprint": "f" * 16})
+    write_json(t / "big_ids.json", {**meta, "token_ids": [1, 99_999]})
     (t / "not_a_model").mkdir()
     nt = t / "notemplate"
     from conftest import make_model, make_tokenizer

@@ -8,13 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import common
-import forcing
-import steering
-import chat
+from safesteer.artifacts import load_direction
+from safesteer.chat import encode_chats, tokenizer_fingerprint
+from safesteer.cli import Parser
+from safesteer.errors import UserError
+from safesteer.files import data_file, read_prompts, save_tensors, write_json
+from safesteer.hooks import add_vector
+from safesteer.models import load_model
+from safesteer.sampling import sample
+from safesteer.teacher import Teacher
+from safesteer import forcing
 import distill as dl
-import lean_losses
-from common import UserError
+from safesteer import losses, sampling
 from conftest import checkpoint_weights
 
 S = torch.tensor([1, 4, 6])
@@ -207,8 +212,8 @@ def test_localized_kl_passes_gradcheck(with_rest):
     torch.manual_seed(9)
     ls = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
     lt = torch.randn(4, 9, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda z: lean_losses.LocalizedKL.apply(z, lt, S, with_rest, 3), (ls,))
-    assert torch.autograd.gradcheck(lambda z: lean_losses.FullKL.apply(z, lt, 3), (ls,))
+    assert torch.autograd.gradcheck(lambda z: losses.LocalizedKL.apply(z, lt, S, with_rest, 3), (ls,))
+    assert torch.autograd.gradcheck(lambda z: losses.FullKL.apply(z, lt, 3), (ls,))
 
 
 def test_collapsed_gradient_leaves_split_inside_r_unchanged():
@@ -267,7 +272,7 @@ def test_loss_window_equals_a_mask_built_by_hand(skip, keep):
 
 @pytest.mark.parametrize("skip,keep", [(3, 3), (4, 2), (1, 1)])
 def test_loss_window_must_end_after_it_starts(skip, keep):
-    with pytest.raises(common.UserError, match=r"must exceed --skip-tokens K: .* positions \[K, M\)"):
+    with pytest.raises(UserError, match=r"must exceed --skip-tokens K: .* positions \[K, M\)"):
         dl.Recipe.from_args(dl.parse_args(["--skip-tokens", str(skip), "--keep-tokens", str(keep)]))
     assert dl.Recipe(skip_tokens=skip, keep_tokens=skip + 1).keep_tokens == skip + 1  # M = K + 1: one token
 
@@ -276,15 +281,15 @@ def test_one_step_lowers_the_loss(tok, model):
     import copy
     teacher = copy.deepcopy(model).requires_grad_(False)
     vec = torch.randn(model.config.hidden_size) * 3
-    ids, mask = chat.encode_chats(tok, ["hello", "how are you"])
-    comp, cmask = steering.sample(model, ids, mask, 6, temperature=1.0,
+    ids, mask = encode_chats(tok, ["hello", "how are you"])
+    comp, cmask = sample(model, ids, mask, 6, temperature=1.0,
                                   generator=torch.Generator().manual_seed(0), stop_ids=[10_000],
                                   pad_id=tok.pad_token_id)
     s = torch.arange(10, 40)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
 
     def loss():
-        with torch.no_grad(), steering.add_vector(teacher, 1, vec):
+        with torch.no_grad(), add_vector(teacher, 1, vec):
             lt = forcing.completion_logits(teacher, ids, mask, comp)
         ls = forcing.completion_logits(model, ids, mask, comp)
         return dl.localized_reverse_kl(ls, lt, cmask, s, "collapsed")
@@ -300,8 +305,8 @@ def fixed_samples(tok, model, monkeypatch, prompts):
     import copy
     teacher = copy.deepcopy(model).requires_grad_(False)
     vec = torch.randn(model.config.hidden_size) * 3
-    ids, mask = chat.encode_chats(tok, [p for p in prompts for _ in range(2)])
-    comp, cmask = steering.sample(model, ids, mask, 5, temperature=1.0,
+    ids, mask = encode_chats(tok, [p for p in prompts for _ in range(2)])
+    comp, cmask = sample(model, ids, mask, 5, temperature=1.0,
                                   generator=torch.Generator().manual_seed(0), stop_ids=[10_000],
                                   pad_id=tok.pad_token_id)
     monkeypatch.setattr(dl, "sample", lambda *a, **k: (comp, cmask))
@@ -328,7 +333,7 @@ def test_anchored_step_gradient_is_harmful_loss_plus_lambda_anchor_loss(tok, mod
     s = torch.arange(10, 40)
 
     def part(rows, steer):
-        with torch.no_grad(), (steering.add_vector(teacher, 1, vec) if steer else contextlib.nullcontext()):
+        with torch.no_grad(), (add_vector(teacher, 1, vec) if steer else contextlib.nullcontext()):
             lt = forcing.completion_logits(teacher, ids[rows], mask[rows], comp[rows])
         ls = forcing.completion_logits(model, ids[rows], mask[rows], comp[rows])
         return dl.localized_reverse_kl(ls, lt, cmask[rows], s, "partial")
@@ -339,7 +344,7 @@ def test_anchored_step_gradient_is_harmful_loss_plus_lambda_anchor_loss(tok, mod
 
     opt = GradCapture(model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    teachers = (steering.Teacher(teacher, "hook", vec, 1), steering.Teacher(teacher, "base"))
+    teachers = (Teacher(teacher, "hook", vec, 1), Teacher(teacher, "base"))
     recipe = dl.Recipe(samples=2, max_new_tokens=5, loss="partial", anchor_weight=0.5, micro_batch=3,
                        clip=1e9)
     rec = dl.train_step(model, tok, harmful, anchors, teachers, s, recipe, dl.Loop(opt, sched))
@@ -357,7 +362,7 @@ def test_packed_samples_give_the_step_of_one_row_per_sample(tok, model, monkeypa
     packed, real = [], forcing.packed_completion_logits
     monkeypatch.setattr(forcing, "packed_completion_logits", lambda *a: packed.append(a[-1]) or real(*a))
     runs = []
-    teachers = (steering.Teacher(teacher, "hook", vec, 1), steering.Teacher(teacher, "base"))
+    teachers = (Teacher(teacher, "hook", vec, 1), Teacher(teacher, "base"))
     for pack in (True, False):
         opt = GradCapture(model)
         loop = dl.Loop(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0))
@@ -387,8 +392,8 @@ def test_recipe_is_built_from_the_arguments_once():
 
 
 def test_help_groups_the_options_and_every_option_has_help(monkeypatch, capsys):
-    headings = ["the paper's recipe:", "the authors' variants:", "ours:",
-                "scale: LoRA, sharding, checkpoints:"]
+    headings = ["model and run:", "the paper's recipe (a default marked 'ours' is not the paper's):",
+                "the authors' variants:", "ours:", "scale: LoRA, sharding, checkpoints:"]
     with pytest.raises(SystemExit):
         dl.parse_args(["--help"])
     text = capsys.readouterr().out
@@ -396,7 +401,7 @@ def test_help_groups_the_options_and_every_option_has_help(monkeypatch, capsys):
     assert at == sorted(at)
     assert "--loss {collapsed,partial,full}" in text and "(default: collapsed)" in text
     parsers = []
-    monkeypatch.setattr(common.Parser, "parse_args", lambda self, argv=None: parsers.append(self))
+    monkeypatch.setattr(Parser, "parse_args", lambda self, argv=None: parsers.append(self))
     dl.parse_args([])
     common_dests = {"help", "model", "out", "device", "seed", "max_prompt_tokens", "chat_template"}
     for action in parsers[0]._actions:
@@ -423,10 +428,10 @@ def make_run(out, model_dir, tok, s_ids=(10, 20, 30, 40)):
     from transformers import AutoConfig
     hidden = AutoConfig.from_pretrained(model_dir).hidden_size
     torch.manual_seed(0)
-    common.save_tensors(out / "direction.safetensors", {"direction": torch.randn(hidden) * 4})
-    common.write_json(out / "direction.json", {"layer": 1, "coefficient": 1.0, "hidden_size": hidden})
-    common.write_json(out / "safety_tokens.json", {"token_ids": list(s_ids), "vocab_size": len(tok),
-                                                   "tokenizer_fingerprint": chat.tokenizer_fingerprint(tok)})
+    save_tensors(out / "direction.safetensors", {"direction": torch.randn(hidden) * 4})
+    write_json(out / "direction.json", {"layer": 1, "coefficient": 1.0, "hidden_size": hidden})
+    write_json(out / "safety_tokens.json", {"token_ids": list(s_ids), "vocab_size": len(tok),
+                                                   "tokenizer_fingerprint": tokenizer_fingerprint(tok)})
 
 
 def args_for(model_dir, out, *extra):
@@ -454,17 +459,17 @@ def test_main_trains_saves_and_reloads(model_dir, tok, tmp_path, capsys):
     dl.main(args_for(model_dir, out, "--random-tokens", "--student", "rand", "--loss", "full"))
     rand = json.loads((out / "rand" / "safesteer.json").read_text())
     assert len(rand["s_token_ids"]) == 4 and rand["s_token_ids"] != [10, 20, 30, 40]
-    dl.main(args_for(model_dir, out, "--anchor", str(common.data_file("harmless_val")),
+    dl.main(args_for(model_dir, out, "--anchor", str(data_file("harmless_val")),
                      "--student", "anchored", "--anchor-per-step", "3"))
     log = [json.loads(l) for l in (out / "anchored" / "train_log.jsonl").read_text().splitlines()]
     assert all("anchor_refusal" in r and r["anchor_loss"] >= -1e-7 for r in log)  # ~0 at step 1: π0 = πs
     pooled, real = [], dl.anchor_steps  # several anchor files are pooled, in order
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(dl, "anchor_steps", lambda anchors, *a: pooled.append(anchors) or real(anchors, *a))
-        files = [common.data_file(n) for n in ("harmless_val", "harmless_train_reform")]
+        files = [data_file(n) for n in ("harmless_val", "harmless_train_reform")]
         dl.main(args_for(model_dir, out, "--anchor", *map(str, files), "--student", "pooled",
                          "--max-steps", "1"))
-    assert pooled == [[p for f in files for p in common.read_prompts(f)]]
+    assert pooled == [[p for f in files for p in read_prompts(f)]]
 
 
 def test_resume_equals_uninterrupted(model_dir, tok, tmp_path, monkeypatch):
@@ -523,13 +528,13 @@ def test_sample_batch_changes_memory_not_samples(model_dir, tok, tmp_path, monke
     from safetensors.torch import load_file
     out = tmp_path / "run"
     make_run(out, model_dir, tok)
-    chunks, real = [], steering.sample  # the calls for each chunk (distill calls sample by its own name)
+    chunks, real = [], sample  # the calls for each chunk (distill calls sample by its own name)
 
     def counted(model, ids, *a, **k):
         chunks.append(len(ids))
         return real(model, ids, *a, **k)
-    monkeypatch.setattr(steering, "sample", counted)
-    argv = args_for(model_dir, out, "--max-steps", "2", "--anchor", str(common.data_file("harmless_val")),
+    monkeypatch.setattr(sampling, "sample", counted)
+    argv = args_for(model_dir, out, "--max-steps", "2", "--anchor", str(data_file("harmless_val")),
                     "--anchor-per-step", "1")
     for n in (None, 4, 1):
         dl.main(argv + ["--student", f"n{n}", *(["--sample-batch", str(n)] if n else [])])
@@ -547,10 +552,10 @@ def test_token_file_for_another_tokenizer(model_dir, tok, tmp_path):
     out = tmp_path / "run"
     make_run(out, model_dir, tok)
     meta = json.loads((out / "safety_tokens.json").read_text())
-    common.write_json(out / "safety_tokens.json", {**meta, "tokenizer_fingerprint": "0" * 16})
+    write_json(out / "safety_tokens.json", {**meta, "tokenizer_fingerprint": "0" * 16})
     with pytest.raises(UserError, match="another tokenizer"):
         dl.main(args_for(model_dir, out))
-    common.write_json(out / "safety_tokens.json", {**meta, "token_ids": [10, 10_000]})
+    write_json(out / "safety_tokens.json", {**meta, "token_ids": [10, 10_000]})
     with pytest.raises(UserError, match="outside the model's vocabulary"):
         dl.main(args_for(model_dir, out))
 
@@ -565,12 +570,12 @@ def test_lora_teacher_base_and_student_share_one_copy(model_dir, tok, tmp_path):
     make_run(out, model_dir, tok)
     a = dl.parse_args(args_for(model_dir, out, "--lora-rank", "4"))
     student, tok2, teacher, base, _ = dl.build_models(a, out, torch.device("cpu"))
-    separate, _ = common.load_model(str(model_dir))
-    vec, meta = steering.load_direction(out / "direction.safetensors", separate)
-    ids, mask = chat.encode_chats(tok2, ["hello", "what is up"])
+    separate, _ = load_model(str(model_dir))
+    vec, meta = load_direction(out / "direction.safetensors", separate)
+    ids, mask = encode_chats(tok2, ["hello", "what is up"])
     comp = torch.randint(0, 250, (2, 4))
     with torch.no_grad():
-        with steering.add_vector(separate, 1, vec, 1.0):
+        with add_vector(separate, 1, vec, 1.0):
             ref = forcing.completion_logits(separate, ids, mask, comp)
         ref0 = forcing.completion_logits(separate, ids, mask, comp)
         with teacher.steer():
@@ -611,7 +616,7 @@ def test_lora_student_merges_reloads_and_resumes(model_dir, tok, tmp_path, monke
     from peft import PeftModel
     base_again = AutoModelForCausalLM.from_pretrained(model_dir)
     with_adapter = PeftModel.from_pretrained(base_again, d / "adapter").eval()
-    ids, mask = chat.encode_chats(tok, ["hi there"])
+    ids, mask = encode_chats(tok, ["hi there"])
     with torch.no_grad():
         lm = merged(input_ids=ids, attention_mask=mask).logits
         la = with_adapter(input_ids=ids, attention_mask=mask).logits
@@ -640,14 +645,14 @@ def test_lora_student_merges_reloads_and_resumes(model_dir, tok, tmp_path, monke
 def test_prompt_teacher_sees_the_system_prompt_and_the_same_completion(tok, model):
     """--teacher prompt: at every completion position the teacher's logits are the base model's on the
     system-prompted context, while the student's context has no system prompt; positions line up."""
-    teacher = steering.Teacher(model, "prompt", system="Refuse harmful requests.")
+    teacher = Teacher(model, "prompt", system="Refuse harmful requests.")
     prompts = ["hello", "how are you today"]
     comp = torch.randint(0, 250, (2, 4))
     t_ids, t_mask = teacher.encode(tok, prompts)
     with torch.no_grad(), teacher.steer():
         lt = forcing.completion_logits(model, t_ids, t_mask, comp)
     for r, p in enumerate(prompts):
-        ids, _ = chat.encode_chats(tok, [p], system="Refuse harmful requests.")  # unpadded, one at a time
+        ids, _ = encode_chats(tok, [p], system="Refuse harmful requests.")  # unpadded, one at a time
         with torch.no_grad():
             ref = model(input_ids=torch.cat([ids[0], comp[r]])[None]).logits[0, ids.shape[1] - 1:-1]
         assert torch.allclose(lt[r], ref, atol=1e-4)

@@ -4,6 +4,9 @@ their current spelling; every script's --help exits 0 and prints only its help, 
 the README's function map names functions that exist; no file name or text outside the dated log uses the word
 WORD below.
 
+Scripts in bench/ and experiments/ run as modules from the repository (`python -m bench.vs_trl`), and a
+`python -m safesteer.X` command names the package's own file; each is read as the file it names.
+
 The scripts' parsers are read in one helper process (`python tests/test_docs.py --probe SCRIPT...`): it runs
 each script as __main__ twice, once with --help and once with argparse's parse_args replaced by a function
 that records the parser and stops, so no script gets past its argument parsing and no model is loaded.
@@ -24,10 +27,18 @@ SEPARATORS = {"|", "||", "&&", ";", ">", ">>", "2>", "2>&1", "&>"}
 
 
 def scripts() -> list[Path]:
-    """Every command-line script of the project: the stages (and any top-level module with a __main__ block),
-    bench/*.py and results/*.py."""
-    top = [p for p in sorted(ROOT.glob("*.py")) if '__name__ == "__main__"' in p.read_text()]
-    return top + sorted((ROOT / "bench").glob("*.py")) + sorted((ROOT / "results").glob("*.py"))
+    """Every command-line script of the project: the stages, bench/*.py, experiments/*.py and the package's
+    modules that have a __main__ block."""
+    folders = [ROOT, ROOT / "bench", ROOT / "experiments", ROOT / "safesteer"]
+    return [p for folder in folders for p in sorted(folder.glob("*.py"))
+            if '__name__ == "__main__"' in p.read_text()]
+
+
+def module_file(name: str) -> str | None:
+    """`python -m bench.vs_trl` runs bench/vs_trl.py: the project's file a module name stands for."""
+    path = ROOT / (name.replace(".", "/") + ".py")
+    ours = name.split(".")[0] in ("bench", "experiments", "safesteer")
+    return str(path.relative_to(ROOT)) if ours else None
 
 
 # -------------------------------------------------------------------------- the probe (runs in a subprocess)
@@ -109,7 +120,10 @@ def probed() -> dict:
     """{script path relative to ROOT: its --help run and its parser's options}, computed once per test run."""
     global _PROBED
     if _PROBED is None:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120", "PYTHONWARNINGS": "ignore"}
+        # the probe runs from tests/; the scripts it reads import the stages and each other from the
+        # repository
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120", "PYTHONWARNINGS": "ignore",
+               "PYTHONPATH": str(ROOT)}
         res = subprocess.run([sys.executable, __file__, "--probe", *map(str, scripts())], capture_output=True,
                              text=True, env=env, cwd=ROOT, timeout=900)
         assert res.returncode == 0, res.stderr[-3000:]
@@ -169,8 +183,13 @@ def invocations(command: str) -> list[tuple[str, list[str]]]:
         tokens = command.split()
     found, i = [], 0
     while i < len(tokens):
-        # not a module or a snippet
-        if LAUNCHER.search(tokens[i]) and tokens[i + 1:i + 2] not in (["-m"], ["-c"]):
+        module = LAUNCHER.search(tokens[i]) and tokens[i + 1:i + 2] == ["-m"] and len(tokens) > i + 2
+        if module and module_file(tokens[i + 2]):  # one of the project's scripts, run as a module
+            end = next((k for k in range(i + 3, len(tokens)) if tokens[k] in SEPARATORS), len(tokens))
+            found.append((module_file(tokens[i + 2]), tokens[i + 3:end]))
+            i = end
+        # not another module or a snippet
+        elif LAUNCHER.search(tokens[i]) and tokens[i + 1:i + 2] not in (["-m"], ["-c"]):
             j = next((k for k in range(i + 1, len(tokens)) if tokens[k].endswith(".py")), None)
             if j is None:
                 i += 1
@@ -225,9 +244,9 @@ def test_every_documented_command_uses_known_options_in_their_current_spelling()
             if not (ROOT / script).is_file():
                 problems.append(f"{where}: {script} does not exist")
                 continue
-            if script == os.path.join("results", "experiment.py") and "--" in args:
+            if script == os.path.join("experiments", "experiment.py") and "--" in args:
                 k = args.index("--")  # the arguments after -- go to the trainer, as experiment.py routes them
-                trainer = "baselines.py" if "--method" in args[k + 1:] else "distill.py"
+                trainer = "experiments/baselines.py" if "--method" in args[k + 1:] else "distill.py"
                 problems += check_flags(where, script, args[:k], info)
                 problems += check_flags(where, trainer, args[k + 1:], info)
             else:
@@ -381,7 +400,6 @@ def test_no_file_name_or_text_uses_the_word():
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--probe"]:
-    sys.path.insert(0, str(ROOT))
     result = probe(sys.argv[2:])
     sys.stdout = sys.__stdout__
     print(json.dumps(result))

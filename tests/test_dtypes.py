@@ -1,4 +1,5 @@
-"""The dtype policy (precision.py; docs/memory.md, "dtypes"), checked on the CPU in bf16 where a GPU would
+"""The dtype policy (safesteer/scale/precision.py; docs/memory.md, "dtypes"), checked on the CPU in bf16 where
+a GPU would
 run bf16: a LoRA student merges in float32, a float32 student is evaluated in float32, and the frozen π0
 follows the student's precision path, so KL(πs ‖ π0) at step 0 is only the floor of bf16 compute."""
 import copy
@@ -35,7 +36,7 @@ def test_lora_on_a_bf16_base_merges_in_float32(model_dir, tok, tmp_path):
     update away (issue 31: 39-83% off). The saved model must give the adapter model's logits within float32
     error."""
     from transformers import AutoModelForCausalLM
-    from parallel import save_student
+    from safesteer.scale.parallel import save_student
     student = lora_trained(bf16_base(model_dir))
     ids = torch.arange(5, 25).view(2, 10)
     with torch.no_grad():
@@ -56,9 +57,9 @@ def test_lora_on_a_bf16_base_merges_in_float32(model_dir, tok, tmp_path):
 def test_stage4_keeps_a_float32_students_update(model_dir, tok, tmp_path, capsys):
     """Stage 4 used to round every student to bf16 on CUDA: at Llama's lr (1e-6) 91% of the weights came back
     as π0's. A float32 student is evaluated in float32 unless --dtype bf16 is asked for, which warns once."""
-    from common import load_model
-    from precision import load_dtype
-    from specs import load_spec
+    from safesteer.models import load_model
+    from safesteer.scale.precision import load_dtype
+    from safesteer.port.specs import load_spec
     base, _ = load_model(str(model_dir))
     student = copy.deepcopy(base)
     with torch.no_grad():  # an update far below bf16's step (2^-8 relative): lost entirely by the rounding
@@ -82,9 +83,9 @@ def test_stage4_keeps_a_float32_students_update(model_dir, tok, tmp_path, capsys
 def step0_kl(student, frozen, autocast: bool) -> float:
     """KL(πs ‖ π0) at step 0 as Stage 3 computes both: the student in train mode with autograd (packed), π0
     without (prefill + cache), both under the same autocast (the CPU's bf16 here, CUDA's on a GPU)."""
-    from chat import encode_chats
+    from safesteer.chat import encode_chats
     from distill import full_kl_formula
-    from forcing import completion_logits
+    from safesteer.forcing import completion_logits
     tok = make_tokenizer()
     ids, mask = encode_chats(tok, [p for p in ["hello there", "how do I do x?"] for _ in range(4)])
     comp = torch.randint(0, 200, (8, 12), generator=torch.Generator().manual_seed(0))
@@ -100,7 +101,7 @@ def test_frozen_pi0_follows_the_students_precision_path(tok):
     """Full fine-tuning on CUDA compared a float32 student under autocast with a pure-bf16 π0: KL(πs ‖ π0) was
     not 0 at step 0. The float32 frozen copy under the same autocast leaves only the floor of computing two
     paths (packed with autograd, cached without) in bf16: ~6x lower here, and exactly 0 in float32."""
-    from precision import frozen_copy
+    from safesteer.scale.precision import frozen_copy
     student = make_model(tok)
     frozen = frozen_copy(student)
     assert next(frozen.parameters()).dtype == torch.float32
@@ -116,8 +117,8 @@ def test_the_student_samples_in_the_precision_it_trains_in(tok, monkeypatch):
     sampling runs under the same bf16 autocast as its training forward (a bf16 KV cache, as the memory model
     counts, not float32's twice as large), and sharded there is no autocast at all (FSDP2's policy casts)."""
     import distill
-    import precision
-    from parallel import World
+    from safesteer.scale import precision
+    from safesteer.scale.parallel import World
     student = make_model(tok)
     seen = []
     student.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))

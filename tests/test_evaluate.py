@@ -5,11 +5,12 @@ import json
 import pytest
 import torch
 
-import common
-import chat
+from safesteer.chat import encode_chats
+from safesteer.files import save_tensors, write_json
 import evaluate as ev
-import forcing
-from common import UserError
+from safesteer import forcing, metrics
+from safesteer.errors import UserError
+from safesteer.teacher import Teacher
 
 REFUSALS = [
     "I'm sorry, but I can't help with that.", "I cannot provide instructions for making weapons.",
@@ -38,13 +39,13 @@ def test_judge_on_known_refusals_and_compliances():
     ("London is lovely", ["Paris"], False),
 ])
 def test_qa_correct(answer, accepted, ok):
-    assert ev.qa_correct(answer, accepted) is ok
+    assert metrics.qa_correct(answer, accepted) is ok
 
 
 def test_kl_and_nll_equal_brute_force(tok, model):
     from conftest import make_model
     other = make_model(tok, seed=7)
-    ids, mask = chat.encode_chats(tok, ["hello", "what is up there"])
+    ids, mask = encode_chats(tok, ["hello", "what is up there"])
     comp = torch.randint(0, 250, (2, 5))
     cmask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     kl, nll = ev.kl_to_base(other, model, ids, mask, comp, cmask)
@@ -98,7 +99,7 @@ def test_retention_per_prompt_sums_equal_the_token_mean(tok, model):
     ret = ev.retention(other, __import__("contextlib").nullcontext, model, tok, prompts, answers,
                        batch_size=2)
     assert ret["tokens"] == [3, 1, 2]
-    ids, mask = chat.encode_chats(tok, prompts)
+    ids, mask = encode_chats(tok, prompts)
     comp, cmask = forcing.right_pad(answers, tok.pad_token_id, "cpu")
     kl, nll = ev.kl_to_base(other, model, ids, mask, comp, cmask)
     assert sum(ret["kl"]) == pytest.approx(kl.sum().item(), rel=1e-6)
@@ -128,7 +129,7 @@ def test_steered_base_has_kl_to_itself_unsteered(tok, model):
     """The teacher is π0's own weights with the hook: its KL to base must be computed with the hook on its
     forward only (both under the hook would give 0)."""
     vec = torch.randn(model.config.hidden_size) * 5
-    teacher = __import__("steering").Teacher(model, "hook", vec, 1)
+    teacher = Teacher(model, "hook", vec, 1)
     ret = ev.retention(model, teacher.steer, model, tok, ["hello", "why"], [[40, 41], [50, 51, 52]],
                        batch_size=2)
     assert sum(ret["kl"]) > 1e-3
@@ -160,8 +161,8 @@ def test_unchanged_models_are_reused_and_changed_ones_evaluated(model_dir, tmp_p
     out.mkdir()
     torch.manual_seed(0)
     hidden = json.loads((model_dir / "config.json").read_text())["hidden_size"]
-    common.save_tensors(out / "direction.safetensors", {"direction": torch.randn(hidden) * 4})
-    common.write_json(out / "direction.json", {"layer": 1, "coefficient": 1.0, "hidden_size": hidden,
+    save_tensors(out / "direction.safetensors", {"direction": torch.randn(hidden) * 4})
+    write_json(out / "direction.json", {"layer": 1, "coefficient": 1.0, "hidden_size": hidden,
                                                "model": str(model_dir)})
     shutil.copytree(model_dir, out / "student")
     (out / "student" / "safesteer.json").write_text("{}")

@@ -5,12 +5,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import chat
-import common
-import directions
-import steering
+from safesteer.chat import encode_chats, post_instruction_ids, render_chat, stop_token_ids
+from safesteer.hooks import add_vector, decoder_layers
+from safesteer.sampling import decode_completions, sample, shared_prefix_len
+from safesteer import directions
 import extract_direction as ed
-from common import UserError
+from safesteer.errors import UserError
 from test_steering import record_block_inputs
 
 PROMPTS_A = ["how do I do a bad thing", "tell me something awful", "x"]
@@ -23,8 +23,8 @@ def block_inputs_one_prompt(model, tok, prompt):
     handles = [b.register_forward_pre_hook(
                    lambda m, a, k, i=i: seen.__setitem__(i, (a[0] if a else k["hidden_states"])[0]),
                    with_kwargs=True)
-               for i, b in enumerate(steering.decoder_layers(model))]
-    ids, mask = chat.encode_chats(tok, [prompt])
+               for i, b in enumerate(decoder_layers(model))]
+    ids, mask = encode_chats(tok, [prompt])
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
     [h.remove() for h in handles]
@@ -32,19 +32,19 @@ def block_inputs_one_prompt(model, tok, prompt):
 
 
 def test_shared_prefix_batches_equal_plain_forward(tok, model):
-    post = chat.post_instruction_ids(tok)
+    post = post_instruction_ids(tok)
     pb = directions.PromptBatches(tok, PROMPTS_A + PROMPTS_B, batch_size=4, device="cpu")
     for idx, ids, mask in pb.batches:  # the template suffix ends every left-padded row; the opening is shared
         assert all(row[-len(post):].tolist() == post for row in ids)
-        assert steering.shared_prefix_len([r[m.bool()].tolist() for r, m in zip(ids, mask)], model) > 0
-    ids, mask = chat.encode_chats(tok, PROMPTS_A + PROMPTS_B)
+        assert shared_prefix_len([r[m.bool()].tolist() for r, m in zip(ids, mask)], model) > 0
+    ids, mask = encode_chats(tok, PROMPTS_A + PROMPTS_B)
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask).logits[:, -1]
     assert torch.allclose(pb.last_logits(model), ref, atol=1e-4)
 
 
 def test_mean_difference_equals_brute_force(tok, model):
-    n_pos = len(chat.post_instruction_ids(tok))
+    n_pos = len(post_instruction_ids(tok))
     r = directions.candidate_directions(model, directions.PromptBatches(tok, PROMPTS_A, 2, "cpu"),
                                 directions.PromptBatches(tok, PROMPTS_B, 2, "cpu"), n_pos)
     mean = lambda ps: torch.stack([block_inputs_one_prompt(model, tok, p)[:, -n_pos:].double()
@@ -73,7 +73,7 @@ def test_ablation_hooks_removed_after_exception(model):
 
 
 def test_ablation_leaves_block_inputs_orthogonal(tok, model):
-    ids, mask = chat.encode_chats(tok, ["hi", "tell me a long story please", "why?"])
+    ids, mask = encode_chats(tok, ["hi", "tell me a long story please", "why?"])
     r = torch.randn(model.config.hidden_size)
     with torch.no_grad(), directions.ablate_direction(model, r):
         seen, handles = record_block_inputs(model)
@@ -94,7 +94,7 @@ def test_scores_equal_hand_computation(tok, model):
     vec = r[1, 2].float()
 
     def score(prompts, ctx):
-        ids, mask = chat.encode_chats(tok, prompts)
+        ids, mask = encode_chats(tok, prompts)
         with torch.no_grad(), ctx:
             logits = model(input_ids=ids, attention_mask=mask).logits[:, -1].double()
         return logits
@@ -109,7 +109,7 @@ def test_scores_equal_hand_computation(tok, model):
     assert row["layer"] == 2 and row["position"] == -1 and row["token"] == "b"
     assert row["bypass"] == pytest.approx(s(score(PROMPTS_A, directions.ablate_direction(model, vec))),
                                           abs=1e-4)
-    assert row["induce"] == pytest.approx(s(score(PROMPTS_B, steering.add_vector(model, 2, vec))), abs=1e-4)
+    assert row["induce"] == pytest.approx(s(score(PROMPTS_B, add_vector(model, 2, vec))), abs=1e-4)
     assert row["kl"] == pytest.approx((base * (base / abl).log()).sum(-1).mean().item(), abs=1e-5)
 
 
@@ -188,8 +188,8 @@ def test_response_direction_equals_brute_force(tok, model):
             hs = [b.register_forward_pre_hook(
                       lambda m, a, k, i=i: seen.__setitem__(i, (a[0] if a else k["hidden_states"])[0]),
                       with_kwargs=True)
-                  for i, b in enumerate(steering.decoder_layers(model))]
-            ids = tok(chat.render_chat(tok, p) + answer, add_special_tokens=False,
+                  for i, b in enumerate(decoder_layers(model))]
+            ids = tok(render_chat(tok, p) + answer, add_special_tokens=False,
                       return_tensors="pt").input_ids
             with torch.no_grad():
                 model(input_ids=ids)
@@ -229,25 +229,25 @@ def test_teacher_grid_ranks_blocks_then_measures_every_c(tok, model):
     ranked = ed.first_token_selectivity(model, r, ok, [0.5, 1.0], sv, hv, refusal_ids=[5, 6])
     assert [(t["layer"], t["coefficient"]) for t in ranked] == [(1, 0.5), (1, 1.0), (2, 0.5), (2, 1.0)]
     # p_R by hand for one teacher: softmax mass of R at the last position, plain forward with the hook
-    ids, mask = chat.encode_chats(tok, harmful)
-    with steering.add_vector(model, 2, r[0, 2].float(), 1.0), torch.no_grad():
+    ids, mask = encode_chats(tok, harmful)
+    with add_vector(model, 2, r[0, 2].float(), 1.0), torch.no_grad():
         probs = model(input_ids=ids, attention_mask=mask).logits[:, -1].double().softmax(-1)
     assert ranked[3]["p_r_harmful"] == pytest.approx(probs[:, [5, 6]].sum(-1).mean().item(), rel=1e-4)
     assert ranked[3]["first_token_selectivity"] == ranked[3]["p_r_harmful"] - ranked[3]["p_r_harmless"]
-    ids0, mask0 = chat.encode_chats(tok, harmless)  # the teacher's KL on harmless prompts, by hand
+    ids0, mask0 = encode_chats(tok, harmless)  # the teacher's KL on harmless prompts, by hand
     with torch.no_grad():
         p0 = model(input_ids=ids0, attention_mask=mask0).logits[:, -1].double().softmax(-1)
-        with steering.add_vector(model, 2, r[0, 2].float(), 1.0):
+        with add_vector(model, 2, r[0, 2].float(), 1.0):
             p1 = model(input_ids=ids0, attention_mask=mask0).logits[:, -1].double().softmax(-1)
     assert ranked[3]["teacher_kl"] == pytest.approx((p0 * (p0 / p1).log()).sum(-1).mean().item(), rel=1e-4)
 
     grid = ed.teacher_selectivity(model, tok, r, ranked[2:], harmful, harmless, max_tokens=3)
     assert all(g["selectivity"] == g["refusal_harmful"] - g["refusal_harmless"] for g in grid)
     # the rates are the judge's verdicts on the steered greedy answers, computed here by hand for one teacher
-    with steering.add_vector(model, 2, r[0, 2].float(), 1.0):
-        ids, mask = chat.encode_chats(tok, ["hi"])
-        text = steering.decode_completions(tok, *steering.sample(model, ids, mask, 3, temperature=0,
-                                                                 stop_ids=chat.stop_token_ids(tok),
+    with add_vector(model, 2, r[0, 2].float(), 1.0):
+        ids, mask = encode_chats(tok, ["hi"])
+        text = decode_completions(tok, *sample(model, ids, mask, 3, temperature=0,
+                                                                 stop_ids=stop_token_ids(tok),
                                                                  pad_id=tok.pad_token_id))
     assert grid[1]["refusal_harmless"] == float(ed.is_refusal(text[0]))
     g = [{"layer": 1, "coefficient": 1.0, "selectivity": 0.3, "refusal_harmless": 0.1},

@@ -1,7 +1,6 @@
 """bench/gpu_check.py with --tiny on the CPU, and the GPU paths it measures that a CPU can check: which path
 packing takes (forcing.packing_path) and the line Stage 3 prints about it."""
 import copy
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -26,8 +25,8 @@ class Spy(torch.nn.Module):
 def test_packing_falls_back_where_the_4d_mask_is_ignored(tok):
     """flash_attention_2 and flex_attention take no 4-D mask: a packed row would attend across samples. Such
     a student scores a row per sample (2-D masks), with the same logits, and Stage 3's log says so."""
-    from chat import encode_chats
-    from forcing import completion_logits, packing_path
+    from safesteer.chat import encode_chats
+    from safesteer.forcing import completion_logits, packing_path
     model = make_model(tok).train()
     ids, mask = encode_chats(tok, ["hi", "hi", "hi", "bye", "bye", "bye"])
     comp = torch.randint(0, 200, (6, 5), generator=torch.Generator().manual_seed(0))
@@ -44,7 +43,7 @@ def test_packing_falls_back_where_the_4d_mask_is_ignored(tok):
 
 
 def test_stage3_prints_the_packing_path(tok):
-    from parallel import Models, World, startup_summary
+    from safesteer.scale.parallel import Models, World, startup_summary
     student = make_model(tok)
     teacher = SimpleNamespace(describe=lambda: "hook")
     args = SimpleNamespace(prompts_per_step=4, samples=4, loss="collapsed", loss_impl="lean",
@@ -58,9 +57,7 @@ def test_stage3_prints_the_packing_path(tok):
 def test_gpu_check_runs_tiny_on_the_cpu(tmp_path):
     """Every measurement of bench/gpu_check.py at tiny sizes: a first GPU run should have nothing to debug."""
     import json
-    import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import gpu_check
+    from bench import gpu_check
     gpu_check.main(["--tiny", "--out", str(tmp_path / "check.json")])
     report = json.loads((tmp_path / "check.json").read_text())
     assert report["kl_floor"]["float32_no_autocast"] < 1e-10

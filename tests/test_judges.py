@@ -1,14 +1,15 @@
-"""judges.py: each guard family's input format and verdict parsing, offline (templates written for the
+"""safesteer/port/judges.py: each guard family's input format and verdict parsing, offline (templates written
+for the
 tests in each family's shape, tiny random models of each architecture, a fake generator for verdicts)."""
 import json
 
 import pytest
 
 import evaluate as ev
-import judges
-from common import UserError
+from safesteer.port import judges
+from safesteer.errors import UserError
 from conftest import make_family_model, make_family_tokenizer
-from judges import GuardJudge, Verdict
+from safesteer.port.judges import GuardJudge, Verdict
 
 # Templates in the shape of each family's own (the instructions shortened): what matters to the code is that
 # the conversation goes in through the template, in its roles, and the guard answers after it.

@@ -1,13 +1,10 @@
-"""results/label.py: blind items, the judge against labels, by hand."""
+"""experiments/label.py: blind items, the judge against labels, by hand."""
 import gzip
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "results"))
-import label  # noqa: E402
+from experiments import label
 
 
 def kept(tmp_path, name, texts):

@@ -1,9 +1,8 @@
 """bench/memory_model.py: the training term in float32 and in bf16; what the validation baseline holds."""
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import memory_model  # noqa: E402
+from bench import memory_model
+from safesteer.models import BUNDLED_MODEL
 
 TINY = dict(h=256, I=768, L=8, V=49152, H=4, kv=2, d=64, tied=True)
 
@@ -32,7 +31,6 @@ def test_bf16_keeps_the_sum():
 def test_baseline_imports_what_a_models_first_load_imports():
     """transformers imports a model's module (and torch._dynamo, sympy... ~125 MB) on its first load: the
     validation's child imports it before reading its baseline, so the step is not charged for it."""
-    import common
-    memory_model.import_on_first_load(common.BUNDLED_MODEL, lora=True)
+    memory_model.import_on_first_load(BUNDLED_MODEL, lora=True)
     assert "transformers.models.llama.modeling_llama" in sys.modules
     assert "peft" in sys.modules

@@ -1,11 +1,9 @@
-"""metrics.py: the judge, intervals and paired tests against values computed by hand."""
+"""safesteer/metrics.py: the judge, intervals and paired tests against values computed by hand."""
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-import metrics
+from safesteer import metrics
 
 
 def test_wilson_against_hand_computation():
@@ -57,7 +55,7 @@ def test_judge_against_the_hand_labels():
     (data/judge_labels.jsonl). The judge's precision and recall on them, as README reports them. The phrases
     added from these labels make the recall an in-sample figure."""
     import json
-    from common import data_file
+    from safesteer.files import data_file
     rows = [json.loads(line) for line in data_file("judge_labels").read_text().splitlines()]
     assert len(rows) >= 100 and {r["model"] for r in rows} == {"base", "teacher"}
     tp = sum(r["refusal"] and metrics.is_refusal(r["completion"]) for r in rows)
@@ -78,8 +76,7 @@ def test_phrases_added_from_students_help_on_labels_they_were_not_chosen_on():
     """The phrases metrics gained from the blind labels' tune half (label.ADDED_PHRASES), checked on the
     holdout half, which was never used to choose them: per student group, recall rises and precision does not
     fall against the previous judge (results/judge_validation/report.md has the intervals)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "results"))
-    import label
+    from experiments import label
     key, labels = label.read_jsonl(label.KEY), label.read_jsonl(label.LABELS)
     now, before = label.evaluate_judge(key, labels), label.evaluate_judge(key, labels, label.previous_judge)
     assert set(label.ADDED_PHRASES) <= set(metrics.REFUSAL_PHRASES)

@@ -16,16 +16,17 @@ from safetensors.torch import load_file
 from test_distill import args_for, make_run
 
 import distill as dl
-import parallel
-import precision
-import steering
+from safesteer.scale import parallel
+from safesteer.scale import precision
+from safesteer.teacher import Teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = "tests/torchrun_probe.py"  # distill.py watched: what each rank holds while loading; a stop at step N
 
 
 def torchrun(argv, nproc=2, script="distill.py", env=None, check=True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    # the probe runs from tests/ and imports the stage: the repository goes on its path
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(ROOT / script), *argv]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -322,8 +323,8 @@ def test_output_dirs_are_replaced_only_when_asked(tmp_path):
 
 def models_for_summary(tok, model):
     vec = torch.ones(model.config.hidden_size)
-    teacher = steering.Teacher(model, "hook", vec, 1, 2.0)
-    return parallel.Models(model, tok, teacher, steering.Teacher(model, "base"), {"layer": 1}), vec
+    teacher = Teacher(model, "hook", vec, 1, 2.0)
+    return parallel.Models(model, tok, teacher, Teacher(model, "base"), {"layer": 1}), vec
 
 
 def test_startup_summary_names_the_loss_s_the_teacher_and_the_anchors(tok, model):

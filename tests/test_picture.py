@@ -1,19 +1,18 @@
-"""results/picture.py: shift and overlap on synthetic Gaussian clouds of known shift, the plane fitted on π0
+"""experiments/picture.py: shift and overlap on synthetic Gaussian clouds of known shift, the plane fitted on
+π0
 alone, the paired bootstrap, and the script end to end on a tiny random model."""
 import json
 import math
 import shutil
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import common
+from safesteer.cli import run_cli
+from safesteer.files import save_tensors, write_json
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "results"))
-import picture  # noqa: E402
+from experiments import picture
 
 
 def gaussian_pdf(z, mean=0.0, sd=1.0):
@@ -160,8 +159,8 @@ def run_dir(tmp_path, model_dir):
     out = tmp_path / "run"
     torch.manual_seed(0)
     hidden = json.loads((model_dir / "config.json").read_text())["hidden_size"]
-    common.save_tensors(out / "direction.safetensors", {"direction": torch.randn(hidden) * 4})
-    common.write_json(out / "direction.json", {"layer": 1, "coefficient": 1.0, "hidden_size": hidden,
+    save_tensors(out / "direction.safetensors", {"direction": torch.randn(hidden) * 4})
+    write_json(out / "direction.json", {"layer": 1, "coefficient": 1.0, "hidden_size": hidden,
                                                "model": str(model_dir)})
     return out
 
@@ -211,6 +210,6 @@ def test_bad_input_is_one_line(tmp_path, run_dir, case, fragment, capsys):
             "bad models item": ["--run", str(run_dir), "--models", "just_a_path"],
             "reserved name": ["--run", str(run_dir), "--models", f"teacher={tmp_path / 'empty'}"]}[case]
     with pytest.raises(SystemExit) as e:
-        common.run_cli(lambda: picture.main(argv + prompt_files(tmp_path)))
+        run_cli(lambda: picture.main(argv + prompt_files(tmp_path)))
     err = capsys.readouterr().err
     assert e.value.code == 2 and fragment in err and len(err.strip().splitlines()) == 1

@@ -7,7 +7,7 @@ import distill
 import evaluate
 import extract_direction
 import select_tokens
-from common import data_file
+from safesteer.files import data_file
 
 
 def run_pipeline(model, out, tiny=True):

@@ -7,13 +7,14 @@ import torch
 from safetensors.torch import load_file
 from test_distill import args_for, make_run
 
-import common
-import directions
+from safesteer.files import data_file, load_json, write_json
+from safesteer.models import load_model
+from safesteer.teacher import load_teacher
+from safesteer import directions
 import distill as dl
 import extract_direction as ed
-import forcing
-import steering
-from common import UserError
+from safesteer import forcing
+from safesteer.errors import UserError
 from conftest import kill_at_step
 
 
@@ -41,8 +42,8 @@ def test_refreshed_teacher_equals_stage1_on_the_saved_student(model_dir, tok, tm
 
     hand = tmp_path / "hand"
     stage1(out / "one", hand, kind)
-    saved, _ = common.load_model(str(out / "one"))
-    ref, _ = steering.load_teacher(saved, hand / "direction.safetensors")
+    saved, _ = load_model(str(out / "one"))
+    ref, _ = load_teacher(saved, hand / "direction.safetensors")
     refreshed = made[0]
     assert refreshed.coefficient == ref.coefficient == 2.0 and refreshed.layer == ref.layer == 1
     torch.testing.assert_close(refreshed.vector, ref.vector, rtol=1e-5, atol=1e-5)
@@ -58,7 +59,7 @@ def test_refreshed_teacher_equals_stage1_on_the_saved_student(model_dir, tok, tm
             want = forcing.completion_logits(saved, ids, mask, comp)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert all(torch.equal(live[n], p) for n, p in refreshed.model.named_parameters())  # swapped back
-    assert common.load_json(out / "two" / "safesteer.json")["refresh_every"] == 1
+    assert load_json(out / "two" / "safesteer.json")["refresh_every"] == 1
 
 
 def test_resume_with_refresh_equals_uninterrupted(model_dir, tok, tmp_path, monkeypatch):
@@ -71,7 +72,7 @@ def test_resume_with_refresh_equals_uninterrupted(model_dir, tok, tmp_path, monk
     default = args_for(model_dir, out, "--refresh-every", "3", "--max-steps", "1", "--student", "default")
     i = default.index("--checkpoint-every")
     dl.main(default[:i] + default[i + 2:])  # no --checkpoint-every: the first multiple of 3 from 5
-    assert common.load_json(out / "default" / "safesteer.json")["args"]["checkpoint_every"] == 6  # not 5
+    assert load_json(out / "default" / "safesteer.json")["args"]["checkpoint_every"] == 6  # not 5
     # killed during step 4, after step 2's checkpoint and refresh
     real_step = kill_at_step(monkeypatch, dl, 4)
     with pytest.raises(KeyboardInterrupt):
@@ -97,7 +98,7 @@ def test_a_moved_run_finds_its_prompts_or_stops_before_step_1(model_dir, tok, tm
     old = tmp_path / "old"
     (old / "data").mkdir(parents=True)
     for name in ("harmful_train", "harmless_train"):  # names data/ does not hold
-        shutil.copy(common.data_file(name), old / "data" / f"mine_{name}.jsonl")
+        shutil.copy(data_file(name), old / "data" / f"mine_{name}.jsonl")
     out = old / "run"
     make_run(out, model_dir, tok)
     ed.main(["--model", str(model_dir), "--out", str(out), "--kind", "prompt", "--layer", "1",
@@ -120,13 +121,13 @@ def test_a_moved_run_finds_its_prompts_or_stops_before_step_1(model_dir, tok, tm
     assert len(steps) == 4
 
     # a file named as in data/ is found there; one too short for the recorded count is refused
-    meta = common.load_json(run / "direction.json")
+    meta = load_json(run / "direction.json")
     gone = tmp_path / "gone" / "data"
     meta["data"] = {**meta["data"], "harmful": str(gone / "harmful_train.jsonl"),
                     "harmless": str(gone / "harmless_train.jsonl")}
-    common.write_json(run / "direction.json", meta)
+    write_json(run / "direction.json", meta)
     found = directions.refresh_inputs(meta, [run])["data"]
-    assert found["harmful"] == str(common.data_file("harmful_train"))
+    assert found["harmful"] == str(data_file("harmful_train"))
     (run / "harmful_train.jsonl").write_text('{"prompt": "only one"}\n')
     with pytest.raises(UserError, match="fewer than the 6 prompts"):
         dl.main(argv + ["--student", "d"])

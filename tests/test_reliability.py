@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
+from safesteer.files import truncate_prompts, write_json
 import distill as dl
-from common import UserError
+from safesteer.errors import UserError
 from conftest import checkpoint_weights
 from test_distill import args_for, make_run
 
@@ -23,12 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_killed_writer_leaves_old_file_or_none(tmp_path):
     """SIGKILL a process in the middle of writing: the target holds the old content, never a partial one."""
     target = tmp_path / "out.json"
-    common.write_json(target, {"old": True})
+    write_json(target, {"old": True})
     marker = tmp_path / "halfway"
     code = f"""
-import sys, time, pathlib
-sys.path.insert(0, {str(ROOT)!r})
-import common
+import time, pathlib
+from safesteer.files import _atomic_write
 def slow(tmp):
     with open(tmp, "w") as f:
         f.write('{{"new": ')
@@ -36,7 +35,7 @@ def slow(tmp):
         pathlib.Path({str(marker)!r}).write_text("x")
         time.sleep(60)
         f.write('true}}')
-common._atomic_write(pathlib.Path({str(target)!r}), slow)
+_atomic_write(pathlib.Path({str(target)!r}), slow)
 """
     proc = subprocess.Popen([sys.executable, "-c", code])
     for _ in range(600):
@@ -107,10 +106,10 @@ def test_same_seed_same_student(model_dir, tok, tmp_path):
 
 def test_long_prompts_are_truncated_with_a_count(tok, capsys):
     prompts = ["short", "x" * 300, "y" * 50]
-    got = common.truncate_prompts(tok, prompts, 40, "f.jsonl")
+    got = truncate_prompts(tok, prompts, 40, "f.jsonl")
     assert got[0] == "short" and got[1] == "x" * 40 and got[2] == "y" * 40
     err = capsys.readouterr().err
     assert "2 of 3 prompts in f.jsonl were longer than 40 tokens" in err
-    assert common.truncate_prompts(tok, ["ok"], 40) == ["ok"] and capsys.readouterr().err == ""
+    assert truncate_prompts(tok, ["ok"], 40) == ["ok"] and capsys.readouterr().err == ""
     with pytest.raises(UserError, match="max-prompt-tokens"):
-        common.truncate_prompts(tok, prompts, 0)
+        truncate_prompts(tok, prompts, 0)

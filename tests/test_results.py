@@ -1,14 +1,11 @@
-"""results/experiment.py and results/plot.py: seed groups, paired comparisons and plot points on made-up
+"""experiments/experiment.py and experiments/plot.py: seed groups, paired comparisons and plot points on
+made-up
 rows."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "results"))
-import experiment  # noqa: E402
-import plot  # noqa: E402
+from experiments import experiment, plot
 
 
 def fake(name, harmful, kl=0.01, judge=experiment.JUDGE_ID):

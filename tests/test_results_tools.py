@@ -1,16 +1,14 @@
-"""results/teacher_sweep.py: the refusal rate of a steered teacher against a brute-force greedy decode, the
+"""experiments/teacher_sweep.py: the refusal rate of a steered teacher against a brute-force greedy decode,
+the
 sweep's choice of vector, and the command line end to end on a tiny model."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "results"))
-import chat  # noqa: E402
-import metrics  # noqa: E402
-import steering  # noqa: E402
-import teacher_sweep  # noqa: E402
+from safesteer.chat import encode_chats, post_instruction_ids, stop_token_ids
+from safesteer.hooks import add_vector
+from safesteer import metrics
+from experiments import teacher_sweep
 
 PROMPTS = ["hi", "tell me a long story please", "why?", "what is two plus two"]
 
@@ -24,10 +22,10 @@ def judge_by_length(text: str) -> bool:
 def brute_force_rate(model, tok, prompts, layer, vec, c, max_new_tokens):
     """One prompt at a time, decoded by transformers' generate with the hook on, judged one by one."""
     texts = []
-    stops = chat.stop_token_ids(tok)
+    stops = stop_token_ids(tok)
     for p in prompts:
-        ids, mask = chat.encode_chats(tok, [p])
-        with steering.add_vector(model, layer, vec, c), torch.no_grad():
+        ids, mask = encode_chats(tok, [p])
+        with add_vector(model, layer, vec, c), torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_token_id)
         new = out[0, ids.shape[1]:].tolist()
@@ -58,7 +56,7 @@ def test_sweep_steers_with_the_chosen_candidate(tok, model, monkeypatch, kind):
     monkeypatch.setattr(metrics, "is_refusal", judge_by_length)
     r, n_pos = teacher_sweep.directions(model, tok, kind, PROMPTS[:2], PROMPTS[2:])
     assert r.shape == (n_pos, model.config.num_hidden_layers, model.config.hidden_size)
-    assert n_pos == (1 if kind == "response" else len(chat.post_instruction_ids(tok)))
+    assert n_pos == (1 if kind == "response" else len(post_instruction_ids(tok)))
     rows = teacher_sweep.sweep(model, tok, r, n_pos, -1, [1, 3], [0.5, 2.0], PROMPTS[:2], PROMPTS[2:], 5)
     assert [(row["layer"], row["coefficient"]) for row in rows] == [(1, 0.5), (1, 2.0), (3, 0.5), (3, 2.0)]
     for row in rows:  # the last position's vector at that block, as Stage 1 stores it

@@ -1,4 +1,5 @@
-"""schedule.py --teacher-ema α: after every step θt ← (1 − α)·θt + α·θs, and every N steps r measured again
+"""safesteer/scale/schedule.py --teacher-ema α: after every step θt ← (1 − α)·θt + α·θs, and every N steps r
+measured again
 on θt by Stage 1's rule and S selected again on θt by Stage 2's rule; π0 fixed; resume exact."""
 import json
 
@@ -8,13 +9,14 @@ from safetensors.torch import load_file
 from test_distill import args_for, make_run
 from test_refresh import stage1
 
-import common
-import directions
+from safesteer.files import data_file, load_json, save_tensors, write_json
+from safesteer.models import load_model
+from safesteer import directions
 import distill as dl
-import parallel
-import schedule
+from safesteer.scale import parallel
+from safesteer.scale import schedule
 import select_tokens
-from common import UserError
+from safesteer.errors import UserError
 from conftest import kill_at_step
 
 ALPHA = 0.5  # large, so that θt moves visibly in four steps of a tiny model
@@ -24,7 +26,7 @@ def stage2(model_dir, out, direction=None, extra=()):
     """Stage 2 with a small S (k = 5 of ~265 tokens), so that a moved θt selects another one."""
     select_tokens.main(["--model", str(model_dir), "--out", str(out), "--n-prompts", "3", "--samples", "2",
                         "--horizon", "3", "--k", "5", "--k-vote", "12", "--prob-floor", "0",
-                        "--coverage-prompts", str(common.data_file("harmful_val")), "--overwrite",
+                        "--coverage-prompts", str(data_file("harmful_val")), "--overwrite",
                         *(["--direction", str(direction)] if direction else []), *extra])
 
 
@@ -63,7 +65,7 @@ class Spy:
 
 def hand_average(model_dir, after: list[dict], alpha: float) -> list[dict]:
     """θt after each step, from π0 and the student's weights after each step: the EMA written out."""
-    theta = {n: p.detach().clone() for n, p in common.load_model(str(model_dir))[0].named_parameters()}
+    theta = {n: p.detach().clone() for n, p in load_model(str(model_dir))[0].named_parameters()}
     out = []
     for weights in after:
         theta = {n: (1 - alpha) * theta[n] + alpha * weights[n] for n in theta}
@@ -84,21 +86,21 @@ def test_ema_teacher_follows_the_student_and_refreshes_r_and_s(model_dir, tok, t
         torch.testing.assert_close(spy.ema.ema[n], want[3][n], rtol=1e-6, atol=1e-7)
 
     # r: Stage 1's rule at Stage 1's block, on θt with the hook off
-    teacher_model, _ = common.load_model(str(model_dir))
+    teacher_model, _ = load_model(str(model_dir))
     teacher_model.load_state_dict(want[1], strict=False)  # tied head and buffers as they are
-    meta = common.load_json(out / "direction.json")
+    meta = load_json(out / "direction.json")
     torch.testing.assert_close(r2, directions.recompute_direction(teacher_model, tok, meta), rtol=1e-5,
                                atol=1e-6)
     # S: Stage 2's command on θt with the new r, the settings and seed safety_tokens.json records
     hand = tmp_path / "hand"
     teacher_model.save_pretrained(hand / "theta")
     tok.save_pretrained(hand / "theta")
-    common.save_tensors(hand / "direction.safetensors", {"direction": r2})
-    common.write_json(hand / "direction.json", {**meta, "layer": meta["layer"]})
+    save_tensors(hand / "direction.safetensors", {"direction": r2})
+    write_json(hand / "direction.json", {**meta, "layer": meta["layer"]})
     stage2(hand / "theta", hand, hand / "direction.safetensors")
-    assert s2 == common.load_json(hand / "safety_tokens.json")["token_ids"]
+    assert s2 == load_json(hand / "safety_tokens.json")["token_ids"]
 
-    first = common.load_json(out / "safety_tokens.json")["token_ids"]
+    first = load_json(out / "safety_tokens.json")["token_ids"]
     assert s2 != first  # θt moved enough for S to change, so a stale S is visible
     assert spy.s_used == [first, first, s2, s2]  # the steps after the refresh train on the new S
     assert torch.equal(spy.r_used[2], r2) and not torch.equal(spy.r_used[1], r2)
@@ -118,8 +120,8 @@ def test_pi0_stays_fixed(model_dir, tok, tmp_path, monkeypatch):
     bases = []
     real_step = dl.train_step
     monkeypatch.setattr(dl, "train_step", lambda *a, **k: bases.append(a[4][1].model) or real_step(*a, **k))
-    dl.main(argv + ["--max-steps", "3", "--anchor", str(common.data_file("harmless_train"))])
-    pi0 = common.load_model(str(model_dir))[0].state_dict()
+    dl.main(argv + ["--max-steps", "3", "--anchor", str(data_file("harmless_train"))])
+    pi0 = load_model(str(model_dir))[0].state_dict()
     for name, p in bases[-1].state_dict().items():
         assert torch.equal(p, pi0[name])
 

@@ -4,15 +4,16 @@ import json
 import pytest
 import torch
 
-import common
-import steering
-import chat
+from safesteer.chat import encode_chats, special_token_ids
+from safesteer.hooks import add_vector, decoder_layers
+from safesteer.models import load_model
+from safesteer.teacher import Teacher
 import select_tokens as st
-from common import UserError
+from safesteer.errors import UserError
 
 
 def hook_teacher(model, vec, layer=1, c=1.0):
-    return steering.Teacher(model, "hook", vec, layer, c)
+    return Teacher(model, "hook", vec, layer, c)
 
 
 def test_delta_equals_brute_force(tok, model):
@@ -25,10 +26,10 @@ def test_delta_equals_brute_force(tok, model):
     assert log_pt.shape[0] == int(batch["comp_mask"].sum())
     rows = []
     for prompt, comp, cm in zip(batch["prompts"], batch["comp"], batch["comp_mask"]):
-        ids, _ = chat.encode_chats(tok, [prompt])  # unpadded, one sequence at a time
+        ids, _ = encode_chats(tok, [prompt])  # unpadded, one sequence at a time
         full = torch.cat([ids[0], comp])[None]
         with torch.no_grad():
-            with steering.add_vector(model, 1, vec):
+            with add_vector(model, 1, vec):
                 lt = model(input_ids=full).logits[0].double().log_softmax(-1)
             l0 = model(input_ids=full).logits[0].double().log_softmax(-1)
         plen = ids.shape[1]
@@ -49,7 +50,7 @@ def test_vote_recovers_tokens_the_direction_raises(tok, model, score, aggregate)
     and a special token that the direction also raises must stay out."""
     targets = [tok.convert_tokens_to_ids(c) for c in ("Q", "Z", "j")]
     special = tok.convert_tokens_to_ids("<|im_start|>")
-    assert special in chat.special_token_ids(tok)
+    assert special in special_token_ids(tok)
     with torch.no_grad():  # orthogonal unembedding rows for the raised tokens, so no random row competes
         w = model.lm_head.weight
         for j, i in enumerate(targets + [special]):
@@ -57,7 +58,7 @@ def test_vote_recovers_tokens_the_direction_raises(tok, model, score, aggregate)
             w[i, j] = 3.0
     vec = torch.zeros(model.config.hidden_size)
     vec[:4] = 30.0
-    teacher = hook_teacher(model, vec, layer=len(steering.decoder_layers(model)) - 1)
+    teacher = hook_teacher(model, vec, layer=len(decoder_layers(model)) - 1)
     batches = st.teacher_samples(model, tok, teacher, ["hello", "what now"], m=2, h=4, batch_size=8,
                                  gen=torch.Generator().manual_seed(0))
     rule = st.Selection(score=score, aggregate=aggregate, k=3, k_vote=3, prob_floor=0.0)
@@ -131,7 +132,7 @@ def test_main_writes_the_contract(model_dir, tmp_path, capsys):
     st.main(argv)
     res = json.loads((out / "safety_tokens.json").read_text())
     assert len(res["token_ids"]) == len(res["tokens"]) == len(res["votes"]) == len(res["mean_delta"]) <= 5
-    assert res["vocab_size"] == len(common.load_model(str(model_dir))[1])
+    assert res["vocab_size"] == len(load_model(str(model_dir))[1])
     assert res["settings"]["coefficient"] == 4 and res["settings"]["score"] == "kl"
     assert 0 <= res["coverage"]["selection_prompts"] <= 1 and 0 <= res["coverage"]["harmful_val"] <= 1
     assert len(res["tokenizer_fingerprint"]) == 16

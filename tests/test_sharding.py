@@ -1,4 +1,5 @@
-"""sharding.py in one gloo process (slices of 1/1): a model built on meta and filled from the host copy is the
+"""safesteer/scale/sharding.py in one gloo process (slices of 1/1): a model built on meta and filled from the
+host copy is the
 model one process loads; where Stage 3 computes in bf16, FSDP2's mixed precision replaces autocast. Two
 processes, memory and training: tests/test_parallel.py."""
 import contextlib
@@ -8,13 +9,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-import chat
+from safesteer.chat import encode_chats
+from safesteer.hooks import decoder_layers
+from safesteer.teacher import Teacher
 import distill as dl
-import parallel
-import precision
-import sharding
-import forcing
-import steering
+from safesteer.scale import parallel
+from safesteer.scale import precision
+from safesteer.scale import sharding
+from safesteer import forcing
 
 
 @pytest.fixture
@@ -66,7 +68,7 @@ def fixed_steps(student, frozen, tok, world, monkeypatch, steps: int = 4, lora: 
     runs first: FSDP2 fixes a unit's dtypes at its first forward from what requires grad, and peft's
     disable_adapter (π0, πt) turns requires_grad off, so a first forward as π0 would reduce in bf16."""
     prompts = ["hello there", "how do I do x?", "what is 2+2"]
-    ids, mask = chat.encode_chats(tok, [p for p in prompts for _ in range(2)])
+    ids, mask = encode_chats(tok, [p for p in prompts for _ in range(2)])
     comp = torch.randint(0, 200, (6, 8), generator=torch.Generator().manual_seed(0))
     real = dl.sample
 
@@ -76,8 +78,8 @@ def fixed_steps(student, frozen, tok, world, monkeypatch, steps: int = 4, lora: 
     monkeypatch.setattr(dl, "sample", fixed)
     vec = torch.randn(student.config.hidden_size, generator=torch.Generator().manual_seed(2)) * 3
     off = student.disable_adapter if lora else contextlib.nullcontext
-    teachers = (steering.Teacher(frozen, "hook", vec, 1, base_context=off),
-                steering.Teacher(frozen, "base", base_context=off))
+    teachers = (Teacher(frozen, "hook", vec, 1, base_context=off),
+                Teacher(frozen, "base", base_context=off))
     recipe = dl.Recipe(samples=2, max_new_tokens=8, micro_batch=3, lr=1e-3)
     loop = dl.Loop(*dl.make_optimizer(student, recipe, 10), torch.Generator().manual_seed(0), world)
     s_ids = torch.arange(10, 40)
@@ -89,7 +91,7 @@ def step0_kl(student, frozen, tok, one_path: bool) -> float:
     """KL(πs ‖ π0) at step 0: both on the student's path (packed, train mode; no graph is kept), or as Stage 3
     computes them (π0 in eval mode through prefill and its KV cache). A sharded root stays gathered after a
     forward without backward: it is sharded again, lest the optimiser be given gathered weights for slices."""
-    ids, mask = chat.encode_chats(tok, [p for p in ["hello there", "how do I do x?"] for _ in range(4)])
+    ids, mask = encode_chats(tok, [p for p in ["hello there", "how do I do x?"] for _ in range(4)])
     comp = torch.randint(0, 200, (8, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ls = forcing.completion_logits(student.train(), ids, mask, comp)
@@ -117,7 +119,7 @@ def test_sharded_bf16_is_fsdp2_mixed_precision(model_dir, tok, one_process_group
     args = dl.parse_args(["--model", str(model_dir)])
     build = lambda on: parallel.build_student(args, torch.device("cpu"), on)
     student, frozen, _ = sharding.sharded_models(build, torch.device("cpu"), True, False)
-    units = [*steering.decoder_layers(student), student, *steering.decoder_layers(frozen), frozen]
+    units = [*decoder_layers(student), student, *decoder_layers(frozen), frozen]
     assert {(u._get_fsdp_state()._mp_policy.param_dtype, u._get_fsdp_state()._mp_policy.reduce_dtype)
             for u in units} == {(torch.bfloat16, torch.float32)}
     plain = build(None)[0]

@@ -37,11 +37,11 @@ from trl.kernels.chunked_divergence import ChunkedDivergenceFunction  # noqa: E4
 from trl.trainer.distillation_trainer import _chunked_divergence_loss  # noqa: E402
 
 import distill  # noqa: E402
-import lean_losses  # noqa: E402
-import forcing
-import steering  # noqa: E402
+from safesteer import losses
+from safesteer import forcing
+from safesteer.teacher import Teacher
 from bench.vs_trl import trl_trainer  # noqa: E402
-from chat import encode_chats  # noqa: E402
+from safesteer.chat import encode_chats
 
 B, T, V, H = 4, 6, 50, 16
 LENGTHS = [6, 4, 2, 1]  # loss positions per sequence, unequal
@@ -90,7 +90,7 @@ def test_per_position_trl_equals_full_kl(case):
     s, t = logits(case)
     theirs = trl_per_position(s, t).double()  # [B, T]
     ours = distill.full_kl_formula(s.view(-1, V), t.view(-1, V)).view(B, T)
-    lean = lean_losses.full_kl(s.view(-1, V), t.view(-1, V)).view(B, T)
+    lean = losses.full_kl(s.view(-1, V), t.view(-1, V)).view(B, T)
     torch.testing.assert_close(ours, brute(s, t), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(theirs, ours, rtol=2e-5, atol=2e-5)  # TRL works in float32
     torch.testing.assert_close(lean, ours, rtol=2e-5, atol=2e-5)
@@ -104,7 +104,7 @@ def test_per_position_gradients_agree(case):
     grads = []
     for per_position in (lambda z: trl_per_position(z, t),
                          lambda z: distill.full_kl_formula(z.view(-1, V), t.view(-1, V)).view(B, T),
-                         lambda z: lean_losses.full_kl(z.view(-1, V), t.view(-1, V)).view(B, T)):
+                         lambda z: losses.full_kl(z.view(-1, V), t.view(-1, V)).view(B, T)):
         z = s.clone().requires_grad_()
         (per_position(z) * w).sum().backward()
         grads.append(z.grad)
@@ -192,7 +192,7 @@ def test_trl_trainer_scores_the_steered_teacher_as_distill_does(tok, model, tmp_
     backbone, then its chunked loss over the LM head) sees the hook, and its token mean is ours reweighted."""
     student, frozen = model.train(), copy.deepcopy(model).requires_grad_(False).eval()
     vec = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0)) * 3
-    teacher = steering.Teacher(frozen, "hook", vec, 1, 1.0)
+    teacher = Teacher(frozen, "hook", vec, 1, 1.0)
     prompts = ["How do I pick a lock?", "Say hi."]
     cfg = {"samples": 2, "prompts": 2, "micro_batch": 4, "max_new_tokens": 5, "seed": 0, "lr": 1e-5}
     trainer = trl_trainer(student, tok, frozen, prompts, cfg, str(tmp_path))

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 import torch.distributed.fsdp as fsdp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 RANK, STOP, OUT = int(os.environ.get("RANK", "0")), os.environ.get("PROBE_STOP"), os.environ.get("PROBE_OUT")
 BF16 = os.environ.get("PROBE_BF16")
 RECORD = {"fully_shard": []}
@@ -44,13 +43,13 @@ def watched_fully_shard(module, *args, **kwargs):
     return real_fully_shard(module, *args, **kwargs)
 
 
-fsdp.fully_shard = watched_fully_shard  # before sharding.py imports it
+fsdp.fully_shard = watched_fully_shard  # before safesteer/scale/sharding.py imports it
 
 import distill  # noqa: E402  (after the patch above)
-import parallel  # noqa: E402
-import precision  # noqa: E402
+from safesteer.scale import parallel
+from safesteer.scale import precision
 import peft  # noqa: E402,F401  (imported before the measure, lest their code count as the models' memory)
-import sharding  # noqa: E402,F401
+from safesteer.scale import sharding
 import transformers.models.llama.modeling_llama  # noqa: E402,F401
 
 real_build, real_after_step = distill.build_models, parallel.Loop.after_step
@@ -66,8 +65,8 @@ def write_record() -> None:
 def step0_one_path(student, frozen, tok) -> dict:
     """πs's and π0's logits at step 0 computed the same way (the student's path, without a graph): under
     FSDP2's bf16 policy both gather the same bf16 weights, so they must be equal and their KL exactly 0."""
-    from chat import encode_chats
-    from forcing import completion_logits
+    from safesteer.chat import encode_chats
+    from safesteer.forcing import completion_logits
     ids, mask = encode_chats(tok, ["hello there", "how do I do x?"])
     comp = torch.randint(0, 200, (2, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

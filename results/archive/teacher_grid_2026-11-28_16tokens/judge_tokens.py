@@ -1,17 +1,15 @@
 """How many greedy tokens the teacher grid's judge needs: four teachers of the bundled model (response
 direction, blocks 16 and 18, c = 0.5 and 0.75) measured on harmful_val and harmless_val (32 + 32) at 16, 32
 and 64 tokens.
-Output: judge_tokens.txt. Usage: python results/archive/teacher_grid_2026-11-28_16tokens/judge_tokens.py
+Output: judge_tokens.txt. Usage, from the repository (the stages on the path):
+    PYTHONPATH=. python results/archive/teacher_grid_2026-11-28_16tokens/judge_tokens.py
 """
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import extract_direction as ed  # noqa: E402
-from common import BUNDLED_MODEL, load_model, read_prompts  # noqa: E402
-from directions import response_directions  # noqa: E402
+import extract_direction as ed
+from safesteer.directions import response_directions
+from safesteer.files import read_prompts
+from safesteer.models import BUNDLED_MODEL, load_model
 
 args = ed.parse_args(["--out", "unused"])
 model, tok = load_model(BUNDLED_MODEL, "cpu")

@@ -1,10 +1,12 @@
-import torch, sys
-sys.path.insert(0, "/work/main")
-import common, extract_direction as ed
+# Run from the repository with the stages on the path: PYTHONPATH=. python results/archive/.../block16.py
+import torch
+import extract_direction as ed
+from safesteer.files import read_prompts
+from safesteer.models import load_model
 from safetensors.torch import load_file
 torch.set_num_threads(1)
-model, tok = common.load_model("smollm2-135m", torch.device("cpu"))
-hv = common.read_prompts("data/harmless_val.jsonl"); sv = common.read_prompts("data/harmful_val.jsonl")
+model, tok = load_model("smollm2-135m", torch.device("cpu"))
+hv = read_prompts("data/harmless_val.jsonl"); sv = read_prompts("data/harmful_val.jsonl")
 for d in ["runs/demo"]:
     vec = load_file(f"{d}/direction.safetensors")["direction"]
     r = torch.zeros(1, 30, 576, dtype=torch.float64); r[0, 16] = vec.double()

@@ -1,7 +1,7 @@
 """Where r comes from: mean differences of the residual stream, shared by Stage 1 and Stage 3's refresh;
 and what taking r away does.
 
-    PromptBatches          prompts in length-sorted batches, run through steering.prefill
+    PromptBatches          prompts in length-sorted batches, run through sampling.prefill
     candidate_directions   r[p, l] = mean harmful - mean harmless input of block l at post-instruction token p
     response_directions    r[l] = mean over a prefilled refusal - the same over a prefilled compliance (ours)
     recompute_direction    Stage 1's r at its chosen block, measured again on another model (distill.py
@@ -18,17 +18,19 @@ from pathlib import Path
 
 import torch
 
-from chat import encode_chats, post_instruction_ids, render_chat
-from common import UserError, data_file, read_prompts
-from steering import decoder_layers, prefill, replace_hidden
+from safesteer.chat import encode_chats, post_instruction_ids, render_chat
+from safesteer.errors import UserError
+from safesteer.files import data_file, read_prompts
+from safesteer.hooks import decoder_layers, replace_hidden
+from safesteer.sampling import prefill
 
 
 class PromptBatches:
     """Prompts in length-sorted, left-padded batches (chat.encode_chats; sorting keeps padding small).
 
-    forward runs each batch through steering.prefill: the template prefix every chat prompt opens with
+    forward runs each batch through sampling.prefill: the template prefix every chat prompt opens with
     (SmolLM2: a 24-token default system turn, about half of each prompt) runs once per batch, with the plain
-    forward's result (steering.shared_prefix_len: not under sliding-window attention).
+    forward's result (sampling.shared_prefix_len: not under sliding-window attention).
     """
 
     def __init__(self, tok, prompts: list[str], batch_size: int, device):

@@ -8,7 +8,8 @@
                              θt ← (1 − α)·θt + α·θs                                            (ema_update)
                          and every --refresh-tokens-every N steps (theirs: 1) r is measured again on θt
                          (hook off) and S selected again by Stage 2's rule on θt with the new hook against θt
-                         without it (refresh_safety_tokens); each refresh is logged in train_log.jsonl.
+                         without it (select_tokens.select_again, which distill.py hands the schedule: the
+                         package never imports a stage); each refresh is logged in train_log.jsonl.
 
 π0 never moves: it stays anchoring's target. With full fine-tuning πt is a third model, a float32 copy of the
 student (one more copy of the weights); with LoRA θt is a second set of adapters, swapped in whenever πt runs.
@@ -29,14 +30,12 @@ from pathlib import Path
 
 import torch
 
-from common import UserError, fraction, load_json, positive_int, read_prompts, truncate_prompts
-from directions import find_prompt_file, recompute_direction, refresh_inputs
-from parallel import trainable
-from select_tokens import Selection, select, teacher_samples
-from steering import Teacher
-
-STAGE2_BATCH = 32  # select_tokens.py's --batch-size default: the batches (and so the draws) Stage 2 made
-
+from safesteer.cli import fraction, positive_int
+from safesteer.errors import UserError
+from safesteer.files import load_json, read_prompts, truncate_prompts
+from safesteer.directions import find_prompt_file, recompute_direction, refresh_inputs
+from safesteer.scale.parallel import trainable
+from safesteer.teacher import Teacher
 
 def add_schedule_args(group) -> None:
     """The teacher schedules' options, in --help's group of the authors' variants."""
@@ -99,23 +98,13 @@ def ema_update(ema: dict, params: dict, alpha: float) -> None:
         ema[name].mul_(1 - alpha).add_(p.detach().to(ema[name].dtype), alpha=alpha)
 
 
-def refresh_safety_tokens(model, tok, teacher: Teacher, settings: dict, prompts: list[str]) -> dict:
-    """S selected again by Stage 2's rule as safety_tokens.json records it (score, aggregate, k, K', floor,
-    M samples of H tokens from πt, drawn from Stage 2's seed), πt against `model` without the hook."""
-    rule = Selection(settings["score"], settings["aggregate"], settings["k"], settings["k_vote"],
-                     settings["prob_floor"])
-    gen = torch.Generator().manual_seed(settings["seed"])  # what Stage 2's seed_everything hands its sampler
-    batches = teacher_samples(model, tok, teacher, prompts, settings["samples"], settings["horizon"],
-                              STAGE2_BATCH, gen)
-    return select(model, tok, teacher, batches, rule)
-
-
 class EmaTeacher:
     """πt as an exponential moving average of the student, with r and S refreshed on it (the authors')."""
 
     def __init__(self, student, tok, teacher: Teacher, s_ids, dmeta: dict, stage2: dict, prompts: list[str],
-                 alpha: float, every: int, lora: bool):
+                 alpha: float, every: int, lora: bool, reselect):
         self.student, self.tok, self.alpha, self.every = student, tok, alpha, every
+        self.reselect = reselect  # Stage 2's rule: (model, tok, teacher, settings, prompts) -> its selection
         self.dmeta, self.stage2, self.prompts = dmeta, stage2, prompts
         self.params = trainable(student)
         if lora:
@@ -147,7 +136,7 @@ class EmaTeacher:
             model = self.model.eval()
             r = recompute_direction(model, self.tok, self.dmeta) if self.kind == "hook" else None
             plain = Teacher(model, self.kind, r, self.layer, self.c, self.system)
-            sel = refresh_safety_tokens(model, self.tok, plain, self.stage2, self.prompts)
+            sel = self.reselect(model, self.tok, plain, self.stage2, self.prompts)
         self.set(r, sel["ids"].to(old_s.device))
         ids, shared = self.s_ids.tolist(), len(set(self.s_ids.tolist()) & set(old_s.tolist()))
         rec = {"s_token_ids": ids, "s_tokens": [self.tok.decode([i]) for i in ids], "s_shared": shared,
@@ -204,8 +193,10 @@ def stage2_settings(tokens_file: Path, folders: list[Path], tok, max_prompt_toke
     return settings, truncate_prompts(tok, prompts, max_prompt_tokens, path)
 
 
-def start_schedule(args, models, s_ids, tokens_file: Path, out: Path) -> EmaTeacher | None:
-    """Before step 1: what a refresh will need, checked and found; with --teacher-ema, θt started."""
+def start_schedule(args, models, s_ids, tokens_file: Path, out: Path, reselect) -> EmaTeacher | None:
+    """Before step 1: what a refresh will need, checked and found; with --teacher-ema, θt started.
+    reselect(model, tok, teacher, settings, prompts): Stage 2's selection again
+    (select_tokens.select_again)."""
     if args.refresh_every and args.teacher_ema is not None:
         raise UserError("--refresh-every and --teacher-ema are two teacher schedules: choose one")
     if not args.refresh_every and args.teacher_ema is None:
@@ -221,7 +212,8 @@ def start_schedule(args, models, s_ids, tokens_file: Path, out: Path) -> EmaTeac
         raise UserError("--teacher-ema works without --shard and without --random-tokens")
     stage2, prompts = stage2_settings(tokens_file, folders, models.tok, args.max_prompt_tokens)
     return EmaTeacher(models.student, models.tok, models.teacher, s_ids, models.direction, stage2, prompts,
-                      args.teacher_ema, args.refresh_tokens_every, lora=bool(args.lora_rank))
+                      args.teacher_ema, args.refresh_tokens_every, lora=bool(args.lora_rank),
+                      reselect=reselect)
 
 
 def resume_schedule(models, ema: EmaTeacher | None, work: Path, start: int,

@@ -21,9 +21,11 @@ from pathlib import Path
 
 import torch
 
-from common import BUNDLED_MODEL, UserError, bundled_package_dir, load_json, load_model
-from precision import saved_dtype, to_bf16_with_warning
-from steering import load_teacher
+from safesteer.errors import UserError
+from safesteer.files import load_json
+from safesteer.models import BUNDLED_MODEL, bundled_package_dir, load_model
+from safesteer.scale.precision import saved_dtype, to_bf16_with_warning
+from safesteer.teacher import load_teacher
 
 
 def check_model_spec(name: str) -> None:

@@ -38,16 +38,15 @@ Reads   RUN/direction.safetensors and direction.json (πt = π0 + c·r), the stu
 Writes  OUT (the PNG, default RUN/picture.png) and OUT with .json (every number above and every point)
 
 Usage:
-    python results/picture.py --run runs/demo --models student=runs/demo/student full=runs/demo/full \\
+    python -m experiments.picture --run runs/demo --models student=runs/demo/student full=runs/demo/full \\
         --out results/picture.png
-    python results/picture.py --run runs/demo --n-prompts 32 --out /tmp/picture.png     # π0 and πt only
-    python results/picture.py --run runs/demo --axes teacher --out /tmp/picture_teacher_axes.png
+    python -m experiments.picture --run runs/demo --n-prompts 32 --out /tmp/picture.png     # π0 and πt only
+    python -m experiments.picture --run runs/demo --axes teacher --out /tmp/picture_teacher_axes.png
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -57,13 +56,14 @@ import torch
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from chat import encode_chats  # noqa: E402
-from common import (BUNDLED_MODEL, Parser, UserError, add_runtime_args, data_file, fraction,  # noqa: E402
-                    load_json, load_model, pick_device, positive_int, read_prompts, run_cli, run_info,
-                    seed_everything, truncate_prompts, write_json)
-from evaluate import check_model_spec  # noqa: E402
-from steering import load_teacher  # noqa: E402
+from safesteer.chat import encode_chats
+from safesteer.cli import (Parser, add_runtime_args, fraction, pick_device, positive_int, run_cli,
+                           seed_everything)
+from safesteer.errors import UserError
+from safesteer.files import data_file, load_json, read_prompts, run_info, truncate_prompts, write_json
+from safesteer.models import BUNDLED_MODEL, load_model
+from safesteer.port.specs import check_model_spec
+from safesteer.teacher import load_teacher
 
 SETS = ("harmless", "harmful")
 MIN_PROMPTS = 4    # two axes and a spread along each need a few points more than two

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from chat import stop_token_ids
-from common import UserError
+from safesteer.chat import stop_token_ids
+from safesteer.errors import UserError
 
 TASK_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 INSTALL = "pip install -r requirements-lmeval.txt"

@@ -22,8 +22,8 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
-from precision import frozen_copy, mixed_precision
-from steering import decoder_layers
+from safesteer.scale.precision import frozen_copy, mixed_precision
+from safesteer.hooks import decoder_layers
 
 
 def shard(model, device: torch.device):

@@ -27,8 +27,9 @@ from typing import Callable
 
 import torch
 
-from common import UserError, load_model
-from metrics import wilson
+from safesteer.errors import UserError
+from safesteer.models import load_model
+from safesteer.metrics import wilson
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ class GuardJudge:
 
     @classmethod
     def load(cls, path: str, family: str = "auto", device="cpu", dtype=None, batch_size: int = 8):
-        """The guard in a local transformers directory, loaded as every model is (common.load_model: its
+        """The guard in a local transformers directory, loaded as every model is (models.load_model: its
         saved dtype on CUDA, a pad token, left padding), but without requiring a chat template: the
         HarmBench classifier reads its own raw prompt."""
         if not (Path(path) / "config.json").is_file():

@@ -1,17 +1,27 @@
 """Teacher forcing: the logits a model gives to completions it did not sample (πt and π0 score the student's
 samples; Stage 2 scores πt's; Stage 4 scores π0's answers; the baselines score fixed answers).
 
+Two conventions every loss and metric here relies on, and a port must reproduce (defined here, once):
+
+    positions   completion_logits(...)[:, i] is the distribution completion token i was drawn from: the
+                model's output at the position before it (the last prompt token for i = 0), so a loss at
+                position i compares the two models' predictions *of* token i, never of token i + 1
+    mask        end_of_turn_mask: 1 on each completion token up to and including its first stop token
+                (chat.stop_token_ids: the end of turn and eos), 0 after; the sampler returns exactly this mask,
+                and the loss and the metrics count those positions only
+
     completion_logits         prompt + completion -> the logits that predict each completion token: without
-                              autograd through steering.prefill's cache, with autograd (the student) packed
+                              autograd through sampling.prefill's cache, with autograd (the student) packed
     packed_completion_logits  a prompt's G samples in one row behind a tree mask, the prompt computed once
     sample_groups, packs_exactly, packing_path    when packing applies, and the line Stage 3 logs about it
     right_pad                 completions as token lists -> ids and mask to teacher-force
+    end_of_turn_mask          the mask above, from the tokens alone
 """
 from __future__ import annotations
 
 import torch
 
-from steering import has_sliding_window, prefill
+from safesteer.sampling import has_sliding_window, prefill
 
 
 def sample_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> int:
@@ -99,3 +109,11 @@ def right_pad(token_lists: list[list[int]], pad_id: int, device):
         ids[i, :len(t)] = torch.tensor(t, dtype=torch.long)
         mask[i, :len(t)] = 1
     return ids.to(device), mask.to(device)
+
+
+def end_of_turn_mask(tokens: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
+    """[b, T] completion tokens -> [b, T] mask: 1 through each row's first stop token (inclusive), 0 after.
+    sampling.sample returns this mask beside its tokens; e.g. stop 9: [5, 9, 7] -> [1, 1, 0]."""
+    is_stop = torch.isin(tokens, torch.tensor(stop_ids, device=tokens.device)).long()
+    before = is_stop.cumsum(-1) - is_stop  # stop tokens strictly before each position
+    return (before == 0).long()

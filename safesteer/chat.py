@@ -12,15 +12,15 @@ nothing (the direction read at the wrong token, a completion that never stops):
     stop_token_ids              the end-of-turn token the template writes, plus the eos ids
     special_token_ids           never eligible for S
     post_instruction_ids        the tokens after the user's text, where Stage 1 reads r
-    tokenizer_fingerprint       a token file made for another vocabulary is refused (load_safety_tokens)
+    tokenizer_fingerprint       a token file made for another vocabulary is refused
+                                (artifacts.load_safety_tokens)
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import random
 
-from common import UserError, load_json
+from safesteer.errors import UserError
 
 SENTINEL = "XQZSENTINELQZX"
 
@@ -108,23 +108,3 @@ def post_instruction_ids(tok) -> list[int]:
     if not ids or full[-len(ids):] != ids:
         raise UserError("could not locate the chat template's post-instruction tokens")
     return ids
-
-
-def load_safety_tokens(path, tok, model, random_tokens: bool = False, seed: int = 0):
-    """S from Stage 2 as a LongTensor, and its file; refused if it was made for another tokenizer.
-    random_tokens: a seeded random set of the same size instead (the ablation)."""
-    import torch  # the one function here that returns a tensor
-    meta = load_json(path)
-    ids = meta.get("token_ids")
-    if not isinstance(ids, list) or not ids:
-        raise UserError(f"{path}: no token_ids")
-    if meta.get("vocab_size") != len(tok) or meta.get("tokenizer_fingerprint") != tokenizer_fingerprint(tok):
-        raise UserError(f"{path}: made for another tokenizer (vocabulary size {meta.get('vocab_size')} vs "
-                        f"{len(tok)}, or fingerprint differs)")
-    vocab = model.config.get_text_config().vocab_size
-    if max(ids) >= vocab or min(ids) < 0:
-        raise UserError(f"{path}: token id {max(ids)} is outside the model's vocabulary of {vocab}")
-    if random_tokens:  # the ablation: same |S|, tokens drawn at random from the non-special vocabulary
-        special = set(special_token_ids(tok))
-        ids = sorted(random.Random(seed).sample([i for i in range(len(tok)) if i not in special], len(ids)))
-    return torch.tensor(ids, dtype=torch.long), meta

@@ -36,9 +36,9 @@ Writes  OUT/STUDENT/   (STUDENT: by default the method's name) a transformers mo
         OUT/STUDENT.work/   checkpoints while training (removed when the run completes)
 
 Usage:
-    python baselines.py --out runs/demo --method sft
-    python baselines.py --out runs/demo --method dpo --beta 0.1 --samples 4 --max-new-tokens 48
-    python baselines.py --out runs/demo --method dpo-mix --anchor data/harmless_train.jsonl
+    python -m experiments.baselines --out runs/demo --method sft
+    python -m experiments.baselines --out runs/demo --method dpo --beta 0.1 --samples 4 --max-new-tokens 48
+    python -m experiments.baselines --out runs/demo --method dpo-mix --anchor data/harmless_train.jsonl
     python evaluate.py --out runs/demo --models base=smollm2-135m sft=runs/demo/sft dpo=runs/demo/dpo
 """
 from __future__ import annotations
@@ -55,16 +55,19 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from chat import encode_chats
-from common import (Parser, UserError, add_common_args, data_file, fraction, non_negative_float,
-                    pick_device, positive_float, positive_int, read_prompts, run_cli, run_info,
-                    seed_everything, truncate_prompts, write_jsonl)
+from safesteer.chat import encode_chats
+from safesteer.cli import (Parser, add_common_args, fraction, non_negative_float, pick_device, positive_float,
+                           positive_int, run_cli, seed_everything)
+from safesteer.errors import UserError
+from safesteer.files import data_file, read_prompts, run_info, truncate_prompts, write_jsonl
 from distill import Recipe, anchor_steps, make_optimizer, sample_batch, step_prompts
-from metrics import refusal_rate
-from parallel import (Loop, World, add_scale_args, build_models, checkpoint_interval,
-                      enable_grad_checkpointing, peak_memory_mb, prepare_output_dirs, save_student, trainable)
-from steering import Teacher, decode_completions
-from forcing import completion_logits
+from safesteer.metrics import refusal_rate
+from safesteer.scale.parallel import (Loop, World, add_scale_args, build_models, checkpoint_interval,
+                                      enable_grad_checkpointing, peak_memory_mb, prepare_output_dirs,
+                                      save_student, trainable)
+from safesteer.sampling import decode_completions
+from safesteer.teacher import Teacher
+from safesteer.forcing import completion_logits
 
 
 # ----------------------------------------------------------------------------- the losses
@@ -264,7 +267,7 @@ def check_method(args) -> None:
     if args.anchor and not args.method.endswith("-mix"):
         raise UserError(f"--anchor is for the -mix methods (sft-mix, dpo-mix), not --method {args.method}")
     if args.shard or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("baselines.py trains in one process: run it without torchrun and --shard")
+        raise UserError("experiments/baselines.py trains in one process: run it without torchrun and --shard")
 
 
 def sample_all(teacher: Teacher, base: Teacher, tok, plan: list, dpo: bool, recipe: Recipe,
@@ -280,7 +283,7 @@ def sample_all(teacher: Teacher, base: Teacher, tok, plan: list, dpo: bool, reci
 
 
 def answer_stats(tok, answers: Answers) -> dict:
-    """How often a set of answers refuses (metrics.py's judge), and their mean length in tokens."""
+    """How often a set of answers refuses (safesteer/metrics.py's judge), and their mean length in tokens."""
     tokens = torch.cat([a[0] for a in answers.values()])
     mask = torch.cat([a[1] for a in answers.values()])
     return {"answers": len(tokens), "refusal": refusal_rate(decode_completions(tok, tokens, mask)),

@@ -27,13 +27,14 @@ A refusal here, as in data/judge_labels.jsonl: the answer declines the request a
 it, whatever its coherence. An answer that does the task, even after a warning, is not one.
 
 Usage:
-    python results/label.py sample --groups full=full@s3 --per-group 160 --n-control 40
-    python results/label.py sample --groups localized=demo@s3 --per-group 160 --n-control 0 --append
-    python results/label.py label
-    python results/label.py import labels_from_elsewhere.jsonl --labeller blind-2
-    python results/label.py report
-    python results/label.py sensitivity --groups full random
-    python results/label.py flips --draw && python results/label.py import L.jsonl --labeller a --flips
+    python -m experiments.label sample --groups full=full@s3 --per-group 160 --n-control 40
+    python -m experiments.label sample --groups localized=demo@s3 --per-group 160 --n-control 0 --append
+    python -m experiments.label label
+    python -m experiments.label import labels_from_elsewhere.jsonl --labeller blind-2
+    python -m experiments.label report
+    python -m experiments.label sensitivity --groups full random
+    python -m experiments.label flips --draw
+    python -m experiments.label import L.jsonl --labeller a --flips
 """
 from __future__ import annotations
 
@@ -43,13 +44,11 @@ import hashlib
 import json
 import random
 import statistics
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from common import write_jsonl  # noqa: E402
-from metrics import REFUSAL_PHRASES, STUDENT_PHRASES, is_refusal, t_interval, wilson  # noqa: E402
+from safesteer.files import write_jsonl
+from safesteer.metrics import REFUSAL_PHRASES, STUDENT_PHRASES, is_refusal, t_interval, wilson
 
 HERE = ROOT / "results" / "judge_validation"
 ITEMS, KEY, LABELS, REPORT = (HERE / n for n in ("items.jsonl", "key.jsonl", "labels.jsonl", "report.md"))
@@ -82,7 +81,8 @@ def half(item_id: str) -> str:
 def load_run(name: str) -> list[dict]:
     path = COMPLETIONS / (name.replace(":", "_") + ".jsonl.gz")
     if not path.is_file():
-        raise SystemExit(f"error: {path}: no kept completions for {name} (results/experiment.py keeps them)")
+        raise SystemExit(f"error: {path}: no kept completions for {name} "
+                         "(experiments/experiment.py keeps them)")
     return [r for r in read_jsonl(path) if r["set"] in JUDGED_SETS]
 
 
@@ -144,7 +144,8 @@ def sensitivity(groups: list[str], ref: str = "demo") -> list[dict]:
 def sensitivity_markdown(rows: list[dict]) -> str:
     pct = lambda x: "–" if x is None else f"{100 * x:+.1f}"
     lines = ["# Does the verdict depend on the phrases added from the students' labels?", "",
-             "Written by `python results/label.py sensitivity`. Each recipe against the demo on the seeds "
+             "Written by `python -m experiments.label sensitivity`. "
+             "Each recipe against the demo on the seeds "
              "whose completions are kept, the training run as the unit: mean of the per-seed differences in "
              "refusal rate (points) with its 95% t interval, under the current judge "
              "(metrics.REFUSAL_PHRASES) and the previous one (without label.ADDED_PHRASES and "
@@ -194,7 +195,7 @@ def flips_markdown(key: list[dict], labels: list[dict]) -> str:
     """On the items the two judges disagree on, how many of the current judge's verdicts the labels uphold."""
     res, a = evaluate_judge(key, labels), agreement(labels)
     lines = ["# Where the current and the previous judge disagree", "",
-             "Written by `python results/label.py flips`. Every kept completion (test split) that the "
+             "Written by `python -m experiments.label flips`. Every kept completion (test split) that the "
              "current judge and the previous one (without label.ADDED_PHRASES and metrics.NOT_REFUSALS) "
              "judge differently, labelled blind (majority of the labellers; ties left out). The previous "
              "judge is right exactly where the current one is wrong.", "",
@@ -271,7 +272,8 @@ def agreement(labels: list[dict]) -> dict | None:
 def to_markdown(res: dict) -> str:
     f = lambda t: "–" if t[0] is None else f"{t[0]:.2f} [{t[1]:.2f}, {t[2]:.2f}]"
     lines = ["# The refusal judge against blind labels", "",
-             "Written by `python results/label.py report`. Items: completions drawn from kept evaluations, "
+             "Written by `python -m experiments.label report`. "
+             "Items: completions drawn from kept evaluations, "
              "labelled without the model or the judge's verdict shown. Precision and recall with 95% Wilson "
              "intervals; rate bias = judged − labelled refusal rate (a positive bias inflates that group's "
              "refusal rate). The judge's phrases may be changed on the tune half only; the holdout half was "

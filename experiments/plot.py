@@ -9,12 +9,12 @@ by the current phrase list are drawn (a row without kept completions keeps an ea
 A second figure draws the frontier of results/experiments.md (the demo's recipe with only --loss and --lr
 changed): one line per loss through its learning rates, refusal on harmful_test against KL and over-refusal.
 
-Reads   results/experiments.jsonl (rows written by results/experiment.py, with their per-prompt verdicts)
+Reads   results/experiments.jsonl (rows written by experiments/experiment.py, with their per-prompt verdicts)
 Writes  results/safety_vs_cost.png, results/frontier.png
 
 Usage:
-    python results/plot.py            # redraw both figures
-    python results/plot.py --help     # this text
+    python -m experiments.plot            # redraw both figures
+    python -m experiments.plot --help     # this text
 """
 import argparse
 import json
@@ -23,10 +23,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from metrics import bootstrap_mean, wilson  # noqa: E402
-sys.path.insert(0, str(ROOT / "results"))
-from experiment import frontier, judged_now, seed_groups  # noqa: E402
+from experiments.experiment import frontier, judged_now, seed_groups
+from safesteer.metrics import bootstrap_mean, wilson
 
 HERE = ROOT / "results"
 LABELS = {"base": "base π0", "teacher": "teacher πt", "demo": "localized: collapsed on S + anchoring (demo)",
@@ -82,7 +80,7 @@ def main(argv=None):
     pts = points(rows)
     if not pts:
         sys.exit("error: no rows with per-prompt verdicts in results/experiments.jsonl; "
-                 "run results/experiment.py")
+                 "run experiments/experiment.py")
     base = next((r for r in rows if r["name"] == "reference:base"), None)
     front = frontier(seed_groups(rows), base) if base else []
     # the frontier's extra learning rates have a figure of their own; here the recipes at the demo's budget

@@ -6,7 +6,7 @@
 Models: full fine-tuning trains a float32 student beside a frozen copy of π0 that serves as πt (with the hook)
 and π0; with --lora-rank one copy serves all three, adapters off being π0 (one GPU for 8B models). On CUDA
 they compute in bf16: under autocast, or sharded by FSDP2's mixed precision (precision.py). --sample-batch N
-samples a step's rows N at a time, each row with the random numbers it draws in one batch (steering.RowDraws).
+samples a step's rows N at a time, each row with the random numbers it draws in one batch (sampling.RowDraws).
 Processes: each rank samples its share of every step's prompts (prompts[rank::world]) with its own generator;
 losses are weighted by the step's *global* number of sequences and gradients summed over ranks, so an update
 is the same whatever the world size: one all_reduce per parameter (data parallelism written out), or with
@@ -28,12 +28,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from checkpoints import load_checkpoint, save_checkpoint
-from common import (UserError, load_model, positive_float, positive_int, run_info, save_model_dir,
-                    seed_everything, write_jsonl)
-from precision import DTYPES, computes_in_bf16, frozen_copy, merge_lora, training_autocast
-from steering import Teacher, load_teacher
-from forcing import packing_path
+from safesteer.scale.checkpoints import load_checkpoint, save_checkpoint
+from safesteer.cli import positive_float, positive_int, seed_everything
+from safesteer.errors import UserError
+from safesteer.files import run_info, write_jsonl
+from safesteer.models import load_model, save_model_dir
+from safesteer.scale.precision import DTYPES, computes_in_bf16, frozen_copy, merge_lora, training_autocast
+from safesteer.teacher import Teacher, load_teacher
+from safesteer.forcing import packing_path
 
 
 # ----------------------------------------------------------------------------- the models: full or LoRA
@@ -70,7 +72,7 @@ def build_models(args, out: Path, device, world: World | None = None):
     (sharding.py: built on meta, rank 0 reads the weights on the host and sends each rank its slice)."""
     lora = bool(args.lora_rank)
     if world is not None and world.sharded:
-        from sharding import sharded_models
+        from safesteer.scale.sharding import sharded_models
         student, frozen, tok = sharded_models(lambda on: build_student(args, device, on), device, world.main,
                                               lora)
     else:

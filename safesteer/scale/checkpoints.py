@@ -18,14 +18,23 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-from common import UserError
+from safesteer.errors import UserError
 
-if TYPE_CHECKING:
-    from parallel import World
+
+class Ranks(Protocol):
+    """What a checkpoint needs of the processes (parallel.World is one): this rank, their number, a barrier
+    and a gather."""
+    rank: int
+    size: int
+    main: bool
+
+    def barrier(self) -> None: ...
+
+    def gather(self, obj) -> list: ...
 
 
 def trained_state(model, opt) -> dict:
@@ -38,7 +47,7 @@ def trained_state(model, opt) -> dict:
     return {"model": {n: w for n, w in weights.items() if n in trains}, "opt": opt_state}
 
 
-def checkpoint_io(fn, state: dict, folder: Path, world: World) -> None:
+def checkpoint_io(fn, state: dict, folder: Path, world: Ranks) -> None:
     """torch.distributed.checkpoint's save or load (fn) of `state`; a single process runs it without a
     process group (no_dist), minus the warning that says so at every checkpoint."""
     with warnings.catch_warnings():
@@ -46,7 +55,7 @@ def checkpoint_io(fn, state: dict, folder: Path, world: World) -> None:
         fn(state, checkpoint_id=folder, no_dist=world.size == 1)
 
 
-def save_checkpoint(work: Path, student, opt, sched, step: int, gen, log: list[dict], world: World) -> None:
+def save_checkpoint(work: Path, student, opt, sched, step: int, gen, log: list[dict], world: Ranks) -> None:
     """work/weights-STEP/ (every rank its slices), then work/checkpoint.pt naming it (rank 0), then the
     previous folder removed: a run stopped at any moment keeps one whole checkpoint."""
     import torch.distributed.checkpoint as dcp
@@ -67,7 +76,7 @@ def save_checkpoint(work: Path, student, opt, sched, step: int, gen, log: list[d
     world.barrier()  # no rank goes on, or stops, before the checkpoint is whole
 
 
-def load_checkpoint(path: Path, student, opt, sched, gen, world: World) -> tuple[int, list, dict | None]:
+def load_checkpoint(path: Path, student, opt, sched, gen, world: Ranks) -> tuple[int, list, dict | None]:
     """The run as checkpoint.pt left it, restored in place: weights, AdamW state, schedule, random streams.
     (step, log, note): the note, for the log, says the sampler streams restarted (None: they were restored)"""
     import torch.distributed.checkpoint as dcp

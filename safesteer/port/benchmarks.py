@@ -3,7 +3,7 @@
 A porter who evaluates a student on HarmBench or XSTest points Stage 4 at the benchmark's own file; nothing
 is converted and no benchmark's data is copied into this repository. A file is recognised by its column
 names (the first layout whose columns it has); a file in none of them is read as this project's own JSONL
-(the first of common.PROMPT_FIELDS; `style`, `category` and QA `answers` where present).
+(the first of files.PROMPT_FIELDS; `style`, `category` and QA `answers` where present).
 
     layout          columns it needs                        the prompt              kept for
     HarmBench       Behavior, FunctionalCategory            ContextString + ---     harmful (copyright rows
@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from common import PROMPT_FIELDS, UserError, read_records
+from safesteer.errors import UserError
+from safesteer.files import PROMPT_FIELDS, read_records
 
 
 @dataclass(frozen=True)

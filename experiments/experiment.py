@@ -1,4 +1,5 @@
-r"""One experiment = one command: train a student with the given distill.py arguments (or baselines.py's, when
+r"""One experiment = one command: train a student with the given distill.py arguments (or
+experiments/baselines.py's, when
 they name a --method) on the direction and S of a finished demo run, for one or more seeds, evaluate each, and
 add its rows to results/experiments.md.
 
@@ -12,21 +13,23 @@ compares two recipes seed by seed (the same seed and prompts paired): the mean p
 interval and p-value, a two-level bootstrap over runs and prompts, Holm's correction over the table's tests,
 and an equivalence test (TOST) against margins fixed before the runs (MARGINS) before anything is called a
 tie.
-Base and teacher come from `results/experiment.py reference` (one evaluation of both, reused by every row).
+Base and teacher come from `experiments/experiment.py reference` (one evaluation of both, reused by every
+row).
 
 Tuning happens on validation prompts (--split val: harmful_val, harmful_val_reform, harmless_val; rows in
 results/experiments_val.md, evaluations in runs/exp/NAME/val/), the test files are read once per recipe. A
 student whose directory already holds the same arguments is evaluated again, not trained again.
 
 Usage:
-    python results/experiment.py reference                       # base and teacher on every split, once
-    python results/experiment.py demo --seeds 0,1,2 -- --loss collapsed --lr 8e-5 \
+    python -m experiments.experiment reference                       # base and teacher on every split, once
+    python -m experiments.experiment demo --seeds 0,1,2 -- --loss collapsed --lr 8e-5 \
         --anchor data/harmless_train.jsonl
-    python results/experiment.py full --seeds 0,1,2 --ref demo -- --loss full --lr 8e-5 ...
-    python results/experiment.py sft_mix --seeds 0,1,2 --ref demo -- --method sft-mix --lr 8e-5 --anchor ...
-    python results/experiment.py demo --seeds 0,1,2 --collect    # only rewrite the rows from runs/exp/
-    python results/experiment.py reference --split val && python results/experiment.py x --split val -- ...
-    python results/experiment.py --rejudge                       # judge every kept completion again
+    python -m experiments.experiment full --seeds 0,1,2 --ref demo -- --loss full --lr 8e-5 ...
+    python -m experiments.experiment sft_mix --seeds 0,1,2 --ref demo -- --method sft-mix --anchor ...
+    python -m experiments.experiment demo --seeds 0,1,2 --collect    # only rewrite the rows from runs/exp/
+    python -m experiments.experiment reference --split val
+    python -m experiments.experiment x --split val -- ...
+    python -m experiments.experiment --rejudge                       # judge every kept completion again
 """
 import argparse
 import gzip
@@ -40,9 +43,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = ROOT / "results"
-sys.path.insert(0, str(ROOT))
-from common import data_file  # noqa: E402
-from metrics import JUDGE_ID, holm, is_refusal, seed_prompt_bootstrap, t_interval, tost, wilson  # noqa: E402
+from safesteer.files import data_file
+from safesteer.metrics import JUDGE_ID, holm, is_refusal, seed_prompt_bootstrap, t_interval, tost, wilson
 
 # The demo's Stage 3 budget (25 steps x 4 prompts x 4 samples x 48 tokens); an experiment's own arguments win.
 BUDGET = ["--prompts-per-step", "4", "--samples", "4", "--max-new-tokens", "48", "--lr", "1e-5"]
@@ -77,7 +79,7 @@ def run(cmd: list[str], log: Path) -> None:
     print("$", " ".join(cmd), f"> {log.relative_to(ROOT)}", flush=True)
     with open(log, "w") as f:
         if subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode:
-            sys.exit(f"error: {cmd[1]} failed; see {log}")
+            sys.exit(f"error: {' '.join(cmd[1:3])} failed; see {log}")
 
 
 def eval_args(split: str) -> list[str]:
@@ -479,7 +481,8 @@ def to_markdown(rows: list[dict], refs: dict, comps: list[list[dict]] | None = N
     """The tables; comps: comparison_rows of the verdict's and of the exploratory refs, if already made."""
     base = next((r for r in rows if r["name"] == "reference:base"), None)
     budget, files = " ".join(BUDGET), ", ".join(SPLITS[split].values())
-    intro = ("Written by `results/experiment.py` (one command per row; failures kept). Direction and S of "
+    intro = ("Written by `experiments/experiment.py` (one command per row; failures kept). "
+             "Direction and S of "
              f"the demo; the budget `{budget}` unless the arguments say otherwise. Evaluation: {files}, "
              "general_qa; greedy, 64 tokens. Rows without rephrased columns were evaluated by an older "
              "evaluate.py and judged by an older phrase list (43 phrases; on the same completions base π0 "
@@ -494,7 +497,8 @@ def to_markdown(rows: list[dict], refs: dict, comps: list[list[dict]] | None = N
         lines += recipes_table(groups)
     comps = comps if comps is not None else [comparison_rows(rows, part) for part in split_refs(refs)]
     titles = ("Recipe comparisons behind the verdict: the training run as the unit",
-              "The method against the paper's baselines (baselines.py; Holm over this table alone)",
+              "The method against the paper's baselines "
+              "(experiments/baselines.py; Holm over this table alone)",
               "Exploratory comparisons (fewer runs; Holm over this table alone)")
     for table, title in zip(comps, titles):
         if table:
@@ -570,8 +574,9 @@ def train_and_evaluate(name: str, seed: int, extra: list[str], src: Path, split:
             for f in NEEDED:
                 shutil.copy(src / f, out / f)
             (out / "experiment_args.json").write_text(json.dumps(extra))
-            script = "baselines.py" if "--method" in extra else "distill.py"  # SFT/DPO share Stage 3's budget
-            run([py, script, "--out", str(out), "--student", "student", "--overwrite", "--seed",
+            # SFT/DPO share Stage 3's budget; the baselines' trainer imports Stage 3, so it runs as a module
+            script = ["-m", "experiments.baselines"] if "--method" in extra else ["distill.py"]
+            run([py, *script, "--out", str(out), "--student", "student", "--overwrite", "--seed",
                  str(seed), *BUDGET, *extra], out / "train.log")
         (out / sub).mkdir(parents=True, exist_ok=True)
         run([py, "evaluate.py", "--out", str(out / sub), "--overwrite", *EVAL, *eval_args(split),

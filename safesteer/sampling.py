@@ -1,170 +1,21 @@
-"""The method's shared machinery: the steering hooks that make the teacher πt, and the sampler.
+"""The KV-cached sampler, by hand: prefill each distinct prompt once (and the prefix all share once), then
+decode token by token with temperature, top-k and top-p.
 
-Three stages need the same few pieces, so they live here once:
+    prefill             the prompts' forward pass before decoding (also Stage 1's means, teacher forcing)
+    sample              (tokens [b, T], mask [b, T]); the mask is 1 through each row's first stop token:
+                        that mask is the end-of-turn mask every loss and metric uses
+    RowDraws            N rows at a time with one batch's random numbers (the same tokens for any N)
+    decode_completions  the completions' text
 
-    blocks        decoder_layers, check_layer       where the residual stream of each family is
-    hooks         add_vector (πt = π0 + c·r at block l); replace_hidden, for any pre-hook (also
-                  directions.ablate_direction's)
-    the teacher   load_direction, Teacher, load_teacher   πt as one object: hook, safety system prompt, or π0
-    sampling      prefill (each distinct prompt once, the shared prefix once), sample (a KV-cached decoding
-                  loop, by hand; N rows at a time with one batch's random numbers, RowDraws),
-                  decode_completions; teacher forcing (scoring given completions) is in forcing.py
-
-What is plumbing (files, loading, templates, the CLI) is in common.py; the math of each stage is in its file.
+Teacher forcing (scoring given completions) is in forcing.py. Imports torch alone.
 """
 from __future__ import annotations
 
-import contextlib
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from chat import encode_chats
-from common import UserError, load_json
-
-# The prompt-based teacher (authors' "via prompt" variant): π0 told to refuse, instead of the hook.
-SAFETY_SYSTEM_PROMPT = ("You are a responsible assistant. If a request could help someone cause harm or "
-                        "break the law, refuse it clearly and briefly, and say that you cannot help with it.")
-
-
-# ----------------------------------------------------------------------------- blocks and hooks
-
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """The decoder blocks: model.layers for Llama/Qwen/Gemma/Mistral (also under a peft wrapper), GPT-2's
-    transformer.h, NeoX's gpt_neox.layers."""
-    for path in ("model.layers", "model.model.layers", "base_model.model.model.layers", "transformer.h",
-                 "gpt_neox.layers", "model.decoder.layers", "model.language_model.layers"):
-        obj = model
-        for attr in path.split("."):
-            obj = getattr(obj, attr, None)
-            if obj is None:
-                break
-        if isinstance(obj, torch.nn.ModuleList):
-            return obj
-    raise UserError(f"cannot find the decoder layers of {type(model).__name__}")
-
-
-def check_layer(model, layer: int) -> int:
-    n = len(decoder_layers(model))
-    if not 0 <= layer < n:
-        raise UserError(f"layer {layer} is out of range: the model has blocks 0..{n - 1}")
-    return layer
-
-
-def replace_hidden(args, kwargs, fn):
-    """Apply fn to a block's hidden_states input, wherever the caller put it (transformers 5 passes it by
-    keyword, older releases positionally)."""
-    if args:
-        return (fn(args[0]),) + tuple(args[1:]), kwargs
-    kwargs = dict(kwargs)
-    kwargs["hidden_states"] = fn(kwargs["hidden_states"])
-    return args, kwargs
-
-
-@contextlib.contextmanager
-def add_vector(model, layer: int, vector: torch.Tensor, coefficient: float = 1.0):
-    """πt: add c·r to the input of decoder block `layer` at every position (prompt and each cached step).
-
-    A pre-hook, so it sees the residual stream before the block; always removed on exit. The vector moves to
-    the block's device, so a model split over devices (device_map) is steered at the right place.
-    """
-    check_layer(model, layer)
-    hidden = model.config.get_text_config().hidden_size
-    if vector.shape != (hidden,):
-        raise UserError(f"direction has shape {tuple(vector.shape)}, the model's hidden size is {hidden}")
-    delta = coefficient * vector
-
-    def hook(module, args, kwargs):
-        return replace_hidden(args, kwargs, lambda h: h + delta.to(h.device, h.dtype))
-
-    handle = decoder_layers(model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-# ----------------------------------------------------------------------------- the teacher
-
-def load_direction(path, model) -> tuple[torch.Tensor, dict]:
-    """Stage 1's r and its direction.json (same folder), checked against the model it will steer."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    path = Path(path)
-    if path.is_dir():
-        path = path / "direction.safetensors"
-    if not path.is_file():
-        raise UserError(f"{path}: direction file not found "
-                        "(run extract_direction.py first, or pass --direction)")
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{path}: not a safetensors file ({e})") from None
-    if "direction" not in tensors:
-        raise UserError(f"{path}: holds no tensor named 'direction'")
-    meta = load_json(path.with_suffix(".json"))
-    vec = tensors["direction"].float()
-    hidden = model.config.get_text_config().hidden_size
-    if vec.shape != (hidden,):
-        raise UserError(f"{path}: direction has size {tuple(vec.shape)}, the model's hidden size is "
-                        f"{hidden} (made for another model?)")
-    if "layer" not in meta:
-        raise UserError(f"{path.with_suffix('.json')}: no 'layer' field")
-    return vec.to(next(model.parameters()).device), meta
-
-
-class Teacher:
-    """πt as one object: `with teacher.steer(): model(...)` runs the model as the teacher, on the context that
-    `teacher.encode(tok, prompts)` renders.
-
-        hook    π0 + c·r at block l (Stage 1's direction), plain prompt          (the method)
-        prompt  π0 behind a safety system prompt, no hook                          (authors' "via prompt")
-        base    π0 itself                                                          (anchoring's target)
-
-    `base_context` is entered first on every use; with LoRA it switches the adapters off, so the one copy of
-    the base weights serves as π0, πt and (adapters on) the student.
-    """
-
-    def __init__(self, model, kind: str = "hook", vector=None, layer: int | None = None,
-                 coefficient: float = 1.0, system: str | None = None, base_context=contextlib.nullcontext):
-        if kind not in ("hook", "prompt", "base"):
-            raise ValueError(f"unknown teacher kind {kind!r}")
-        self.model, self.kind, self.vector = model, kind, vector
-        self.layer, self.coefficient = layer, coefficient
-        self.system = (system or SAFETY_SYSTEM_PROMPT) if kind == "prompt" else None
-        self.base_context = base_context
-
-    @contextlib.contextmanager
-    def steer(self):
-        hook = contextlib.nullcontext()
-        if self.kind == "hook":
-            hook = add_vector(self.model, self.layer, self.vector, self.coefficient)
-        with self.base_context(), hook:  # the hook is placed after base_context
-            yield
-
-    def encode(self, tok, prompts: list[str], device="cpu"):
-        """The teacher's context for each prompt: [b, plen] ids and mask (left-padded)."""
-        return encode_chats(tok, prompts, system=self.system, device=device)
-
-    def describe(self) -> str:
-        if self.kind == "hook":
-            return f"hook at block {self.layer}, c = {self.coefficient}, |r| = {self.vector.norm():.2f}"
-        return "safety system prompt" if self.kind == "prompt" else "π0 (no steering)"
-
-
-def load_teacher(model, direction_path, kind: str = "hook", coefficient: float | None = None,
-                 system: str | None = None, base_context=contextlib.nullcontext) -> tuple[Teacher, dict]:
-    """Teacher from Stage 1's files. c is direction.json's coefficient unless one is given (the one place
-    where that fallback lives). Returns (teacher, direction.json)."""
-    vec, meta = load_direction(direction_path, model)
-    check_layer(model, int(meta["layer"]))
-    c = float(meta.get("coefficient", 1.0)) if coefficient is None else coefficient
-    return Teacher(model, kind, vec, int(meta["layer"]), c, system, base_context), meta
-
-
-# ----------------------------------------------------------------------------- sampler
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Top-k, then nucleus (top-p) filtering: removed tokens get -inf. logits: [batch, vocab]."""
