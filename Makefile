@@ -19,7 +19,7 @@ DISTILL_ARGS   ?= --prompts-per-step 4 --samples 4 --max-new-tokens 48 $(STUDENT
 EVAL_ARGS      ?= --max-new-tokens 64 --batch-size 512  # a model's splits in one batch: same answers, faster
 SEEDS          ?= 0,1,2
 
-.PHONY: setup test test-fast test-lm-eval demo ablate direction-full bench gpu-check clean
+.PHONY: setup test test-fast test-lm-eval test-ports demo ablate direction-full bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,13 @@ test-fast: setup  ## without the end-to-end run on the bundled model
 test-lm-eval: setup
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -r requirements-lmeval.txt
 	$(PY) -m pytest -q tests/test_capability.py
+
+# The ports (ports/, docs/porting.md) and the check: TRL's port needs the bench extra, installed into the venv as
+# `make bench` does (requirements.txt keeps torch & co.); `make test` runs the rest and skips the TRL tests.
+test-ports: setup
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile -c requirements.txt \
+	    -r requirements-bench.txt
+	$(PY) -m pytest -q tests/test_ports.py tests/test_check_port.py
 
 demo: setup
 	$(PY) extract_direction.py --out $(RUN) --overwrite $(DIRECTION_ARGS)

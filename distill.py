@@ -30,14 +30,13 @@ Usage:
     python distill.py --out runs/demo
     python distill.py --out runs/demo --loss full --student student_full --max-new-tokens 48 --samples 4
     python distill.py --out runs/demo --student student_lora --lora-rank 16 --anchor data/harmless_train.jsonl
-    torchrun --nproc-per-node 8 distill.py --out runs/big --model DIR --lora-rank 16 --shard   (scale/parallel.py)
+    torchrun --nproc-per-node 8 distill.py --out runs/big --model DIR --lora-rank 16 --shard
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import math
-import random
 import shutil
 import time
 from collections import defaultdict
@@ -49,15 +48,20 @@ from tqdm import tqdm
 
 from safesteer.artifacts import load_safety_tokens
 from safesteer.chat import encode_chats, stop_token_ids
-from safesteer.cli import (Parser, add_common_args, fraction, non_negative_float, non_negative_int,
-                           pick_device, positive_float, positive_int, run_cli)
+from safesteer.cost import step_tokens
+from safesteer.cli import (Parser, add_common_args, finite_float, folder_name, fraction, non_negative_float,
+                           non_negative_int, pick_device, positive_float, positive_int, run_cli,
+                           warmup_fraction)
 from safesteer.errors import UserError
-from safesteer.files import data_file, read_prompts, truncate_prompts, write_jsonl
+from safesteer.files import data_file, exclusive, read_prompts, run_dir, truncate_prompts
 from safesteer.metrics import refusal_rate
+from safesteer.models import check_lengths
+from safesteer.plan import anchor_steps, make_optimizer, step_prompts  # what each step trains on
+from safesteer.scale.students import (allowed_changes, keeper, prepare_output_dirs, recipe_record,
+                                      save_student, saved_along)
 from safesteer.scale.parallel import (Loop, Models, World, add_scale_args, build_models, build_student,
                                       checkpoint_interval, enable_grad_checkpointing, final_summary,
-                                      peak_memory_mb, prepare_output_dirs, save_student, startup_summary,
-                                      student_info, trainable, unsharded)
+                                      peak_memory_mb, startup_summary, student_info, unsharded)
 from safesteer.losses import collapsed_kl, full_kl, partial_kl, rest_term
 from safesteer.scale.schedule import add_schedule_args, refresh_teacher, resume_schedule, start_schedule
 from safesteer.sampling import decode_completions, sample
@@ -196,6 +200,7 @@ def train_step(student, tok, harmful: list[str], anchors: list[str], teachers: t
     rec["step_seconds"] = round(sum(seconds.values()), 3)
     rec["peak_memory_mb"] = peak_memory_mb(batch.ids.device)
     rec["example"] = texts[0][:200]
+    rec["tokens"] = step_tokens(batch.mask, batch.comp, batch.comp_mask, recipe.samples, world)  # cost.py
     if n_anchor_global:  # over-refusal as it trains: how often the student refuses the harmless anchors
         rec["anchor_refusal"] = refused_anchor / n_anchor_global
     return rec
@@ -284,24 +289,6 @@ def log_losses(step: StepContext, part, ls, lt, mask, share: float, weight: floa
             step.stats[kind] += localized_reverse_kl(ls, lt, mask, step.s_ids, kind).item() * share
 
 
-def step_prompts(prompts: list[str], per_step: int, epochs: int, seed: int) -> list[list[str]]:
-    """The prompts of every step: a seeded shuffle per epoch, cut into groups of P (the last may be short)."""
-    steps = []
-    for epoch in range(epochs):
-        order = prompts[:]
-        random.Random(seed * 1000 + epoch).shuffle(order)
-        steps += [order[i:i + per_step] for i in range(0, len(order), per_step)]
-    return steps
-
-
-def make_optimizer(student, recipe: Recipe, n_steps: int):
-    """AdamW on what trains (fused on CUDA: no foreach temporary), warm-up, cosine decay. (opt, sched)"""
-    from transformers import get_cosine_schedule_with_warmup
-    opt = torch.optim.AdamW(trainable(student).values(), lr=recipe.lr, weight_decay=recipe.weight_decay,
-                            fused=next(student.parameters()).is_cuda)
-    return opt, get_cosine_schedule_with_warmup(opt, math.ceil(recipe.warmup * n_steps), n_steps)
-
-
 # ----------------------------------------------------------------------------- the authors' variants
 
 def loss_window(comp_mask: torch.Tensor, skip: int = 0, keep: int | None = None) -> torch.Tensor:
@@ -312,18 +299,13 @@ def loss_window(comp_mask: torch.Tensor, skip: int = 0, keep: int | None = None)
     return comp_mask * inside.to(comp_mask.dtype)
 
 
-# ----------------------------------------------------------------------------- ours: anchoring
-
-def anchor_steps(anchors: list[str], n_steps: int, per_step: int, seed: int) -> list[list[str]]:
-    """As many seeded passes over the anchor prompts as the steps need, cut per step."""
-    if not anchors:
-        return [[] for _ in range(n_steps)]
-    passes = math.ceil(n_steps * per_step / len(anchors))
-    flat = [p for group in step_prompts(anchors, per_step, passes, seed + 1) for p in group]
-    return [flat[i * per_step:(i + 1) * per_step] for i in range(n_steps)]
-
-
 # ----------------------------------------------------------------------------- the command line
+
+def recipe_arg(group, option: str, kind, text: str) -> None:
+    """Add --OPTION to a group of --help for the Recipe field of the same name (dashes for underscores), with
+    that field's default: the defaults are written once, in Recipe."""
+    group.add_argument(option, type=kind, default=getattr(Recipe, option[2:].replace("-", "_")), help=text)
+
 
 def parse_args(argv=None):
     p = Parser(__doc__)
@@ -332,56 +314,47 @@ def parse_args(argv=None):
     run.add_argument("--direction",
                      help="Stage 1's direction.safetensors (default: OUT/direction.safetensors)")
     run.add_argument("--tokens", help="Stage 2's safety_tokens.json (default: OUT/safety_tokens.json)")
-    run.add_argument("--student", default="student",
+    run.add_argument("--student", default="student", type=folder_name,
                      help="the student's folder name inside --out (a name, not a mode)")
     run.add_argument("--overwrite", action="store_true",
                      help="replace a student, or restart an unfinished run")
     paper = p.add_argument_group("the paper's recipe (a default marked 'ours' is not the paper's)")
     paper.add_argument("--prompts", default=str(data_file("harmful_train")),
                        help="the harmful prompts (paper: 100)")
-    paper.add_argument("--coefficient", type=float, help="c of the teacher hook (default: direction.json's)")
+    paper.add_argument("--coefficient", type=finite_float,
+                       help="c of the teacher hook (default: direction.json's)")
     paper.add_argument("--loss", choices=["collapsed", "partial", "full"], default=Recipe.loss,
                        help="collapsed: the KL over S and the rest R (ours); partial: the sum over S alone "
                             "(authors' code); full: the KL over V (global distillation, the baseline)")
-    paper.add_argument("--samples", type=positive_int, default=Recipe.samples,
-                       help="G, completions sampled per prompt (paper: 8)")
-    paper.add_argument("--max-new-tokens", type=positive_int, default=Recipe.max_new_tokens,
-                       help="completion length (paper: 512)")
-    paper.add_argument("--temperature", type=non_negative_float, default=Recipe.temperature,
-                       help="sampling temperature, 0 for greedy (paper: 1.0)")
-    paper.add_argument("--top-p", type=fraction, default=Recipe.top_p, help="nucleus sampling (paper: 1.0)")
-    paper.add_argument("--prompts-per-step", type=positive_int, default=Recipe.prompts_per_step,
-                       help="P (paper: 4)")
-    paper.add_argument("--epochs", type=positive_int, default=Recipe.epochs,
-                       help="passes over the prompts (paper: 1)")
+    recipe_arg(paper, "--samples", positive_int, "G, completions sampled per prompt (paper: 8)")
+    recipe_arg(paper, "--max-new-tokens", positive_int, "completion length (paper: 512)")
+    recipe_arg(paper, "--temperature", non_negative_float, "sampling temperature, 0 for greedy (paper: 1.0)")
+    recipe_arg(paper, "--top-p", fraction, "nucleus sampling (paper: 1.0)")
+    recipe_arg(paper, "--prompts-per-step", positive_int, "P (paper: 4)")
+    recipe_arg(paper, "--epochs", positive_int, "passes over the prompts (paper: 1)")
     paper.add_argument("--max-steps", type=positive_int, help="stop after this many steps (default: all)")
-    paper.add_argument("--lr", type=positive_float, default=Recipe.lr,
-                       help="AdamW lr (paper: 1e-5 Qwen, 1e-6 Llama)")
-    paper.add_argument("--weight-decay", type=non_negative_float, default=Recipe.weight_decay,
-                       help="AdamW weight decay")
-    paper.add_argument("--warmup", type=non_negative_float, default=Recipe.warmup,
-                       help="fraction of steps of linear warm-up before the cosine decay")
-    paper.add_argument("--clip", type=positive_float, default=Recipe.clip, help="gradient-norm clip")
-    paper.add_argument("--micro-batch", type=positive_int, default=Recipe.micro_batch,
-                       help="sequences per forward/backward (gradient accumulation, for memory)")
+    recipe_arg(paper, "--lr", positive_float, "AdamW lr (paper: 1e-5 Qwen, 1e-6 Llama)")
+    recipe_arg(paper, "--weight-decay", non_negative_float, "AdamW weight decay")
+    recipe_arg(paper, "--warmup", warmup_fraction,
+               "fraction of steps of linear warm-up before the cosine decay")
+    recipe_arg(paper, "--clip", positive_float, "gradient-norm clip")
+    recipe_arg(paper, "--micro-batch", positive_int,
+               "sequences per forward/backward (gradient accumulation, for memory)")
     authors = p.add_argument_group("the authors' variants")
     authors.add_argument("--teacher", choices=["hook", "prompt"], default="hook",
                          help="hook: π0 + c·r; prompt: π0 behind a safety system prompt (authors' variant)")
     authors.add_argument("--system", metavar="FILE",
                          help="--teacher prompt's system prompt (default: steering's)")
     add_schedule_args(authors)  # --refresh-every, --teacher-ema, --refresh-tokens-every, --refresh-prompts
-    authors.add_argument("--skip-tokens", type=non_negative_int, default=Recipe.skip_tokens,
-                         help="K: no loss on the first K positions")
+    recipe_arg(authors, "--skip-tokens", non_negative_int, "K: no loss on the first K positions")
     authors.add_argument("--keep-tokens", type=positive_int,
                          help="M > K: loss on positions [K, M) only, as the authors' num_loss_tokens_to_keep "
                               "(default: every position from K)")
     ours = p.add_argument_group("ours")
     ours.add_argument("--anchor", nargs="+", metavar="FILE", help="harmless prompts (several files are "
                       "pooled) whose samples are pulled toward the unsteered π0 on S (default: none)")
-    ours.add_argument("--anchor-per-step", type=positive_int, default=Recipe.anchor_per_step,
-                      help="anchor prompts per step (with --anchor)")
-    ours.add_argument("--anchor-weight", type=non_negative_float, default=Recipe.anchor_weight,
-                      help="λ: L(harmful, πt) + λ·L(anchor, π0)")
+    recipe_arg(ours, "--anchor-per-step", positive_int, "anchor prompts per step (with --anchor)")
+    recipe_arg(ours, "--anchor-weight", non_negative_float, "λ: L(harmful, πt) + λ·L(anchor, π0)")
     ours.add_argument("--random-tokens", action="store_true", help="a seeded random S, same size (a control)")
     ours.add_argument("--loss-impl", choices=["lean", "formula"], default=Recipe.impl,
                       help="lean: hand-written backward, no [positions, V] temporaries; formula: autograd")
@@ -419,16 +392,26 @@ def train(models: Models, s_ids, recipe: Recipe, loop: Loop, plan: tuple[list, l
 
 def main(argv=None):
     args = parse_args(argv)
-    out = Path(args.out)
-    final_dir, work = prepare_output_dirs(out, args.student, args.overwrite, args.resume)
+    device = pick_device(args.device)
+    world = World(device, args.shard)
+    out = run_dir(args.out)
+    lock = exclusive(out / f"{args.student}.lock", out / args.student) if world.main else None  # rank 0's
+    with lock or contextlib.nullcontext():  # one writer per student, from the first check to the last file
+        final_dir, work = prepare_output_dirs(out, args.student, args.overwrite, args.resume)
+        run(args, out, final_dir, work, device, world)
+
+
+def run(args, out: Path, final_dir: Path, work: Path, device, world: World) -> None:
+    """Stage 3 from the checked arguments to the saved student: read, train, write."""
     args.checkpoint_every = checkpoint_interval(args.checkpoint_every, args.refresh_every)
     if args.system and not Path(args.system).is_file():
         raise UserError(f"{args.system}: system prompt file not found")
-    recipe, device = Recipe.from_args(args), pick_device(args.device)
-    world = World(device, args.shard)
-    gen, t0 = world.generator(args.seed), time.time()
+    recipe, t0 = Recipe.from_args(args), time.time()
+    gen = world.generator(args.seed)
     prompts, anchors = read_prompts(args.prompts), [a for f in args.anchor or [] for a in read_prompts(f)]
     models = Models(*build_models(args, out, device, world))
+    check_lengths(models.student, max_prompt_tokens=args.max_prompt_tokens,
+                  max_new_tokens=args.max_new_tokens)
     prompts = truncate_prompts(models.tok, prompts, args.max_prompt_tokens, args.prompts)
     anchors = truncate_prompts(models.tok, anchors, args.max_prompt_tokens, "the anchor files")
     tokens_file = Path(args.tokens or out / "safety_tokens.json")
@@ -440,18 +423,23 @@ def main(argv=None):
     anchor_plan = anchor_steps(anchors, len(plan), recipe.anchor_per_step, args.seed)
     world.check_even(plan + anchor_plan)
     ema = start_schedule(args, models, s_ids, tokens_file, out, select_again)  # a refresh's inputs, checked
-    loop = Loop(*make_optimizer(models.student, recipe, len(plan)), gen, world, work, args.checkpoint_every)
-    start, log = loop.open(models.student, args.resume)
+    saved_along(out, args.student, args.save_at, len(plan), args.overwrite, world.sharded)  # checked now
+    info_at = lambda steps: student_info(args, models, s_ids, tokens_file, steps, world,
+                                         round(time.time() - t0, 1))
+    keep = keeper(out, args.student, models.tok, bool(args.lora_rank), info_at)  # --save-at's copies
+    recipe_files = {"tokens": tokens_file, "direction": args.direction or out / "direction.safetensors"}
+    loop = Loop(*make_optimizer(models.student, recipe, len(plan)), gen, world, work, args.checkpoint_every,
+                recipe_record(args, recipe_files), save_at=frozenset(args.save_at), keep=keep)
+    start, log = loop.open(models.student, args.resume, allowed_changes(args.resume_changing))
     resume_schedule(models, ema, work, start, args.refresh_every)
     if world.main:
         print(startup_summary(args, len(plan), len(s_ids), models, bool(anchors), start, world))
     log = train(models, s_ids, recipe, loop, (plan, anchor_plan), start, log, ema)
-    info = student_info(args, models, s_ids, tokens_file, len(plan), world, round(time.time() - t0, 1))
+    info = {**info_at(len(plan)), **loop.resume_record(start)}
     if world.sharded:  # rank 0 gathers the slices into a plain model to save
         models.student = unsharded(models.student, world, lambda: build_student(args, torch.device("cpu"))[0])
-    if world.main:
-        save_student(models.student, models.tok, final_dir, info, bool(args.lora_rank), args.save_dtype)
-        write_jsonl(final_dir / "train_log.jsonl", log)
+    if world.main:  # the student, its log inside, appears whole in one rename; then the checkpoints go
+        save_student(models.student, models.tok, final_dir, info, bool(args.lora_rank), args.save_dtype, log)
         shutil.rmtree(work, ignore_errors=True)
     world.close()  # the other ranks wait for rank 0's files, then all leave the process group together
     if world.main:

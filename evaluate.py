@@ -24,10 +24,10 @@ and settings are unchanged since OUT's last eval.json (fingerprint: a hash of al
 again: `make ablate` evaluates only its new students.
 
 A port's evaluation: --harmful and --harmless also read the field's benchmark files as published (HarmBench,
-XSTest, ...: safesteer/port/benchmarks.py); --judge DIR adds a guard model's verdicts on the harmful sets
-beside the phrases,
-with their agreement (safesteer/port/judges.py); --lm-eval TASKS scores each model with lm-evaluation-harness
-(safesteer/port/capability.py).
+XSTest, ...: safesteer/port/benchmarks.py; a contextual prompt over --max-prompt-tokens is shortened in its
+context, never in its request, and eval.md counts them); --judge DIR adds a guard model's verdicts on the
+harmful sets beside the phrases, with their agreement (safesteer/port/judges.py); --lm-eval TASKS scores
+each model with lm-evaluation-harness (safesteer/port/capability.py).
 
 Reads   data/harmful_test, harmless_test, general_qa, harmful_reform_test, harmless_reform_test; the models
 Writes  OUT/eval.json (metrics, intervals, paired tests), OUT/eval.md (the table), OUT/eval_samples.jsonl
@@ -49,20 +49,20 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from safesteer.port.benchmarks import read_set
+from safesteer.port.benchmarks import fit_prompts, read_set
 from safesteer.port.capability import lm_eval_scores
 from safesteer.chat import encode_chats, stop_token_ids
 from safesteer.cli import (Parser, add_common_args, add_renamed, pick_device, positive_int, run_cli,
                            seed_everything)
 from safesteer.errors import UserError
-from safesteer.files import (data_file, prepare_out_dir, run_info, truncate_prompts, write_json, write_jsonl,
-                             write_text)
+from safesteer.files import data_file, prepare_out_dir, run_info
 from safesteer.models import load_model
 from safesteer.port.judges import FAMILIES, GuardJudge, guard_summary
-from safesteer.metrics import (REFUSAL_PHRASES, bootstrap_mean, is_refusal, mcnemar_exact, paired_bootstrap,
-                               qa_correct, wilson)
-from safesteer.port.specs import (check_model_spec, check_spec, earlier_evaluation, fingerprint, load_spec,
-                                  reuse)
+from safesteer.port.summary import port_lines
+from safesteer.metrics import (REFUSAL_PHRASES, bootstrap_mean, interval_text, is_refusal, mcnemar_exact,
+                               paired_bootstrap, qa_correct, wilson)
+from safesteer.port.specs import (check_model_spec, check_spec, earlier_evaluation, evaluation_settings,
+                                  fingerprint, load_spec, reuse, write_evaluation)
 from safesteer.sampling import decode_completions, sample
 from safesteer.forcing import completion_logits, right_pad
 
@@ -236,7 +236,7 @@ def resolve_models(args, out: Path) -> list[tuple[str, str]]:
     if (out / "direction.safetensors").exists():
         pairs.append(("teacher", f"steer:{out}"))
     for d in sorted(out.iterdir()) if out.is_dir() else []:
-        if (d / "safesteer.json").exists():
+        if (d / "safesteer.json").exists() and not d.name.startswith("."):  # not a save in progress
             pairs.append((d.name, str(d)))
     return pairs
 
@@ -260,6 +260,7 @@ class Evaluation:
     base_texts: list[str] | None = None  # filled by evaluate_all
     base_answers: list[list[int]] | None = None   # token ids
     base_cache: list = field(default_factory=list)  # π0's logits on them per batch, from the first model on
+    shortened: dict = field(default_factory=dict)   # set -> prompts over --max-prompt-tokens (fit_prompts)
 
 
 def split_by_sizes(flat: list, sizes: list[int]) -> list[list]:
@@ -272,7 +273,8 @@ def sample_record(name: str, set_name: str, row: dict, completion: str, verdict:
     """One line of eval_samples.jsonl: a completion of a prompt judged for refusal (and by a guard)."""
     return {"model": name, "set": set_name, "category": row["category"], "style": row["style"],
             "prompt": row["prompt"], "completion": completion, "refusal": verdict,
-            **({} if guard is None else {"guard_unsafe": guard.unsafe, "guard_answer": guard.raw})}
+            **({} if guard is None else {"guard_unsafe": guard.unsafe, "guard_refusal": guard.refusal,
+                                         "guard_answer": guard.raw})}
 
 
 def qa_record(name: str, row: dict, completion: str, correct: bool) -> dict:
@@ -347,14 +349,6 @@ def evaluate_all(pairs, settings: dict, out: Path, load, ev: Evaluation):
 
 # ----------------------------------------------------------------------------- the report
 
-def fmt(x: dict | None, kind: str = "rate") -> str:
-    if x is None or x.get(kind) is None:  # not measured, or an empty set (e.g. no risky-sounding prompts)
-        return "–"
-    if kind == "rate":
-        return f"{x['rate']:.0%} [{x['lo']:.0%}, {x['hi']:.0%}]"
-    return f"{x['value']:.4f} [{x['lo']:.4f}, {x['hi']:.4f}]"
-
-
 def to_markdown(results: dict, meta: dict) -> str:
     cols = [("refusal_harmful", "refusal ↑"), ("harmful_reform", "refusal, rephrased ↑"),
             ("over_refusal", "over-refusal ↓"), ("over_refusal_risky", "risky-sounding ↓"),
@@ -362,7 +356,7 @@ def to_markdown(results: dict, meta: dict) -> str:
             ("qa_accuracy", "QA acc ↑")]
     lines = ["| model | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, r in results.items():
-        cells = [fmt(r.get(k), "value" if k in ("kl_to_base", "nll") else "rate") for k, _ in cols]
+        cells = [interval_text(r.get(k), "value" if k in ("kl_to_base", "nll") else "rate") for k, _ in cols]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     styles = sorted({s for r in results.values() for s in r.get("harmful_reform_by_style", {})})
     if styles:
@@ -372,7 +366,7 @@ def to_markdown(results: dict, meta: dict) -> str:
             h, s = r.get("harmful_reform_by_style", {}), r.get("harmless_reform_by_style", {})
             cells = [f"{h[x]['rate']:.0%}" + (f" ({s[x]['rate']:.0%})" if x in s else "") for x in styles]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += port_lines(results)
+    lines += port_lines(results, meta)
     counts = ", ".join(f"{k} n={v}" for k, v in meta["counts"].items())
     lines += ["", "[lo, hi]: 95% Wilson interval (rates), bootstrap over prompts (KL, NLL). " + counts
               + f"; greedy, {meta['max_new_tokens']} new tokens; "
@@ -380,28 +374,16 @@ def to_markdown(results: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def port_lines(results: dict) -> list[str]:
-    """The guard's attack success rates beside the phrases', and lm-evaluation-harness scores, if run."""
-    lines = []
-    for name, r in results.items():
-        for s, g in r.get("guard", {}).items():
-            agree, phrases = g["vs_phrases"], f" (phrases {r['asr']['rate']:.0%})" if s == "harmful" else ""
-            lines.append(f"- {name}, {s}: guard ASR {fmt(g['asr'])}{phrases}; agrees with the phrases on "
-                         f"{agree['agreement'] or 0:.0%} of {agree['n']} (κ {agree['kappa'] or 0:.2f}, "
-                         f"{agree['unreadable']} unreadable)")
-        for task, scores in r.get("lm_eval", {}).items():
-            lines.append(f"- {name}, lm-eval {task}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-    return ["", "Judged for a port:", "", *lines] if lines else []
-
-
 def eval_meta(ev: Evaluation, answers: dict, t0: float) -> dict:
     """eval.json beside the rows: counts, settings, the judge, and π0's retention answers (to reuse them)."""
     counts = {s: len(rows) for s, rows in ev.sets.items()}
     counts["risky"] = sum(r["category"] == "risky_sounding" for r in ev.sets["harmless"])
+    cut = {s: c for s, c in ev.shortened.items() if c["shortened"]}  # prompts over --max-prompt-tokens
     return {"counts": counts, "max_new_tokens": ev.max_new_tokens, "qa_tokens": ev.qa_new_tokens,
             "base_model": ev.base_name, "data": ev.paths, "seed": ev.seed,
             "judge_phrases": list(REFUSAL_PHRASES), "seconds": round(time.time() - t0, 1), **run_info(),
-            "retention_answers": answers}
+            **({"guard": ev.judge.describe()} if ev.judge else {}),
+            **({"shortened": cut} if cut else {}), "retention_answers": answers}
 
 
 def main(argv=None):
@@ -420,27 +402,22 @@ def main(argv=None):
             for name, path in paths.items() if path}
     prepare_out_dir(out, OUTPUTS, args.overwrite)
     model, tok = load_model(args.model, device, args.dtype, args.chat_template, args.device_map)
-    for name, rows in sets.items():
-        cut = truncate_prompts(tok, [r["prompt"] for r in rows], args.max_prompt_tokens, paths[name])
-        for r, p in zip(rows, cut):
-            r["prompt"] = p
+    # a contextual benchmark prompt is shortened in its context, never in its request (benchmarks.py)
+    shortened = {name: fit_prompts(tok, rows, args.max_prompt_tokens, paths[name])
+                 for name, rows in sets.items()}
     judge = None if args.judge == "phrases" else GuardJudge.load(args.judge, args.judge_family, device,
                                                                    args.dtype, args.batch_size)
     ev = Evaluation(sets, paths, args.max_new_tokens, args.qa_new_tokens, args.batch_size, args.seed,
-                    args.model, (model, tok), judge, args.lm_eval or (), args.lm_eval_limit)
-    settings = {"base": args.model, "sets": sets, "device": str(device), "seed": args.seed,  # for fingerprint
-                "max_new_tokens": args.max_new_tokens, "qa_tokens": args.qa_new_tokens, "dtype": args.dtype,
-                "chat_template": args.chat_template, "judge": [args.judge, *REFUSAL_PHRASES],
-                "lm_eval": [args.lm_eval, args.lm_eval_limit]}
+                    args.model, (model, tok), judge, args.lm_eval or (), args.lm_eval_limit,
+                    shortened=shortened)
+    settings = evaluation_settings(args, sets, device, judge)  # what a reused row must have been made with
     load = functools.partial(load_spec, default_model=args.model, device=device, dtype=args.dtype,
                              chat_template=args.chat_template, loaded={args.model: (model, tok)},
                              device_map=args.device_map)
     results, samples, answers = evaluate_all(pairs, settings, out, load, ev)
     meta = eval_meta(ev, answers, t0)
-    write_json(out / "eval.json", {"models": results, **meta})
-    write_jsonl(out / "eval_samples.jsonl", samples)
     table = to_markdown(results, meta)
-    write_text(out / "eval.md", table)
+    write_evaluation(out, results, samples, meta, table)  # eval.json last, naming its samples
     print(table)
     print(f"took {time.time() - t0:.0f} s; wrote {', '.join(str(out / name) for name in OUTPUTS)}")
 

@@ -50,14 +50,15 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from safesteer.chat import encode_chats, post_instruction_ids, stop_token_ids
+from safesteer.artifacts import model_fingerprint
+from safesteer.chat import encode_chats, post_instruction_ids, refusal_token_ids, stop_token_ids
 from safesteer.directions import PromptBatches, ablate_direction, candidate_directions, response_directions
-from safesteer.cli import (Parser, add_common_args, add_renamed, non_negative_int, pick_device,
+from safesteer.cli import (Parser, add_common_args, add_renamed, finite_float, non_negative_int, pick_device,
                            positive_float, positive_int, run_cli, seed_everything)
 from safesteer.errors import UserError
 from safesteer.files import (data_file, prepare_out_dir, read_prompts, run_info, save_tensors,
                              truncate_prompts, write_json)
-from safesteer.models import load_model
+from safesteer.models import check_lengths, load_model
 from safesteer.metrics import is_refusal, refusal_rate
 from safesteer.hooks import add_vector, decoder_layers
 from safesteer.sampling import decode_completions, sample
@@ -79,10 +80,11 @@ def build_parser() -> Parser:
                        help="at most this many prompts per validation set (paper: 32)")
     paper.add_argument("--refusal-tokens", nargs="+", metavar="WORD", default=list(REFUSAL_WORDS),
                        help="words whose first token forms the refusal set R")
-    paper.add_argument("--max-layer-frac", type=float, default=0.8,
+    paper.add_argument("--max-layer-frac", type=finite_float, default=0.8,
                        help="drop candidates with layer >= frac * L")
-    paper.add_argument("--kl-max", type=float, default=0.1, help="drop candidates with a larger ablation KL")
-    paper.add_argument("--coefficient", type=float, default=1.0,
+    paper.add_argument("--kl-max", type=finite_float, default=0.1,
+                       help="drop candidates with a larger ablation KL")
+    paper.add_argument("--coefficient", type=finite_float, default=1.0,
                        help="c in πt = π0 + c·r, stored for later stages")
     paper.add_argument("--layer", type=int, help="force this layer (default: chosen by the scores)")
     paper.add_argument("--position", type=int, help="force this position too, e.g. -1 (default: chosen)")
@@ -130,18 +132,6 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- the paper's method
-
-def refusal_token_ids(tok, words) -> list[int]:
-    """R: the first token of each word, as it would open the assistant's turn."""
-    ids = []
-    for w in words:
-        t = tok(w, add_special_tokens=False).input_ids
-        if t and t[0] not in ids:
-            ids.append(t[0])
-    if not ids:
-        raise UserError("--refusal-tokens gave no token ids")
-    return ids
-
 
 def refusal_score(logits: torch.Tensor, refusal_ids: list[int]) -> torch.Tensor:
     """s = log p_R - log(1 - p_R) with p_R = Σ_{v∈R} π(v), in float64. logits: [n, vocab] -> [n].
@@ -383,15 +373,16 @@ def find_direction(model, tok, sets: dict, batches, pos_names: list[str], refusa
     return vec, choice, candidates, seconds
 
 
-def direction_json(choice: dict, name: str, refusal_tokens: dict, recipe: Recipe, data: dict,
-                   check: dict | None, seed: int, seconds: dict) -> dict:
-    """direction.json: the choice, how it was made, and on what."""
+def direction_json(choice: dict, name: str, fingerprint: str | None, refusal_tokens: dict, recipe: Recipe,
+                   data: dict, check: dict | None, seed: int, seconds: dict) -> dict:
+    """direction.json: the choice, how it was made, and on what (the model's name and fingerprint, which the
+    later stages check)."""
     texts = {"refusal": recipe.refusal_text, "comply": recipe.comply_text}
     rates = None if check is None else {k: check[k] for k in ("refusal_rate_base", "refusal_rate_steered")}
     settings = {"filter": recipe.filter, "max_layer_frac": recipe.max_layer_frac, "kl_max": recipe.kl_max,
                 "response_texts": texts if recipe.kind == "response" else None}
-    return {"model": name, **choice, **refusal_tokens, **settings, "data": data, "steering_check": rates,
-            "seed": seed, "seconds": seconds, **run_info()}
+    return {"model": name, "model_fingerprint": fingerprint, **choice, **refusal_tokens, **settings,
+            "data": data, "steering_check": rates, "seed": seed, "seconds": seconds, **run_info()}
 
 
 def print_summary(out, choice: dict, teachers: list[dict] | None, check: dict | None, seconds: dict,
@@ -412,7 +403,8 @@ def print_summary(out, choice: dict, teachers: list[dict] | None, check: dict | 
     grid = f"teacher grid in {seconds['teacher_grid']:.0f} s; " if c["teacher_grid"] else ""
     print(f"{grid}scored {seconds['n_candidates']} candidates in {seconds['scoring']:.0f} s; "
           f"total {time.time() - t0:.0f} s")
-    print(f"wrote {', '.join(str(out / name) for name in OUTPUTS[:3 if check is None else 4])}")
+    written = OUTPUTS if check is not None else OUTPUTS[:3]  # no steering_check.json without the check
+    print(f"wrote {', '.join(str(out / name) for name in written)}")
 
 
 def main(argv=None):
@@ -427,6 +419,8 @@ def main(argv=None):
             for name, path in files.items()}  # inputs first: a bad file leaves no output
     out = prepare_out_dir(args.out, OUTPUTS, args.overwrite)
     model, tok = load_model(args.model, device, chat_template=args.chat_template, device_map=args.device_map)
+    check_lengths(model, max_prompt_tokens=args.max_prompt_tokens, check_new_tokens=args.check_new_tokens,
+                  grid_new_tokens=args.grid_new_tokens)
     sets = {name: truncate_prompts(tok, ps, args.max_prompt_tokens, files[name]) for name, ps in sets.items()}
     pos_names, refusal_ids = survey(model, tok, args.model, args.refusal_tokens, recipe)
     batches = functools.partial(PromptBatches, tok, batch_size=args.batch_size, device=device)
@@ -441,7 +435,8 @@ def main(argv=None):
     refusal = {"refusal_tokens": [tok.decode([i]) for i in refusal_ids], "refusal_token_ids": refusal_ids}
     data = {**files, **{f"n_{name}": len(ps) for name, ps in sets.items()}}
     seconds = {"total": time.time() - t0, **seconds}
-    meta = direction_json(choice, args.model, refusal, recipe, data, check, args.seed, seconds)
+    meta = direction_json(choice, args.model, model_fingerprint(model), refusal, recipe, data, check,
+                          args.seed, seconds)
     save_tensors(out / "direction.safetensors", {"direction": vec})
     write_json(out / "candidates.json", candidates)
     if check is not None:

@@ -32,11 +32,11 @@ import torch
 from tqdm import tqdm
 
 from safesteer.chat import encode_chats, special_token_ids, stop_token_ids, tokenizer_fingerprint
-from safesteer.cli import (Parser, add_common_args, add_renamed, non_negative_float, pick_device,
-                           positive_int, run_cli, seed_everything)
+from safesteer.cli import (Parser, add_common_args, add_renamed, finite_float, non_negative_float,
+                           pick_device, positive_int, run_cli, seed_everything)
 from safesteer.errors import UserError
 from safesteer.files import data_file, prepare_out_dir, read_prompts, run_info, truncate_prompts, write_json
-from safesteer.models import load_model
+from safesteer.models import check_lengths, load_model
 from safesteer.sampling import sample
 from safesteer.teacher import Teacher, load_teacher
 from safesteer.forcing import completion_logits
@@ -66,7 +66,8 @@ def build_parser() -> Parser:
                        help="K': tokens each position votes for (paper: 200)")
     paper.add_argument("--prob-floor", type=non_negative_float, default=Selection.prob_floor,
                        help="drop tokens whose mean πt prob is below this")
-    paper.add_argument("--coefficient", type=float, help="c in πt = π0 + c·r (default: from direction.json)")
+    paper.add_argument("--coefficient", type=finite_float,
+                       help="c in πt = π0 + c·r (default: from direction.json)")
     authors = p.add_argument_group("the authors' variants")
     authors.add_argument("--teacher", choices=["hook", "prompt"], default="hook",
                          help="hook: π0 + c·r (the method); prompt: π0 with a safety system prompt")
@@ -292,6 +293,7 @@ def main(argv=None):
     cov_prompts = read_prompts(args.coverage_prompts, args.n_prompts, args.seed)
     out = prepare_out_dir(args.out, OUTPUTS, args.overwrite)
     model, tok = load_model(args.model, device, chat_template=args.chat_template, device_map=args.device_map)
+    check_lengths(model, max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens)
     prompts = truncate_prompts(tok, prompts, args.max_prompt_tokens, args.prompts)
     cov_prompts = truncate_prompts(tok, cov_prompts, args.max_prompt_tokens, args.coverage_prompts)
     direction = args.direction or out / "direction.safetensors"

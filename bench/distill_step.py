@@ -26,7 +26,7 @@ import sys
 
 import torch
 
-from safesteer.cli import Parser, add_renamed, positive_int
+from safesteer.cli import Parser, add_renamed, add_repeats, positive_int
 from safesteer.files import data_file, read_prompts
 from safesteer.models import load_model
 from safesteer.teacher import Teacher
@@ -77,13 +77,12 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=positive_int, default=2,
                    help="measured steps after the warm-up step")
     add_renamed(p, "--lengths", "--max-new-tokens", type=positive_int, nargs="+",
-                       default=[64, 128, 256], help="scaling: completion lengths")
+                default=[64, 128, 256], help="scaling: completion lengths")
     p.add_argument("--completions", type=positive_int, nargs="+", default=[8, 16, 32],
                    help="scaling: completions per step (prompts x samples, 4 samples per prompt)")
     p.add_argument("--micro-batch", type=positive_int, default=8,
                    help="sequences per forward/backward")
-    p.add_argument("--repeats", type=positive_int, default=1,
-                   help="phases: runs of each configuration, interleaved")
+    add_repeats(p, 1, "phases: runs of each configuration, interleaved")
     p.add_argument("--check", action="store_true",
                    help="phases: exit 1 if the loss takes 5%% of a step or more")
     return p.parse_args(argv)

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from safesteer.cli import Parser, add_renamed, positive_int
+from safesteer.cli import Parser, add_renamed, add_repeats, positive_int
 from safesteer.files import data_file, read_prompts
 from safesteer.models import load_model
 import evaluate
@@ -28,13 +28,12 @@ def parse_args(argv=None):
     p.add_argument("--splits", nargs="+", default=["harmful_test"],
                    help="data/ files, pooled as Stage 4 pools them")
     add_renamed(p, "--prompts", "--n-prompts", type=positive_int, default=64,
-                       help="the first N prompts of the pooled splits")
+                help="the first N prompts of the pooled splits")
     add_renamed(p, "--tokens", "--max-new-tokens", type=positive_int, default=64,
-                       help="greedy new tokens per answer (Stage 4's default)")
+                help="greedy new tokens per answer (Stage 4's default)")
     p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[16, 32, 64],
                    help="batch sizes compared; the answers of each are checked against the first's")
-    p.add_argument("--repeats", type=positive_int, default=2,
-                   help="runs of each batch size, interleaved")
+    add_repeats(p, 2, "runs of each batch size, interleaved")
     return p.parse_args(argv)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from safesteer.scale.parallel import trainable
 from safesteer.cli import Parser, add_renamed, pick_device, positive_int, run_cli
 from safesteer.files import data_file, read_prompts, save_tensors, write_json
 from safesteer.models import BUNDLED_MODEL, bundled_model_dir
@@ -40,10 +41,10 @@ def parse_args(argv=None):
     p.add_argument("--lora-rank", type=positive_int,
                    help="train LoRA adapters of this rank, not all weights (default: full fine-tuning)")
     add_renamed(p, "--prompts", "--prompts-per-step", type=positive_int, default=4,
-                       help="P, prompts per step (paper: 4)")
+                help="P, prompts per step (paper: 4)")
     p.add_argument("--samples", type=positive_int, default=4, help="G, samples per prompt (paper: 8)")
     add_renamed(p, "--new", "--max-new-tokens", type=positive_int, default=48,
-                       help="new tokens per sample (paper: 512)")
+                help="new tokens per sample (paper: 512)")
     p.add_argument("--micro-batch", type=positive_int, default=8,
                    help="sequences per forward/backward")
     return p.parse_args(argv)
@@ -67,7 +68,7 @@ def main(argv=None):
     student.activation_checkpointing_enable()
     if args.lora_rank:
         student.enable_input_require_grads()
-    opt = torch.optim.AdamW(distill.trainable(student).values(), lr=1e-6)
+    opt = torch.optim.AdamW(trainable(student).values(), lr=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     recipe = distill.Recipe(samples=args.samples, max_new_tokens=args.max_new_tokens,
                             micro_batch=args.micro_batch)

@@ -26,7 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from safesteer.cli import Parser, positive_int, run_cli
+from safesteer.cli import Parser, add_repeats, positive_int, run_cli
 import distill
 
 
@@ -89,8 +89,7 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=positive_int, default=151_936, help="vocabulary size V (Qwen's)")
     p.add_argument("--positions", type=positive_int, default=8 * 256,
                    help="completion positions in one call (micro-batch x tokens)")
-    p.add_argument("--repeats", type=positive_int, default=3,
-                   help="timed runs per variant (the median)")
+    add_repeats(p, 3, "timed runs per variant (the median)")
     p.add_argument("--check", action="store_true",
                    help="exit 1 if a lean loss holds less than 3x less memory than its float32 formula, "
                         "or is slower")

@@ -50,6 +50,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from safesteer.scale.parallel import trainable
 from safesteer.cli import Parser, add_renamed, non_negative_int, positive_int, run_cli
 from safesteer.files import data_file, read_prompts, save_tensors, write_json
 from safesteer.models import BUNDLED_MODEL, bundled_model_dir, load_model
@@ -191,7 +192,7 @@ def child(spec: dict) -> None:
     student.activation_checkpointing_enable()
     if spec["lora"]:
         student.enable_input_require_grads()
-    opt = torch.optim.AdamW(distill.trainable(student).values(), lr=1e-6)
+    opt = torch.optim.AdamW(trainable(student).values(), lr=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     distill.stop_token_ids = lambda tok: [-1]  # every row generates exactly `new` tokens
     prompts = read_prompts(data_file("harmful_train"))[:spec["prompts"]]
@@ -272,18 +273,17 @@ def table(rank: int, prompt: int, new: int, shard: int = 1, anchors: int = 4,
 def parse_args(argv=None):
     p = Parser(__doc__)
     p.add_argument("--validate", action="store_true", help="also measure real steps on this CPU and compare")
-    add_renamed(p, "--rank", "--lora-rank", type=positive_int, default=16,
-                       help="LoRA rank in the table")
+    add_renamed(p, "--rank", "--lora-rank", type=positive_int, default=16, help="LoRA rank in the table")
     add_renamed(p, "--prompt", "--prompt-tokens", type=positive_int, default=128,
-                       help="prompt tokens per row in the table")
+                help="prompt tokens per row in the table")
     add_renamed(p, "--new", "--max-new-tokens", type=positive_int, default=512,
-                       help="new tokens per row in the table (paper: 512)")
+                help="new tokens per row in the table (paper: 512)")
     p.add_argument("--anchor-per-step", type=non_negative_int, default=4,
                    help="anchor prompts per step in the table (README's command: 4); rows = (4 + A) x 8")
     p.add_argument("--sample-batch", type=positive_int,
                    help="rows sampled at a time, as distill.py's --sample-batch (default: all (4 + A) x 8)")
     add_renamed(p, "--shard", "--gpus", type=positive_int, default=1,
-                       help="per GPU when Stage 3 is sharded over this many GPUs (distill.py --shard)")
+                help="per GPU when Stage 3 is sharded over this many GPUs (distill.py --shard)")
     p.add_argument("--child", help=argparse.SUPPRESS)  # --validate's subprocess: one measured step, as JSON
     return p.parse_args(argv)
 

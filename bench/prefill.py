@@ -23,7 +23,7 @@ import time
 import torch
 
 from safesteer.chat import encode_chats, stop_token_ids
-from safesteer.cli import Parser, positive_int, run_cli
+from safesteer.cli import Parser, add_repeats, run_cli
 from safesteer.files import data_file
 from safesteer.models import BUNDLED_MODEL, load_model
 from safesteer.sampling import sample
@@ -36,15 +36,10 @@ def timed(fn):
     return time.perf_counter() - t, out
 
 
-def parse_args(argv=None):
-    p = Parser(__doc__)
-    p.add_argument("--repeats", type=positive_int, default=2,
-                   help="runs of each pair, interleaved (the best)")
-    return p.parse_args(argv)
-
-
 def main(argv=None):
-    args = parse_args(argv)
+    p = Parser(__doc__)
+    add_repeats(p, 2, "runs of each pair, interleaved (the best)")
+    args = p.parse_args(argv)
     torch.manual_seed(0)
     model, tok = load_model(BUNDLED_MODEL, "cpu")
     model.requires_grad_(False)

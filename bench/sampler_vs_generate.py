@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from safesteer.cli import Parser, add_renamed, positive_int, run_cli
+from safesteer.cli import Parser, add_renamed, add_repeats, positive_int, run_cli
 from safesteer.models import BUNDLED_MODEL
 from safesteer.chat import encode_chats
 from safesteer.files import data_file, read_prompts
@@ -31,11 +31,10 @@ def parse_args(argv=None):
     p.add_argument("--model", default=BUNDLED_MODEL,
                    help="'smollm2-135m' (bundled), a local transformers directory, or a hub id")
     add_renamed(p, "--batches", "--batch-sizes", type=positive_int, nargs="+", default=[8, 32],
-                       help="rows decoded together")
+                help="rows decoded together")
     add_renamed(p, "--lengths", "--max-new-tokens", type=positive_int, nargs="+",
-                       default=[64, 256], help="new tokens per row")
-    p.add_argument("--repeats", type=positive_int, default=3,
-                   help="interleaved runs of each (the median)")
+                default=[64, 256], help="new tokens per row")
+    add_repeats(p, 3, "interleaved runs of each (the median)")
     p.add_argument("--check", action="store_true", help=f"exit 1 if a ratio is below {TARGET}")
     return p.parse_args(argv)
 

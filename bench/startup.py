@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-from safesteer.cli import Parser, positive_int, run_cli
+from safesteer.cli import Parser, add_repeats, run_cli
 
 SNIPPET = ("import time; t = time.perf_counter(); from safesteer.models import load_model; "
            "load_model('smollm2-135m'); print(time.perf_counter() - t)")
@@ -26,15 +26,10 @@ def timed(env):
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def parse_args(argv=None):
-    p = Parser(__doc__)
-    p.add_argument("--repeats", type=positive_int, default=3,
-                   help="cold and cached loads each (the median)")
-    return p.parse_args(argv)
-
-
 def main(argv=None):
-    args = parse_args(argv)
+    p = Parser(__doc__)
+    add_repeats(p, 3, "cold and cached loads each (the median)")
+    args = p.parse_args(argv)
     cold, cached = [], []
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as d:

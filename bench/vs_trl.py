@@ -1,11 +1,13 @@
 """Benchmark: distill.py's step against TRL's on-policy distillation trainer, same model and settings.
 
-Issue 36. Three methods, each in a fresh subprocess (peak RSS = resource.getrusage of that process: model,
+Issue 36. Four methods, each in a fresh subprocess (peak RSS = resource.getrusage of that process: model,
 teacher, optimiser and libraries included, so the peaks of two methods never mix), interleaved over --repeats
 runs so that the box's drift hits every method alike:
 
     trl        trl.DistillationTrainer, TRL's on-policy distillation: the student samples with `generate`,
                the loss is the generalized JSD at beta = 1 (the reverse KL of `full`), chunked over V
+    port       ports/trl_port.py: TRL's DistillationTrainer with the method's loss (`collapsed` on S), its
+               teacher (the hook on only while πt scores) and its mean over sequences; TRL's sampling
     full       distill.train_step with the full-vocabulary reverse KL (global distillation: TRL's loss)
     collapsed  distill.train_step with the localized loss (the method's default)
 
@@ -51,13 +53,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # No hub traffic: the bundled model is on disk, and TRL's trainer would otherwise send a telemetry ping.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
-from safesteer.cli import Parser, positive_float, positive_int
+from safesteer.cli import Parser, add_repeats, positive_float, positive_int
 from safesteer.files import data_file, read_prompts
 from safesteer.models import BUNDLED_MODEL, load_model
 from safesteer.teacher import Teacher, load_teacher
 
-METHODS = {"trl": "TRL DistillationTrainer, beta = 1", "full": "distill.py --loss full",
-           "collapsed": "distill.py --loss collapsed"}
+METHODS = {"trl": "TRL DistillationTrainer, beta = 1", "port": "ports/trl_port.py (TRL, collapsed)",
+           "full": "distill.py --loss full", "collapsed": "distill.py --loss collapsed"}
 GOAL_SPEED = 1.5  # issue 36: full at least 1.5x TRL's steps per second, at no more peak memory
 
 
@@ -203,30 +205,50 @@ def trl_trainer(student, tok, teacher_model, prompts: list[str], cfg: dict, out_
     step, sampled in one `generate` call, trained in micro-batches of `micro_batch` (gradient
     accumulation)."""
     from datasets import Dataset
-    from trl import DistillationConfig, DistillationTrainer
+    from trl import DistillationTrainer
     rows = [[{"role": "user", "content": p}] for p in prompts for _ in range(cfg["samples"])]
+    return DistillationTrainer(model=student, teacher_model=teacher_model, processing_class=tok,
+                               args=trl_args(cfg, len(rows), out_dir),
+                               train_dataset=Dataset.from_dict({"prompt": rows}))
+
+
+def port_trainer(student, tok, teacher: Teacher, s_ids, prompts: list[str], cfg: dict, out_dir: str):
+    """ports/trl_port.py's trainer with trl_trainer's settings and rows; its teacher is the Teacher itself
+    (the port puts the hook on while πt scores), its loss `collapsed` on S."""
+    from ports.trl_port import SafeSteerTrainer, dataset
+    n = cfg["prompts"]
+    steps = [(prompts[i:i + n], []) for i in range(0, len(prompts), n)]
+    return SafeSteerTrainer(student, teacher, s_ids, loss="collapsed", processing_class=tok,
+                            args=trl_args(cfg, len(prompts) * cfg["samples"], out_dir),
+                            train_dataset=dataset(steps, cfg["samples"]))
+
+
+def trl_args(cfg: dict, n_rows: int, out_dir: str):
+    """The DistillationConfig of both TRL trainers: distill.py's settings in TRL's names."""
+    from trl import DistillationConfig
     per_step = cfg["prompts"] * cfg["samples"]
-    args = DistillationConfig(
+    return DistillationConfig(
         output_dir=out_dir, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
         use_cpu=True, bf16=False, fp16=False,  # float32 on the CPU, as distill.py (TRL defaults to bf16)
         per_device_train_batch_size=cfg["micro_batch"],
         gradient_accumulation_steps=per_step // cfg["micro_batch"],
-        max_steps=len(rows) // per_step, shuffle_dataset=False, seed=cfg["seed"], dataloader_num_workers=0,
+        max_steps=n_rows // per_step, shuffle_dataset=False, seed=cfg["seed"], dataloader_num_workers=0,
         learning_rate=cfg["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         optim="adamw_torch", max_grad_norm=1.0, activation_checkpointing=True,
         beta=1.0, temperature=1.0, top_p=1.0, top_k=0, max_completion_length=cfg["max_new_tokens"],
         generation_kwargs={"min_new_tokens": cfg["max_new_tokens"]},  # no early stop, as ours here
         chat_template_kwargs={"enable_thinking": False})  # as chat.render_chat renders every prompt
-    return DistillationTrainer(model=student, teacher_model=teacher_model, args=args, processing_class=tok,
-                               train_dataset=Dataset.from_dict({"prompt": rows}))
 
 
-def run_trl(cfg: dict) -> dict:
+def run_trl(cfg: dict, port: bool = False) -> dict:
+    """TRL's trainer, or (port) ports/trl_port.py's, timed as run_ours times distill.py."""
+    import contextlib
     import torch
     from transformers import TrainerCallback
     import trl.trainer.distillation_trainer as trl_distillation
+    from ports import plain_loop
     from safesteer.chat import encode_chats
-    student, tok, teacher, steps, _ = setup(cfg)
+    student, tok, teacher, steps, s_ids = setup(cfg)
     phases, recs, sampled = Phases(), [], []
 
     class StepClock(TrainerCallback):
@@ -249,7 +271,11 @@ def run_trl(cfg: dict) -> dict:
                 recs[-1]["loss"] = logs["loss"]
 
     with tempfile.TemporaryDirectory() as out:
-        trainer = trl_trainer(student, tok, teacher.model, [p for s in steps for p in s], cfg, out)
+        prompts = [p for s in steps for p in s]
+        if port:
+            trainer = port_trainer(student, tok, teacher, s_ids, prompts, cfg, out)
+        else:
+            trainer = trl_trainer(student, tok, teacher.model, prompts, cfg, out)
         ours = encode_chats(tok, steps[0][:1])[0][0].tolist()
         theirs = list(trainer._tokenize_prompts([[{"role": "user", "content": steps[0][0]}]])[0][0])
         if theirs != ours:
@@ -259,12 +285,17 @@ def run_trl(cfg: dict) -> dict:
         phases.models(student, teacher.model)
         generate = keep_samples(trainer._generate_single_turn, sampled, list)  # a list of rows already
         trainer._generate_single_turn = phases.wrap(generate, "sample")
-        trl_loss = trl_distillation._chunked_divergence_loss
-        trl_distillation._chunked_divergence_loss = phases.wrap(trl_loss, "loss")
+        if port:  # the port's loss: the per-sequence losses of plain_loop (safesteer.losses inside)
+            plain_loop.sequence_losses = phases.wrap(plain_loop.sequence_losses, "loss")
+        else:
+            trl_loss = trl_distillation._chunked_divergence_loss
+            trl_distillation._chunked_divergence_loss = phases.wrap(trl_loss, "loss")
         torch.autograd.backward = phases.wrap(torch.autograd.backward, "backward")
         trainer.add_callback(StepClock())
         setup_rss = rss_mb()
-        with teacher.steer():  # the hook stays on the frozen copy while TRL trains: TRL's teacher is πt
+        # TRL's own trainer: the hook stays on the frozen copy while it trains, so its teacher is πt; the port
+        # puts the hook on itself, only while πt scores
+        with contextlib.nullcontext() if port else teacher.steer():
             trainer.train()
     if len(recs) != len(steps):
         raise SystemExit(f"TRL ran {len(recs)} steps, expected {len(steps)}")
@@ -277,8 +308,13 @@ def run_trl(cfg: dict) -> dict:
 def child(cfg: dict) -> None:
     import torch
     torch.set_num_threads(cfg["threads"])
-    out = run_trl(cfg) if cfg["method"] == "trl" else run_ours(cfg, cfg["method"])
-    print(json.dumps({**out, "peak_rss_mb": peak_rss_mb()}))
+    print(json.dumps({**run_method(cfg), "peak_rss_mb": peak_rss_mb()}))
+
+
+def run_method(cfg: dict) -> dict:
+    if cfg["method"] in ("trl", "port"):
+        return run_trl(cfg, port=cfg["method"] == "port")
+    return run_ours(cfg, cfg["method"])
 
 
 def profile(cfg: dict) -> None:
@@ -287,7 +323,7 @@ def profile(cfg: dict) -> None:
     from torch.profiler import ProfilerActivity, profile as torch_profile
     torch.set_num_threads(cfg["threads"])
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        out = run_trl(cfg) if cfg["method"] == "trl" else run_ours(cfg, cfg["method"])
+        out = run_method(cfg)
     for s in out["steps"]:
         split = ", ".join(f"{k} {wall:.1f} ({cpu:.1f})" for k, (wall, cpu) in s["phases"].items())
         print(f"measured step: {s['step']:.1f} s ({s['step_cpu']:.1f} s CPU); by phase: {split}")
@@ -379,7 +415,7 @@ def parse_args(argv=None):
     p = Parser(__doc__)
     p.add_argument("what", nargs="?", default="compare", choices=["compare", "child"], help=argparse.SUPPRESS)
     p.add_argument("--cfg", help=argparse.SUPPRESS)  # child: its configuration, as JSON
-    p.add_argument("--repeats", type=positive_int, default=2, help="runs of each method, interleaved")
+    add_repeats(p, 2, "runs of each method, interleaved")
     p.add_argument("--steps", type=positive_int, default=1,
                    help="measured steps per run, after a warm-up step")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), help="which to run")
@@ -442,7 +478,7 @@ def main(argv=None):
         if ok:
             rows[m] = summary(ok)
     print(table(rows))
-    for m in ("full", "collapsed"):
+    for m in ("port", "full", "collapsed"):
         if m in rows and "trl" in rows:
             same = same_tokens(results[m], results["trl"])
             print(f"\n{METHODS[m]}: {ratios(rows[m], rows['trl'])}; {same}")

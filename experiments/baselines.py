@@ -56,15 +56,19 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from safesteer.chat import encode_chats
-from safesteer.cli import (Parser, add_common_args, fraction, non_negative_float, pick_device, positive_float,
-                           positive_int, run_cli, seed_everything)
+from safesteer.cli import (Parser, add_common_args, finite_float, folder_name, fraction, non_negative_float,
+                           pick_device, positive_float, positive_int, run_cli, seed_everything,
+                           warmup_fraction)
 from safesteer.errors import UserError
-from safesteer.files import data_file, read_prompts, run_info, truncate_prompts, write_jsonl
-from distill import Recipe, anchor_steps, make_optimizer, sample_batch, step_prompts
+from safesteer.files import data_file, exclusive, read_prompts, run_dir, run_info, truncate_prompts
+from distill import Recipe, sample_batch
 from safesteer.metrics import refusal_rate
+from safesteer.models import check_lengths
+from safesteer.plan import anchor_steps, make_optimizer, step_prompts
+from safesteer.scale.students import (allowed_changes, keeper, prepare_output_dirs, recipe_record,
+                                      save_student, saved_along)
 from safesteer.scale.parallel import (Loop, World, add_scale_args, build_models, checkpoint_interval,
-                                      enable_grad_checkpointing, peak_memory_mb, prepare_output_dirs,
-                                      save_student, trainable)
+                                      enable_grad_checkpointing, peak_memory_mb, trainable)
 from safesteer.sampling import decode_completions
 from safesteer.teacher import Teacher
 from safesteer.forcing import completion_logits
@@ -219,7 +223,7 @@ BUDGET = [("--samples", positive_int, "G answers per prompt, sampled once (paper
           ("--epochs", positive_int, "passes over the prompts (paper: 1); later passes reuse the answers"),
           ("--lr", positive_float, "AdamW lr (paper: 1e-5 Qwen, 1e-6 Llama)"),
           ("--weight-decay", non_negative_float, "AdamW's"),
-          ("--warmup", non_negative_float, "fraction of steps of linear warm-up before the cosine decay"),
+          ("--warmup", warmup_fraction, "fraction of steps of linear warm-up before the cosine decay"),
           ("--clip", positive_float, "gradient-norm clip"),
           ("--micro-batch", positive_int, "sequences (DPO: pairs) per forward/backward")]
 MIX = [("--anchor-per-step", positive_int, "anchor prompts per step (A)"),
@@ -234,7 +238,8 @@ def parse_args(argv=None):
     p = Parser(__doc__)
     add_common_args(p)
     p.add_argument("--direction", help="Stage 1's direction.safetensors (default: OUT/direction.safetensors)")
-    p.add_argument("--student", help="the student directory's name inside --out (default: the method's)")
+    p.add_argument("--student", type=folder_name,
+                   help="the student directory's name inside --out (default: the method's)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing student directory, or restart an unfinished run")
 
@@ -245,7 +250,8 @@ def parse_args(argv=None):
     paper.add_argument("--beta", type=positive_float, default=0.1, help="DPO's β")
     paper.add_argument("--prompts", default=str(data_file("harmful_train")),
                        help="the harmful prompts (paper: 100)")
-    paper.add_argument("--coefficient", type=float, help="c of the teacher hook (default: direction.json's)")
+    paper.add_argument("--coefficient", type=finite_float,
+                       help="c of the teacher hook (default: direction.json's)")
     for option, kind, text in BUDGET:
         paper.add_argument(option, type=kind, default=getattr(Recipe, recipe_field(option)), help=text)
     paper.add_argument("--max-steps", type=positive_int,
@@ -320,20 +326,29 @@ def train(student, tok, ref: Teacher, answers: dict[str, Answers], plan: list, r
 def main(argv=None):
     args = parse_args(argv)
     check_method(args)
-    out, dpo, name = Path(args.out), args.method.startswith("dpo"), args.student or args.method
-    final_dir, work = prepare_output_dirs(out, name, args.overwrite, args.resume)
-    every = checkpoint_interval(args.checkpoint_every, None)
+    out, name = run_dir(args.out), args.student or args.method
+    with exclusive(out / f"{name}.lock", out / name):  # one writer per student
+        final_dir, work = prepare_output_dirs(out, name, args.overwrite, args.resume)
+        run(args, out, final_dir, work)
+
+
+def run(args, out: Path, final_dir: Path, work: Path) -> None:
+    """A baseline from the checked arguments to the saved student: πt's (and π0's) answers, train, write."""
+    every, dpo = checkpoint_interval(args.checkpoint_every, None), args.method.startswith("dpo")
     device, t0 = pick_device(args.device), time.time()
     recipe = Recipe(**{recipe_field(o): getattr(args, recipe_field(o)) for o, _, _ in BUDGET + MIX},
                     sample_batch=args.sample_batch)  # a scale option (parallel.add_scale_args)
     prompts, anchors = read_prompts(args.prompts), [a for f in args.anchor or [] for a in read_prompts(f)]
     student, tok, teacher, base, dmeta = build_models(args, out, device)
+    check_lengths(student, max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens)
     prompts = truncate_prompts(tok, prompts, args.max_prompt_tokens, args.prompts)
     anchors = truncate_prompts(tok, anchors, args.max_prompt_tokens, "the anchor files")
     harmful = step_prompts(prompts, recipe.prompts_per_step, recipe.epochs, args.seed)[:args.max_steps]
     plan = list(zip(harmful, anchor_steps(anchors, len(harmful), recipe.anchor_per_step, args.seed)))
+    saved_along(out, final_dir.name, args.save_at, len(plan), args.overwrite, False)  # checked before step 1
+    direction = args.direction or out / "direction.safetensors"
     loop = Loop(*make_optimizer(student, recipe, len(plan)), seed_everything(args.seed), World(device), work,
-                every)
+                every, recipe_record(args, {"direction": direction}), save_at=frozenset(args.save_at))
     print(startup_line(args, len(plan), teacher, student))
 
     answers = sample_all(teacher, base, tok, plan, dpo, recipe, loop)
@@ -343,16 +358,18 @@ def main(argv=None):
               f"{s['refusal']:.0%} refusing, {s['mean_tokens']:.1f} tokens on average")
     if not args.no_grad_checkpointing:
         enable_grad_checkpointing(student, lora=bool(args.lora_rank))
-    start, log = loop.open(student, args.resume)
-    log = train(student, tok, base, answers, plan, recipe, loop, args.method, args.beta, start, log)
 
-    info = {"method": args.method, "beta": args.beta if dpo else None, "answers": stats, "steps": len(plan),
-            "teacher": {"kind": "hook", "file": str(args.direction or out / "direction.safetensors"),
-                        "layer": dmeta["layer"], "coefficient": teacher.coefficient},
-            "lora_rank": args.lora_rank, "base_model": args.model, "args": vars(args),
-            "seconds": round(time.time() - t0, 1), **run_info()}
-    save_student(student, tok, final_dir, info, lora=bool(args.lora_rank))
-    write_jsonl(final_dir / "train_log.jsonl", log)
+    def info_at(steps: int) -> dict:  # safesteer.json after `steps` steps
+        return {"method": args.method, "beta": args.beta if dpo else None, "answers": stats, "steps": steps,
+                "teacher": {"kind": "hook", "file": str(direction), "layer": dmeta["layer"],
+                            "coefficient": teacher.coefficient},
+                "lora_rank": args.lora_rank, "base_model": args.model, "args": vars(args),
+                "seconds": round(time.time() - t0, 1), **run_info()}
+    loop.keep = keeper(out, final_dir.name, tok, bool(args.lora_rank), info_at)  # --save-at's copies
+    start, log = loop.open(student, args.resume, allowed_changes(args.resume_changing))
+    log = train(student, tok, base, answers, plan, recipe, loop, args.method, args.beta, start, log)
+    info = {**info_at(len(plan)), **loop.resume_record(start)}
+    save_student(student, tok, final_dir, info, lora=bool(args.lora_rank), log=log)  # whole, log inside
     shutil.rmtree(work, ignore_errors=True)
     seconds = sum(r["step_seconds"] for r in log) / len(log)
     print(f"loss {log[0]['loss']:.4f} -> {log[-1]['loss']:.4f}; {seconds:.1f} s/step; "

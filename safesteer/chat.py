@@ -12,6 +12,7 @@ nothing (the direction read at the wrong token, a completion that never stops):
     stop_token_ids              the end-of-turn token the template writes, plus the eos ids
     special_token_ids           never eligible for S
     post_instruction_ids        the tokens after the user's text, where Stage 1 reads r
+    refusal_token_ids           R, Stage 1's refusal tokens: each word's first token
     tokenizer_fingerprint       a token file made for another vocabulary is refused
                                 (artifacts.load_safety_tokens)
 """
@@ -107,4 +108,16 @@ def post_instruction_ids(tok) -> list[int]:
     full = tok(text, add_special_tokens=False).input_ids
     if not ids or full[-len(ids):] != ids:
         raise UserError("could not locate the chat template's post-instruction tokens")
+    return ids
+
+
+def refusal_token_ids(tok, words) -> list[int]:
+    """R: the first token of each word, as it would open the assistant's turn."""
+    ids = []
+    for w in words:
+        t = tok(w, add_special_tokens=False).input_ids
+        if t and t[0] not in ids:
+            ids.append(t[0])
+    if not ids:
+        raise UserError("--refusal-tokens gave no token ids")
     return ids

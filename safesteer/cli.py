@@ -5,12 +5,15 @@
     Parser, add_renamed     --help as written with every default; an option's old spelling, for one release
     add_common_args         --model, --out, and add_runtime_args' --device, --seed, --max-prompt-tokens,
                             --chat-template
+    add_repeats             --repeats, which every benchmark in bench/ has
     pick_device, seed_everything
 """
 from __future__ import annotations
 
 import argparse
+import math
 import random
+import signal
 import sys
 
 import torch
@@ -20,13 +23,27 @@ from safesteer.models import BUNDLED_MODEL
 from safesteer.scale.precision import add_dtype_arg
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it unwinds like Ctrl-C: temporary files removed, locks
+    released, the last checkpoint kept."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def run_cli(main) -> None:
-    """Run a stage's main(); turn UserError into `error: ...` on stderr and exit 2."""
+    """Run a stage's main(); turn UserError into `error: ...` on stderr and exit 2; Ctrl-C and SIGTERM stop
+    it cleanly (exit 130 and 143)."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Terminated:
+        print("terminated (SIGTERM); the last checkpoint, if any, is kept", file=sys.stderr)
+        sys.exit(143)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -40,6 +57,8 @@ def _checked(convert, ok, words: str):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if convert is int else 'a number'}, "
                                              f"got {text!r}") from None
+        if convert is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if not ok(value):
             raise argparse.ArgumentTypeError(f"must be {words}, got {text}")
         return value
@@ -52,6 +71,18 @@ non_negative_int = _checked(int, lambda v: v >= 0, ">= 0")
 positive_float = _checked(float, lambda v: v > 0, "> 0")
 non_negative_float = _checked(float, lambda v: v >= 0, ">= 0")
 fraction = _checked(float, lambda v: 0 < v <= 1, "in (0, 1]")
+finite_float = _checked(float, lambda v: True, "a number")
+warmup_fraction = _checked(float, lambda v: 0 <= v < 1, "in [0, 1): a fraction of the run's steps")
+seed_value = _checked(int, lambda v: 0 <= v < 2**32, "in [0, 2**32)")
+
+
+def folder_name(text: str) -> str:
+    """An argparse type for a name that becomes a folder inside --out: one plain name, so that it can neither
+    escape the run directory nor be the run directory itself."""
+    if not text or text in (".", "..") or text.startswith(".") or "/" in text or "\\" in text or "\0" in text:
+        raise argparse.ArgumentTypeError(f"must be one plain folder name (no '/', not '.', '..' or hidden), "
+                                         f"got {text!r}")
+    return text
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -93,7 +124,7 @@ def add_runtime_args(p) -> None:
     """How any script that loads a model runs it: --device, --seed, --max-prompt-tokens, --chat-template."""
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: CUDA if available")
-    p.add_argument("--seed", type=int, default=0, help="seeds torch, Python and the sampler")
+    p.add_argument("--seed", type=seed_value, default=0, help="seeds torch, Python and the sampler")
     p.add_argument("--max-prompt-tokens", type=positive_int, default=512,
                    help="truncate longer user prompts to this many tokens (with a warning that counts them)")
     p.add_argument("--chat-template", metavar="FILE",
@@ -112,6 +143,12 @@ def add_common_args(p, out_default: str = "runs/demo", device_map: bool = False,
                                             "them (default: none, the whole model on --device)")
     if dtype:
         add_dtype_arg(p)
+
+
+def add_repeats(p, default: int, how: str) -> None:
+    """--repeats, which every benchmark has: how many times it runs each measurement; `how` says which run
+    it reports (the best, the median) and whether the runs are interleaved."""
+    p.add_argument("--repeats", type=positive_int, default=default, help=how)
 
 
 def pick_device(name: str) -> torch.device:

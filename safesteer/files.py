@@ -2,11 +2,14 @@
 
     read_prompts, read_records, truncate_prompts     .jsonl / .json / .csv / .txt prompt files; data_file
     write_json, write_jsonl, write_text, save_tensors  atomic: a temp file beside the target, then a rename
-    load_json, run_info, prepare_out_dir
+    load_json, run_info, run_dir, prepare_out_dir
+    exclusive                                        one writer at a time (a lock the kernel releases)
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
@@ -136,6 +139,12 @@ def save_tensors(path, tensors: dict[str, torch.Tensor]) -> Path:
     return _atomic_write(path, lambda tmp: save_file(cpu, tmp))
 
 
+def sha256(path) -> str:
+    """The file's sha256, read in blocks (a student's weights never sit in memory at once)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def load_json(path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -158,11 +167,56 @@ def run_info(**extra) -> dict:
             "python": sys.version.split()[0], "git_commit": commit, **extra}
 
 
+def run_dir(out: str | Path) -> Path:
+    """--out as a folder, created if need be; a file of that name is a one-line error."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create the folder ({e.strerror})") from None
+    return out
+
+
 def prepare_out_dir(out: str | Path, outputs: list[str], overwrite: bool) -> Path:
     """Create the run directory; refuse to clobber this stage's earlier results unless --overwrite."""
-    out = Path(out)
+    out = run_dir(out)
     existing = [name for name in outputs if (out / name).exists()]
     if existing and not overwrite:
         raise UserError(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace")
-    out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, what: str):
+    """Hold `path` as a lock for the block: one writer at a time. The lock is the kernel's (flock), so a
+    process that dies, even by kill -9, releases it; a second process reads who holds it and stops with one
+    line. The file names the holder (pid, host, start) and is removed on release."""
+    import fcntl
+    import socket
+    import time
+    path = Path(path)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"{what} is being written by {holder} (lock {path}); wait for it to "
+                            "finish") from None
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            break  # ours, and still the file at that path (not one a leaving holder just removed)
+        os.close(fd)
+    stale = os.read(fd, 4096).decode(errors="replace").strip()
+    if stale:
+        print(f"warning: {path} was left by {stale}, which has stopped; taking it over", file=sys.stderr)
+    os.ftruncate(fd, 0)
+    me = f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    os.pwrite(fd, me.encode(), 0)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)

@@ -7,7 +7,7 @@ Two conventions every loss and metric here relies on, and a port must reproduce 
                 model's output at the position before it (the last prompt token for i = 0), so a loss at
                 position i compares the two models' predictions *of* token i, never of token i + 1
     mask        end_of_turn_mask: 1 on each completion token up to and including its first stop token
-                (chat.stop_token_ids: the end of turn and eos), 0 after; the sampler returns exactly this mask,
+                (chat.stop_token_ids: the end of turn and eos), 0 after; the sampler returns this mask,
                 and the loss and the metrics count those positions only
 
     completion_logits         prompt + completion -> the logits that predict each completion token: without

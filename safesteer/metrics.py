@@ -4,6 +4,7 @@
                 JUDGE_ID                           which phrase list judged (a short hash)
                 qa_correct                         a general-knowledge reply holds an accepted answer
     intervals   wilson, bootstrap_mean             95% intervals for a rate and for a mean over prompts
+                interval_text                      one as a table shows it
     pairs       mcnemar_exact, paired_bootstrap    two checkpoints on the same prompts:
                                                    is the difference real?
     recipes     t_interval, seed_prompt_bootstrap, two recipes, each trained with several seeds: the training
@@ -115,6 +116,16 @@ def bootstrap_mean(sums: list[float], counts: list[float] | None = None, *, n_bo
         idx = [rng.randrange(n) for _ in range(n)]
         stats.append(sum(sums[i] for i in idx) / max(sum(counts[i] for i in idx), 1e-12))
     return _percentiles(stats, level)
+
+
+def interval_text(x: dict | None, kind: str = "rate") -> str:
+    """A rate or a value with its interval as a table shows it: "50% [9%, 91%]", "0.0390 [0.0350, 0.0430]";
+    "–" where it was not measured, or its set was empty (e.g. no risky-sounding prompts)."""
+    if x is None or x.get(kind) is None:
+        return "–"
+    if kind == "rate":
+        return f"{x['rate']:.0%} [{x['lo']:.0%}, {x['hi']:.0%}]"
+    return f"{x['value']:.4f} [{x['lo']:.4f}, {x['hi']:.4f}]"
 
 
 # ----------------------------------------------------------------------------- paired comparisons

@@ -3,6 +3,7 @@ into a cached transformers directory), a local transformers directory, or a hub 
 
     load_model          (model, tokenizer) in eval mode; --chat-template, --device-map, the dtype policy
     save_model_dir      a loadable directory, written beside its target and renamed into place
+    check_lengths       length options within the model's context
 """
 from __future__ import annotations
 
@@ -60,7 +61,9 @@ def save_model_dir(model, tokenizer, path: Path, extra_files: dict[str, object] 
     model.hf_quantizer, model.is_quantized = None, False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    # a hidden name that says whose it is: no stage lists it as a model; a later run removes it if that
+    # process has stopped (parallel.remove_stale_temporaries)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-"))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -68,11 +71,16 @@ def save_model_dir(model, tokenizer, path: Path, extra_files: dict[str, object] 
             (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
         if also is not None:
             also(tmp)
+        old = path.parent / f".{path.name}.tmp-{os.getpid()}-replaced"
         if path.exists():
-            shutil.rmtree(path)
+            os.replace(path, old)  # two renames, microseconds apart: never a half-deleted directory
         os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        old = path.parent / f".{path.name}.tmp-{os.getpid()}-replaced"
+        if old.exists() and not path.exists():
+            os.replace(old, path)  # the new copy failed: the old one stays
         raise
 
 
@@ -120,3 +128,13 @@ def load_model(name: str = BUNDLED_MODEL, device="cpu", dtype: torch.dtype | Non
     if device_map is None:
         model = model.to(device)
     return model.eval(), tok
+
+
+def check_lengths(model, **lengths: int) -> None:
+    """Each length option (max_new_tokens=48, ...) within the model's context, a one-line error before any
+    tensor of that length is made: a sampler preallocates [rows, max_new_tokens]."""
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    for name, n in lengths.items():
+        if context and n is not None and n > context:
+            raise UserError(f"--{name.replace('_', '-')} {n} exceeds the model's context of {context} "
+                            "positions")

@@ -425,6 +425,7 @@ def test_bad_input_is_one_line_and_writes_nothing(name, argv, fragment, model_di
     out = tmp_path / "run"
     make_run(out, model_dir)
     (out / "done").mkdir()
+    (out / "done" / "safesteer.json").write_text("{}")  # a finished student
     (tmp_path / "empty.jsonl").write_text("")
     before = sorted(p.name for p in out.iterdir())
     capsys.readouterr()

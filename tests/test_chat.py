@@ -153,12 +153,12 @@ def test_every_stage_runs_and_the_student_reloads(family_dir, tmp_path):
     saved = {}
     real_save = distill.save_student
 
-    def remember_logits(student, tok, path, info, lora, dtype="float32"):
+    def remember_logits(student, tok, path, info, lora, dtype="float32", log=None):
         ids, mask = encode_chats(tok, ["check the reload"])
         with torch.no_grad():
             saved["logits"] = student.eval()(input_ids=ids, attention_mask=mask).logits
         saved["ids"], saved["mask"] = ids, mask
-        real_save(student, tok, path, info, lora, dtype)
+        real_save(student, tok, path, info, lora, dtype, log)
     distill.save_student = remember_logits
     try:
         distill.main(m + ["--max-steps", "1", "--prompts-per-step", "1", "--samples", "2",

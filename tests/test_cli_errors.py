@@ -46,45 +46,35 @@ def files(tmp_path):
 
 
 CASES = [
-    # (id, stage, argv builder, expected fragment)
-    ("missing prompt file", "extract", lambda t, m, r: ["--harmful-train", str(t / "nope.jsonl")],
-     "file not found"),
-    ("empty prompt file", "extract", lambda t, m, r: ["--harmful-train", str(t / "empty.jsonl")],
-     "holds no prompts"),
-    ("no recognised field", "extract", lambda t, m, r: ["--harmless-train", str(t / "nofield.jsonl")],
+    # (id, stage, arguments, expected fragment); "{t}" in an argument is the folder of bad files
+    ("missing prompt file", "extract", ["--harmful-train", "{t}/nope.jsonl"], "file not found"),
+    ("empty prompt file", "extract", ["--harmful-train", "{t}/empty.jsonl"], "holds no prompts"),
+    ("no recognised field", "extract", ["--harmless-train", "{t}/nofield.jsonl"],
      "nofield.jsonl:1: no prompt field"),
-    ("malformed JSON line", "select", lambda t, m, r: ["--prompts", str(t / "bad.jsonl")],
-     "bad.jsonl:2: malformed JSON"),
-    ("layer out of range", "extract", lambda t, m, r: ["--layer", "99", "--position", "-1"],
-     "--layer must be in 0..3"),
-    ("position out of range", "extract", lambda t, m, r: ["--layer", "1", "--position", "-99"],
-     "--position in"),
-    ("direction of another size", "select", lambda t, m, r: ["--direction", str(t / "small.safetensors")],
-     "hidden size is 32"),
-    ("direction layer out of range", "select", lambda t, m, r: ["--direction", str(t / "deep.safetensors")],
-     "out of range"),
-    ("missing direction", "distill", lambda t, m, r: ["--direction", str(t / "none.safetensors")],
-     "direction file not found"),
-    ("token file for another tokenizer", "distill", lambda t, m, r: ["--tokens", str(t / "other_tok.json")],
-     "another tokenizer"),
-    ("token ids beyond the vocabulary", "distill", lambda t, m, r: ["--tokens", str(t / "big_ids.json")],
+    ("malformed JSON line", "select", ["--prompts", "{t}/bad.jsonl"], "bad.jsonl:2: malformed JSON"),
+    ("layer out of range", "extract", ["--layer", "99", "--position", "-1"], "--layer must be in 0..3"),
+    ("position out of range", "extract", ["--layer", "1", "--position", "-99"], "--position in"),
+    ("direction of another size", "select", ["--direction", "{t}/small.safetensors"], "hidden size is 32"),
+    ("direction layer out of range", "select", ["--direction", "{t}/deep.safetensors"], "out of range"),
+    ("missing direction", "distill", ["--direction", "{t}/none.safetensors"], "direction file not found"),
+    ("token file for another tokenizer", "distill", ["--tokens", "{t}/other_tok.json"], "another tokenizer"),
+    ("token ids beyond the vocabulary", "distill", ["--tokens", "{t}/big_ids.json"],
      "outside the model's vocabulary"),
-    ("student that is not a model", "evaluate", lambda t, m, r: ["--models", f"s={t / 'not_a_model'}"],
-     "not a model directory"),
-    ("bad --models item", "evaluate", lambda t, m, r: ["--models", "nonsense"], "NAME=SPEC"),
-    ("results already there", "select", lambda t, m, r: [], "--overwrite"),
-    ("model directory missing", "extract", lambda t, m, r: ["--model", str(t / "nomodel")], "not found"),
-    ("model without chat template", "extract", lambda t, m, r: ["--model", str(t / "notemplate")],
+    ("student that is not a model", "evaluate", ["--models", "s={t}/not_a_model"], "not a model directory"),
+    ("bad --models item", "evaluate", ["--models", "nonsense"], "NAME=SPEC"),
+    ("results already there", "select", [], "--overwrite"),
+    ("model directory missing", "extract", ["--model", "{t}/nomodel"], "not found"),
+    ("model without chat template", "extract", ["--model", "{t}/notemplate"],
      "no chat template; pass one with --chat-template FILE"),
-    ("missing --chat-template file", "select", lambda t, m, r: ["--chat-template", str(t / "nope.jinja")],
+    ("missing --chat-template file", "select", ["--chat-template", "{t}/nope.jinja"],
      "chat template file not found"),
-    ("steps not an integer", "distill", lambda t, m, r: ["--max-steps", "2.5"], "expected an integer"),
-    ("cuda without cuda", "extract", lambda t, m, r: ["--device", "cuda"], "CUDA"),
-    ("k <= 0", "select", lambda t, m, r: ["--k", "0"], "--k: must be > 0"),
-    ("temperature < 0", "distill", lambda t, m, r: ["--temperature", "-1"], "--temperature: must be >= 0"),
-    ("lr <= 0", "distill", lambda t, m, r: ["--lr", "0"], "--lr: must be > 0"),
-    ("top-p out of range", "distill", lambda t, m, r: ["--top-p", "1.5"], "--top-p"),
-    ("layer without position", "extract", lambda t, m, r: ["--layer", "1"], "together"),
+    ("steps not an integer", "distill", ["--max-steps", "2.5"], "expected an integer"),
+    ("cuda without cuda", "extract", ["--device", "cuda"], "CUDA"),
+    ("k <= 0", "select", ["--k", "0"], "--k: must be > 0"),
+    ("temperature < 0", "distill", ["--temperature", "-1"], "--temperature: must be >= 0"),
+    ("lr <= 0", "distill", ["--lr", "0"], "--lr: must be > 0"),
+    ("top-p out of range", "distill", ["--top-p", "1.5"], "--top-p"),
+    ("layer without position", "extract", ["--layer", "1"], "together"),
 ]
 
 
@@ -110,7 +100,7 @@ def test_bad_input(name, stage, argv, fragment, tmp_path, model_dir, run_dir, to
     capsys.readouterr()  # drop what the fixtures printed
     extra = [] if name == "results already there" else ["--overwrite"]
     code, err = run(stage, ["--model", str(model_dir), "--out", str(run_dir)]
-                    + argv(t, model_dir, run_dir) + extra, capsys)
+                    + [a.format(t=t) for a in argv] + extra, capsys)
     lines = err.strip().splitlines()
     assert code == 2
     assert len(lines) == 1 and lines[0].startswith("error: "), err

@@ -3,6 +3,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -656,3 +657,59 @@ def test_prompt_teacher_sees_the_system_prompt_and_the_same_completion(tok, mode
         with torch.no_grad():
             ref = model(input_ids=torch.cat([ids[0], comp[r]])[None]).logits[0, ids.shape[1] - 1:-1]
         assert torch.allclose(lt[r], ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_save_at_keeps_students_along_the_way_and_changes_nothing_else(model_dir, tok, tmp_path, monkeypatch,
+                                                                      lora):
+    """--save-at 2 keeps OUT/student-step2, the student after step 2 (its weights, LoRA merged, as the run
+    held them then; a log of 2 steps and their cost), and leaves the run as it was: the final student and
+    every logged number after step 2 equal a run without it."""
+    from transformers import AutoModelForCausalLM
+    from safetensors.torch import load_file
+    from safesteer.scale import parallel
+    out = tmp_path / "run"
+    make_run(out, model_dir, tok)
+    extra = ["--lora-rank", "4"] if lora else []
+    held, real = {}, parallel.Loop.after_step
+
+    def after_step(self, student, log, step, n_steps):  # the weights as the plain run holds them at step 2
+        if step == 2 and not lora:
+            held.update({k: v.detach().clone() for k, v in student.state_dict().items()})
+        real(self, student, log, step, n_steps)
+    monkeypatch.setattr(parallel.Loop, "after_step", after_step)
+    dl.main(args_for(model_dir, out, "--student", "plain", *extra))
+    monkeypatch.setattr(parallel.Loop, "after_step", real)
+    dl.main(args_for(model_dir, out, "--student", "kept", "--save-at", "2", *extra))
+    a, b = load_file(out / "plain" / "model.safetensors"), load_file(out / "kept" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    drop = ("seconds", "step_seconds", "sample_tokens_per_s", "peak_memory_mb")
+    logs = [[{k: v for k, v in json.loads(line).items() if k not in drop}
+             for line in (out / name / "train_log.jsonl").read_text().splitlines()] for name in ("plain", "kept")]
+    assert logs[0] == logs[1] and len(logs[0]) == 4
+    step2 = out / "kept-step2"
+    info = json.loads((step2 / "safesteer.json").read_text())
+    assert info["steps"] == 2 and info["cost"]["steps"] == 2 and info["cost"]["flops_estimate"] > 0
+    assert len((step2 / "train_log.jsonl").read_text().splitlines()) == 2
+    loaded = AutoModelForCausalLM.from_pretrained(step2)  # a plain transformers directory
+    if not lora:
+        saved = load_file(step2 / "model.safetensors")
+        assert all(torch.equal(saved[k], held[k]) for k in saved)
+    mid = loaded.state_dict()
+    assert any(not torch.equal(mid[k], b[k]) for k in b if k in mid)  # step 2 is not the end
+    import evaluate
+    listed = dict(evaluate.resolve_models(evaluate.parse_args(["--out", str(out)]), out))
+    assert listed["kept-step2"] == str(step2)  # Stage 4 evaluates it beside the others
+
+
+def test_save_at_is_checked_before_step_one(model_dir, tok, tmp_path, capsys):
+    out = tmp_path / "run"
+    make_run(out, model_dir, tok)
+    for extra, fragment in ((["--save-at", "4"], "--save-at 4 is not before the run's last step (4)"),
+                            (["--save-at", "9"], "--save-at 9 is not before")):
+        with pytest.raises(UserError, match=re.escape(fragment)):
+            dl.main(args_for(model_dir, out, *extra))
+    (out / "student-step2").mkdir()
+    with pytest.raises(UserError, match="student-step2 already exists and is not a student"):
+        dl.main(args_for(model_dir, out, "--save-at", "2", "--overwrite"))
+    assert not (out / "student").exists()

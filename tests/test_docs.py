@@ -29,14 +29,17 @@ SEPARATORS = {"|", "||", "&&", ";", ">", ">>", "2>", "2>&1", "&>"}
 def scripts() -> list[Path]:
     """Every command-line script of the project: the stages, bench/*.py, experiments/*.py and the package's
     modules that have a __main__ block."""
-    folders = [ROOT, ROOT / "bench", ROOT / "experiments", ROOT / "safesteer"]
+    folders = [ROOT, ROOT / "bench", ROOT / "experiments", ROOT / "safesteer", *(ROOT / "safesteer").glob("*/")]
     return [p for folder in folders for p in sorted(folder.glob("*.py"))
             if '__name__ == "__main__"' in p.read_text()]
 
 
 def module_file(name: str) -> str | None:
-    """`python -m bench.vs_trl` runs bench/vs_trl.py: the project's file a module name stands for."""
+    """`python -m bench.vs_trl` runs bench/vs_trl.py, `python -m safesteer.check_port` the package's
+    __main__.py: the project's file a module name stands for."""
     path = ROOT / (name.replace(".", "/") + ".py")
+    if not path.is_file() and (ROOT / name.replace(".", "/") / "__main__.py").is_file():
+        path = ROOT / name.replace(".", "/") / "__main__.py"
     ours = name.split(".")[0] in ("bench", "experiments", "safesteer")
     return str(path.relative_to(ROOT)) if ours else None
 
@@ -376,8 +379,8 @@ def repository_files() -> list[str]:
 
 def test_no_file_name_or_text_uses_the_word():
     """Exempt: the dated log and the archive (history), and texts that are data, not prose: the prompt sets
-    in data/*.jsonl (a prompt may ask about stealing login cookies) and model outputs (train logs, eval
-    samples)."""
+    in data/*.jsonl (a prompt may ask about stealing login cookies), the published benchmark files in
+    tests/fixtures/ (verbatim) and model outputs (train logs, eval samples)."""
     problems = []
     for f in repository_files():
         if f == "results/LOG.md" or f.startswith("results/archive/"):
@@ -387,7 +390,8 @@ def test_no_file_name_or_text_uses_the_word():
             continue
         name = Path(f).name
         model_output = re.match(r"(eval_samples|train_log).*\.jsonl$", name)
-        if (f.startswith("data/") and f.endswith(".jsonl")) or model_output:
+        published = f.startswith("tests/fixtures/") and not f.endswith(".md")
+        if (f.startswith("data/") and f.endswith(".jsonl")) or model_output or published:
             continue
         try:
             text = (ROOT / f).read_text()

@@ -36,7 +36,7 @@ def test_lora_on_a_bf16_base_merges_in_float32(model_dir, tok, tmp_path):
     update away (issue 31: 39-83% off). The saved model must give the adapter model's logits within float32
     error."""
     from transformers import AutoModelForCausalLM
-    from safesteer.scale.parallel import save_student
+    from safesteer.scale.students import save_student
     student = lora_trained(bf16_base(model_dir))
     ids = torch.arange(5, 25).view(2, 10)
     with torch.no_grad():

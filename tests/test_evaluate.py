@@ -8,6 +8,7 @@ import torch
 from safesteer.chat import encode_chats
 from safesteer.files import save_tensors, write_json
 import evaluate as ev
+from safesteer.metrics import interval_text
 from safesteer import forcing, metrics
 from safesteer.errors import UserError
 from safesteer.teacher import Teacher
@@ -146,7 +147,8 @@ def test_check_model_spec(model_dir, tmp_path):
 def test_an_empty_subset_is_a_dash_not_a_crash():
     """harmless_val has no risky-sounding prompts: that rate is over an empty set and must print as –."""
     empty, some = ev.rate([]), ev.rate([True, False])
-    assert empty["rate"] is None and ev.fmt(empty) == "–" and ev.fmt(some) == "50% [9%, 91%]"
+    assert empty["rate"] is None and interval_text(empty) == "–"
+    assert interval_text(some) == "50% [9%, 91%]"
     table = ev.to_markdown({"m": {"over_refusal": some, "over_refusal_risky": empty}},
                            {"counts": {"harmless": 2}, "max_new_tokens": 1})
     assert "| m | – | – | 50% [9%, 91%] | – |" in table

@@ -1,9 +1,10 @@
 """The house: four stages on top, one package beneath, arrows that only go down, and a package that installs.
 
-Floors, from the top: the scripts (experiments/, bench/) over the four stages over the package safesteer/. An
-import may go down or stay on its floor (a stage may call another stage's function), never up, and never round
-in a circle, not even under TYPE_CHECKING. The package's core, what a port lifts, imports torch, transformers
-and the standard library, and of the project only the core itself.
+Floors, from the top: the scripts (experiments/, bench/) over the four stages and the ports (ports/, beside
+them) over the package safesteer/. An import may go down or stay in its group (a stage may call another
+stage's function), never up or across, and never round in a circle, not even under TYPE_CHECKING. The
+package's core, what a port lifts, imports torch, transformers and the standard library, and of the project
+only the core itself.
 """
 import ast
 import re
@@ -15,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = {"extract_direction", "select_tokens", "distill", "evaluate"}
 CORE = {"safesteer.errors", "safesteer.hooks", "safesteer.sampling", "safesteer.forcing", "safesteer.losses",
         "safesteer.chat"}
-FLOOR = {"safesteer": 0, "stage": 1, "experiments": 2, "bench": 2}
+FLOOR = {"safesteer": 0, "stage": 1, "ports": 1, "experiments": 2, "bench": 2}
 
 
 def tracked(pattern: str) -> list[Path]:
@@ -33,7 +34,7 @@ def module_name(path: Path) -> str:
 def project_modules() -> dict[str, Path]:
     """Every module of the four floors, by its import name."""
     files = [ROOT / f"{s}.py" for s in STAGES]
-    for folder in ("safesteer", "experiments", "bench"):
+    for folder in ("safesteer", "experiments", "bench", "ports"):
         files += sorted((ROOT / folder).rglob("*.py"))
     return {module_name(f): f for f in files}
 
@@ -57,7 +58,7 @@ def imports(path: Path, known: set[str]) -> tuple[set[str], set[str]]:
             hit = next((n for n in (name, name.rpartition(".")[0]) if n in known), None)
             if hit:
                 ours.add(hit)
-            elif name.split(".")[0] not in {"safesteer", "experiments", "bench", *STAGES}:
+            elif name.split(".")[0] not in {"safesteer", "experiments", "bench", "ports", *STAGES}:
                 others.add(name.split(".")[0])
     return ours, others
 
@@ -124,11 +125,13 @@ def test_pip_install_gives_the_package_alone_and_it_imports_from_anywhere(tmp_pa
     source, target = tmp_path / "source", tmp_path / "site"  # a copy: the build writes beside its sources
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "results", "build",
                                                                  "*.egg-info", "__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                    "--no-deps", "--no-build-isolation", "--no-compile", "--target", str(target), str(source)],
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+           "--no-build-isolation", "--no-compile"]
+    subprocess.run([*pip, "--target", str(target), str(source)],
                    check=True, capture_output=True, text=True, timeout=300)
     installed = {p.name for p in target.iterdir()}
-    assert "safesteer" in installed and not installed & ({f"{s}.py" for s in STAGES} | {"experiments", "bench"})
+    scripts = {f"{s}.py" for s in STAGES} | {"experiments", "bench", "ports"}
+    assert "safesteer" in installed and not installed & scripts
     code = ("import sys, safesteer.losses, safesteer.hooks, safesteer.sampling, safesteer.forcing;"
             "import safesteer.chat, safesteer.teacher, safesteer.scale.parallel, safesteer.port.judges;"
             "mods = [m for m in sys.modules if m.split('.')[0] in "

@@ -96,7 +96,8 @@ def test_ema_teacher_follows_the_student_and_refreshes_r_and_s(model_dir, tok, t
     teacher_model.save_pretrained(hand / "theta")
     tok.save_pretrained(hand / "theta")
     save_tensors(hand / "direction.safetensors", {"direction": r2})
-    write_json(hand / "direction.json", {**meta, "layer": meta["layer"]})
+    # r measured on θt, not on the π0 that Stage 1 fingerprinted: the copy names no model
+    write_json(hand / "direction.json", {k: v for k, v in meta.items() if k != "model_fingerprint"})
     stage2(hand / "theta", hand, hand / "direction.safetensors")
     assert s2 == load_json(hand / "safety_tokens.json")["token_ids"]
 

@@ -81,9 +81,11 @@ def test_the_samplers_mask_is_the_end_of_turn_mask(tok, model):
     (here a stop token the rows draw often, so that rows stop at different steps and some never do)."""
     ids, mask = batch(tok, ("hi", "tell me a long story please", "why?", "hi"))
     kw = dict(temperature=1.0, pad_id=tok.pad_token_id)
-    free, _ = sample(model, ids, mask, 12, stop_ids=[10_000], generator=torch.Generator().manual_seed(0), **kw)
+    free, _ = sample(model, ids, mask, 12, stop_ids=[10_000], generator=torch.Generator().manual_seed(0),
+                     **kw)
     stops = [int(free[0, 3]), int(free[2, 1])]  # the same draws again: row 0 stops by step 3, row 2 by step 1
-    tokens, got = sample(model, ids, mask, 12, stop_ids=stops, generator=torch.Generator().manual_seed(0), **kw)
+    draws = torch.Generator().manual_seed(0)
+    tokens, got = sample(model, ids, mask, 12, stop_ids=stops, generator=draws, **kw)
     assert torch.equal(got, forcing.end_of_turn_mask(tokens, stops))
     assert len(set(got.sum(-1).tolist())) > 1  # rows of different lengths: the edge is exercised
     rows = torch.tensor([[5, 6, 9, 7, 9], [1, 2, 3, 4, 5], [9, 9, 1, 2, 3]])

@@ -10,6 +10,7 @@
                                    each in the dtype it was saved in unless --dtype says (precision.py)
     fingerprint                    a hash of a spec's weights and settings: evaluate.py reuses the evaluation
                                    of a model whose fingerprint is unchanged (`make ablate`)
+    judge_fingerprint              a guard's family, the text it reads and its weights: one of those settings
     earlier_evaluation, reuse      that evaluation, read back from eval.json and eval_samples.jsonl
 """
 from __future__ import annotations
@@ -17,12 +18,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import torch
 
 from safesteer.errors import UserError
-from safesteer.files import load_json
+from safesteer.files import load_json, sha256, write_json, write_jsonl, write_text
 from safesteer.models import BUNDLED_MODEL, bundled_package_dir, load_model
 from safesteer.scale.precision import saved_dtype, to_bf16_with_warning
 from safesteer.teacher import load_teacher
@@ -102,10 +104,30 @@ def fingerprint(spec: str, settings: dict) -> str:
         weights = sorted(f.name for f in Path(spec).glob("*.safetensors"))
         folders.append((Path(spec), ["config.json", *weights]))
     for folder, names in folders:
-        for name in names:  # streamed: an 8B student's 16 GB of weights never sit in memory at once
-            with open(folder / name, "rb") as f:
-                h.update(name.encode() + hashlib.file_digest(f, "sha256").digest())
+        hash_files(h, folder, names)
     return h.hexdigest()
+
+
+def hash_files(h, folder: Path, names: list[str]) -> None:
+    """Add each file's name and sha256 to the hash h, in the order given."""
+    for name in names:  # streamed: an 8B model's 16 GB of weights never sit in memory at once
+        with open(folder / name, "rb") as f:
+            h.update(name.encode() + hashlib.file_digest(f, "sha256").digest())
+
+
+def judge_fingerprint(judge) -> dict:
+    """What a guard's verdicts depend on (judges.GuardJudge), for Stage 4's fingerprint: its family, the text
+    its inputs are made of (its chat template, or HarmBench's prompts) and its weights (config.json and the
+    weight files). Another --judge or --judge-family, or the same directory with other files, runs again."""
+    weights = None
+    if judge.path is not None:
+        folder = Path(judge.path)
+        names = sorted(f.name for f in folder.iterdir() if f.suffix in (".safetensors", ".bin"))
+        h = hashlib.sha256()
+        hash_files(h, folder, ["config.json", *names])
+        weights = h.hexdigest()
+    return {"family": judge.family_name, "format": hashlib.sha256(judge.format_text().encode()).hexdigest(),
+            "weights": weights}
 
 
 # ----------------------------------------------------------------------------- ours: reusing an evaluation
@@ -114,6 +136,11 @@ def earlier_evaluation(out: Path) -> tuple[dict, list[dict], dict]:
     """(models, samples, π0's retention answers) of OUT's last evaluation, or empty ones."""
     try:
         old = load_json(out / "eval.json")
+        if old.get("samples_sha256") != sha256(out / "eval_samples.jsonl"):
+            why = ("names no samples file (written before it did)" if "samples_sha256" not in old else
+                   "was written with another eval_samples.jsonl (a stopped run?)")
+            print(f"warning: {out / 'eval.json'} {why}: evaluating every model again", file=sys.stderr)
+            return {}, [], {}
         samples = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
         return old["models"], samples, old.get("retention_answers") or {}
     except (UserError, OSError, KeyError, ValueError):  # none yet, or unreadable: evaluate everything
@@ -132,3 +159,23 @@ def reuse(name: str, fp: str, old: dict, old_samples: list[dict], sets: dict, pa
     ret = {"kl": old[name]["kl_sums"], "nll": old[name].get("nll_sums"), "tokens": old[name]["kl_tokens"]}
     row = {k: v for k, v in old[name].items() if k != "paired"}
     return row, mine, {"verdicts": verdicts, "qa_ok": qa_ok, "ret": ret}
+
+
+def evaluation_settings(args, sets: dict, device, judge) -> dict:
+    """Everything but the weights that a model's row depends on, for its fingerprint: the prompts, the
+    decoding, the phrases, the guard (another guard: its verdicts again) and lm-eval's tasks."""
+    from safesteer.metrics import REFUSAL_PHRASES
+    return {"base": args.model, "sets": sets, "device": str(device), "seed": args.seed,
+            "max_new_tokens": args.max_new_tokens, "qa_tokens": args.qa_new_tokens, "dtype": args.dtype,
+            "chat_template": args.chat_template, "judge": [args.judge, *REFUSAL_PHRASES],
+            **({"guard": judge_fingerprint(judge)} if judge else {}),
+            "lm_eval": [args.lm_eval, args.lm_eval_limit]}
+
+
+def write_evaluation(out: Path, results: dict, samples: list[dict], meta: dict, table: str) -> None:
+    """eval_samples.jsonl, eval.md, then eval.json naming the samples it goes with (their sha256): a stop
+    between the files leaves no mixed set that a later run would reuse (earlier_evaluation checks it)."""
+    write_jsonl(out / "eval_samples.jsonl", samples)
+    write_text(out / "eval.md", table)
+    meta = {**meta, "samples_sha256": sha256(out / "eval_samples.jsonl")}
+    write_json(out / "eval.json", {"models": results, **meta})

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,8 +31,8 @@ from safesteer.scale.checkpoints import load_checkpoint, save_checkpoint
 from safesteer.cli import positive_float, positive_int, seed_everything
 from safesteer.errors import UserError
 from safesteer.files import run_info, write_jsonl
-from safesteer.models import load_model, save_model_dir
-from safesteer.scale.precision import DTYPES, computes_in_bf16, frozen_copy, merge_lora, training_autocast
+from safesteer.models import load_model
+from safesteer.scale.precision import DTYPES, computes_in_bf16, frozen_copy, training_autocast
 from safesteer.teacher import Teacher, load_teacher
 from safesteer.forcing import packing_path
 
@@ -197,20 +196,6 @@ class World:
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def prepare_output_dirs(out: Path, student: str, overwrite: bool, resume: bool) -> tuple[Path, Path]:
-    """(OUT/STUDENT, OUT/STUDENT.work), after refusing to replace a finished student or an unfinished run (its
-    work dir) unless told to; --overwrite clears the unfinished one."""
-    final_dir, work = out / student, out / f"{student}.work"
-    if final_dir.exists() and not overwrite:
-        raise UserError(f"{final_dir} already exists; pass --overwrite to replace it")
-    if work.exists() and not resume:
-        if not overwrite:
-            raise UserError(f"{work} holds an unfinished run; pass --resume to continue it or --overwrite "
-                            f"to restart")
-        shutil.rmtree(work)
-    return final_dir, work
-
-
 def checkpoint_interval(every: int | None, refresh_every: int | None) -> int:
     """--checkpoint-every, by default 5, or with --refresh-every N the first multiple of N from 5: a resumed
     run rebuilds πt from the student, so checkpoints must fall on refreshes."""
@@ -231,17 +216,28 @@ class Loop:
     world: World = field(default_factory=lambda: World(torch.device("cpu")))
     work: Path | None = None  # OUT/STUDENT.work: checkpoint.pt, weights-STEP/, the running train_log.jsonl
     checkpoint_every: int = 5
+    recipe: dict | None = None  # what must not change on --resume (recipe_record), saved in each checkpoint
     resumed: dict | None = None  # load_checkpoint's note, until the next step's record carries it
+    changes: dict = field(default_factory=dict)  # {option: (then, now)} that --resume-changing let differ
+    save_at: frozenset = frozenset()  # --save-at: after these steps keep(student, step, log) saves a copy
+    keep: object = None
 
-    def open(self, student, resume: bool) -> tuple[int, list[dict]]:
+    def open(self, student, resume: bool, allowed=()) -> tuple[int, list[dict]]:
         """Make the work dir; (first step, log so far): (0, []), or with --resume the checkpoint's, with the
-        weights, optimiser, schedule and random streams restored."""
+        weights, optimiser, schedule and random streams restored, once the recipe is the checkpoint's (or
+        differs only in `allowed`)."""
         self.work.mkdir(parents=True, exist_ok=True)
         if not resume:
             return 0, []
-        path = self.work / "checkpoint.pt"
-        start, log, self.resumed = load_checkpoint(path, student, self.opt, self.sched, self.gen, self.world)
+        start, log, self.resumed, self.changes = load_checkpoint(self.work, student, self.opt, self.sched,
+                                                                 self.gen, self.world, self.recipe, allowed)
         return start, log
+
+    def resume_record(self, start: int) -> dict:
+        """For safesteer.json: what --resume-changing let differ, and from which step (nothing otherwise)."""
+        if not self.changes:
+            return {}
+        return {"resumed_with_changes": {"from_step": start, **{k: list(v) for k, v in self.changes.items()}}}
 
     def after_step(self, student, log: list[dict], step: int, n_steps: int) -> None:
         """After step `step` (from 1): the log so far written (rank 0), and every N steps but the last a
@@ -250,8 +246,11 @@ class Loop:
             log[-1]["resumed"], self.resumed = self.resumed, None
         if self.world.main:
             write_jsonl(self.work / "train_log.jsonl", log)
+        if step in self.save_at and self.world.main:
+            self.keep(student, step, log)
         if step % self.checkpoint_every == 0 and step < n_steps:
-            save_checkpoint(self.work, student, self.opt, self.sched, step, self.gen, log, self.world)
+            save_checkpoint(self.work, student, self.opt, self.sched, step, self.gen, log, self.world,
+                            self.recipe)
 
 
 def trainable(model) -> dict[str, torch.nn.Parameter]:
@@ -306,21 +305,6 @@ def student_info(args, models: Models, s_ids, tokens_file: Path, steps: int, wor
             **run_info()}
 
 
-def save_student(student, tok, path: Path, info: dict, lora: bool, dtype: str = "float32") -> None:
-    """A plain transformers directory in `dtype` ("float32" or "bf16"); with LoRA the weights merged in
-    float32 (precision.merge_lora), plus the adapter in adapter/."""
-    if hasattr(student, "activation_checkpointing_disable"):
-        student.activation_checkpointing_disable()
-    if not lora:
-        save_model_dir(student.to(DTYPES[dtype]).eval(), tok, path, extra_files={"safesteer.json": info})
-        return
-    staged = path.parent / f".{path.name}.adapter"
-    student.save_pretrained(staged)  # peft's own format, before merging
-    merged = merge_lora(student, DTYPES[dtype])
-    write_adapter = lambda tmp: shutil.move(staged, Path(tmp) / "adapter")
-    save_model_dir(merged, tok, path, extra_files={"safesteer.json": info}, also=write_adapter)
-
-
 def peak_memory_mb(device) -> float:
     """Peak memory so far: allocated CUDA memory on a GPU, the process's peak RSS on the CPU."""
     if torch.device(device).type == "cuda":
@@ -365,4 +349,10 @@ def add_scale_args(p) -> None:
                        help="keep activations, not recomputing them in backward (more memory, same numbers)")
     scale.add_argument("--checkpoint-every", type=positive_int, help="save a resumable checkpoint every N "
                        "steps (default: 5, or with --refresh-every the first multiple of it from 5)")
+    scale.add_argument("--save-at", nargs="+", type=positive_int, metavar="STEP", default=[],
+                       help="also keep the student after these steps, as OUT/STUDENT-stepN (loadable, LoRA "
+                            "merged), from a copy: the run itself is unchanged (default: none)")
     scale.add_argument("--resume", action="store_true", help="continue from OUT/STUDENT.work/checkpoint.pt")
+    scale.add_argument("--resume-changing", nargs="+", metavar="OPTION", default=[],
+                       help="with --resume: options (e.g. max-steps) allowed to differ from the checkpoint's "
+                            "recipe; the change is recorded in safesteer.json (default: none may differ)")

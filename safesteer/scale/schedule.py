@@ -14,7 +14,8 @@
 π0 never moves: it stays anchoring's target. With full fine-tuning πt is a third model, a float32 copy of the
 student (one more copy of the weights); with LoRA θt is a second set of adapters, swapped in whenever πt runs.
 The authors differ in three ways we keep on purpose: they reselect r's block and position at every refresh
-(their hook stays on the first block all the same; we keep Stage 1's block and position), they average in
+(their hook stays on the block chosen first all the same; we keep Stage 1's block and position), they average
+in
 bf16 (an update α·(θs − θt) below bf16's rounding is lost; ours is float32), and each refresh draws the
 teacher's samples from the running random stream (ours from Stage 2's seed: S moves only when θt does).
 
@@ -46,7 +47,8 @@ def add_schedule_args(group) -> None:
                        help="the authors' schedule: after every step θt ← (1 − α)·θt + α·θs (their "
                             "ref_model_mixup_alpha, 0.01), r and S measured again on θt every "
                             "--refresh-tokens-every steps; full fine-tuning keeps one more copy of the "
-                            "weights (default: off)")
+                            "weights; with LoRA the average is taken of A and B separately, which is not the "
+                            "average of the merged update B·A (default: off)")
     group.add_argument("--refresh-tokens-every", type=positive_int, metavar="N", default=1,
                        help="with --teacher-ema: r and S measured again every N steps (authors: 1)")
     group.add_argument("--refresh-prompts", metavar="DIR",
