@@ -56,9 +56,10 @@ from safesteer.cli import (Parser, add_common_args, add_renamed, pick_device, po
                            seed_everything)
 from safesteer.errors import UserError
 from safesteer.files import data_file, prepare_out_dir, run_info
-from safesteer.models import load_model
+from safesteer.models import check_lengths, load_model
 from safesteer.port.judges import FAMILIES, GuardJudge, guard_summary
 from safesteer.port.summary import port_lines
+from safesteer.report import write_report
 from safesteer.metrics import (REFUSAL_PHRASES, bootstrap_mean, interval_text, is_refusal, mcnemar_exact,
                                paired_bootstrap, qa_correct, wilson)
 from safesteer.port.specs import (check_model_spec, check_spec, earlier_evaluation, evaluation_settings,
@@ -402,6 +403,7 @@ def main(argv=None):
             for name, path in paths.items() if path}
     prepare_out_dir(out, OUTPUTS, args.overwrite)
     model, tok = load_model(args.model, device, args.dtype, args.chat_template, args.device_map)
+    check_lengths(model, max_new_tokens=args.max_new_tokens, qa_new_tokens=args.qa_new_tokens)
     # a contextual benchmark prompt is shortened in its context, never in its request (benchmarks.py)
     shortened = {name: fit_prompts(tok, rows, args.max_prompt_tokens, paths[name])
                  for name, rows in sets.items()}
@@ -418,8 +420,9 @@ def main(argv=None):
     meta = eval_meta(ev, answers, t0)
     table = to_markdown(results, meta)
     write_evaluation(out, results, samples, meta, table)  # eval.json last, naming its samples
+    report = write_report(out)  # OUT/report.html: every stage's files as one page (safesteer/report)
     print(table)
-    print(f"took {time.time() - t0:.0f} s; wrote {', '.join(str(out / name) for name in OUTPUTS)}")
+    print(f"took {time.time() - t0:.0f} s; wrote {', '.join(str(out / name) for name in OUTPUTS)}, {report}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     step_tokens   one step's counts (train_log.jsonl's "tokens"): each prompt's real tokens once (its G
                   samples share them), the completion positions every forward pass computes (rows x the
-                  step's width, padding included), and the tokens the student sampled (through each end of turn)
+                  step's width, padding included), and the tokens the student sampled (through each end
+                  of turn)
     run_cost      the sums up to a step, and FLOPs ≈ 2·N·tokens per forward pass (N the model's weights;
                   attention's own FLOPs left out): the sampler's pass, the teacher's, and the student's
                   forward and backward (three passes), so 10·N·(prompt + completion positions) a step

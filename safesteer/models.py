@@ -90,6 +90,7 @@ def load_model(name: str = BUNDLED_MODEL, device="cpu", dtype: torch.dtype | Non
     chat_template: a file whose Jinja template replaces the tokenizer's. device_map (e.g. "auto") spreads a
     model too big for one device over all of them (the hooks follow each block). need_template=False: a
     model that reads raw text (a classifier judge) may have no chat template."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     template = None
@@ -116,8 +117,11 @@ def load_model(name: str = BUNDLED_MODEL, device="cpu", dtype: torch.dtype | Non
                 model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not load model {name!r}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # missing, cut short, another shape
+        why = str(e).splitlines()[0]
+        if "ignore_mismatched_sizes" in why:
+            why = "its weights' shapes do not match its config.json"
+        raise UserError(f"could not load model {name!r}: {why}") from None
     if template is not None:
         tok.chat_template = template
     if need_template and not tok.chat_template:

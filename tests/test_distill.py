@@ -684,8 +684,9 @@ def test_save_at_keeps_students_along_the_way_and_changes_nothing_else(model_dir
     a, b = load_file(out / "plain" / "model.safetensors"), load_file(out / "kept" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     drop = ("seconds", "step_seconds", "sample_tokens_per_s", "peak_memory_mb")
-    logs = [[{k: v for k, v in json.loads(line).items() if k not in drop}
-             for line in (out / name / "train_log.jsonl").read_text().splitlines()] for name in ("plain", "kept")]
+    lines = {name: (out / name / "train_log.jsonl").read_text().splitlines() for name in ("plain", "kept")}
+    logs = [[{k: v for k, v in json.loads(line).items() if k not in drop} for line in lines[name]]
+            for name in ("plain", "kept")]
     assert logs[0] == logs[1] and len(logs[0]) == 4
     step2 = out / "kept-step2"
     info = json.loads((step2 / "safesteer.json").read_text())

@@ -29,7 +29,8 @@ SEPARATORS = {"|", "||", "&&", ";", ">", ">>", "2>", "2>&1", "&>"}
 def scripts() -> list[Path]:
     """Every command-line script of the project: the stages, bench/*.py, experiments/*.py and the package's
     modules that have a __main__ block."""
-    folders = [ROOT, ROOT / "bench", ROOT / "experiments", ROOT / "safesteer", *(ROOT / "safesteer").glob("*/")]
+    folders = [ROOT, ROOT / "bench", ROOT / "experiments", ROOT / "safesteer",
+               *(ROOT / "safesteer").glob("*/")]
     return [p for folder in folders for p in sorted(folder.glob("*.py"))
             if '__name__ == "__main__"' in p.read_text()]
 

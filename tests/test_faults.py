@@ -302,3 +302,29 @@ def test_a_second_writer_is_refused_a_killed_ones_lock_is_taken_over_and_sigterm
     assert f"warning: {lock} was left by process {first.pid}" in err
     assert second.returncode == 143 and "terminated (SIGTERM)" in err and "Traceback" not in err
     assert not lock.exists()  # released on the way out
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    ("cut", "Error while deserializing header"),
+    ("config", "its weights' shapes do not match its config.json"),
+])
+def test_a_damaged_student_is_one_line_in_stage_4(damage, fragment, model_dir, tmp_path, capsys):
+    import shutil
+    student = tmp_path / "student"
+    shutil.copytree(model_dir, student)
+    if damage == "cut":
+        weights = student / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        edit_json(student / "config.json", hidden_size=48)
+    code, err = run(evaluate.main, ["--model", str(model_dir), "--out", str(tmp_path / "ev"), "--n-prompts", "2",
+                                    "--models", f"s={student}"], capsys)
+    one_line_error(code, err, f"could not load model '{student}': {fragment}")
+    assert not (tmp_path / "ev" / "eval.json").exists()
+
+
+@pytest.mark.parametrize("flag", ["--max-new-tokens", "--qa-new-tokens"])
+def test_stage_4_lengths_beyond_the_context_are_one_line(flag, model_dir, tmp_path, capsys):
+    code, err = run(evaluate.main, ["--model", str(model_dir), "--out", str(tmp_path / "ev"), flag, "100000"],
+                    capsys)
+    one_line_error(code, err, f"{flag} 100000 exceeds the model's context of 512 positions")

@@ -14,7 +14,8 @@ def port_lines(results: dict, meta: dict) -> list[str]:
             agree, phrases = g["vs_phrases"], f" (phrases {r['asr']['rate']:.0%})" if s == "harmful" else ""
             share = "–" if agree["agreement"] is None else f"{agree['agreement']:.0%}"
             kappa = "–" if agree["kappa"] is None else f"{agree['kappa']:.2f}"  # undefined: a constant pair
-            lines.append(f"- {name}, {s}: guard ASR {interval_text(g['asr'])}{phrases}; agrees with the phrases on "
+            asr = interval_text(g["asr"])
+            lines.append(f"- {name}, {s}: guard ASR {asr}{phrases}; agrees with the phrases on "
                          f"{share} of {agree['n']} (κ {kappa}, {agree['unreadable']} unreadable)")
         for task, scores in r.get("lm_eval", {}).items():
             lines.append(f"- {name}, lm-eval {task}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
