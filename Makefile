@@ -49,6 +49,15 @@ test-ports: setup
 	    -r requirements-bench.txt
 	$(PY) -m pytest -q tests/test_ports.py tests/test_check_port.py
 
+# The run report (python -m safesteer.report) in a real browser: Debian's chromium driven headless through
+# playwright's Python API (never its own browser download), on runs/demo or a tiny run; `make test` skips it.
+# SCREENSHOT=results/report.png keeps the README's screenshot.
+.PHONY: test-browser
+test-browser: setup
+	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-compile playwright==1.65.3
+	REPORT_SCREENSHOT=$(SCREENSHOT) $(PY) -m pytest -q -s tests/test_report_browser.py
+
 demo: setup
 	$(PY) extract_direction.py --out $(RUN) --overwrite $(DIRECTION_ARGS)
 	$(PY) select_tokens.py     --out $(RUN) --overwrite $(TOKENS_ARGS)
