@@ -317,8 +317,9 @@ def test_a_damaged_student_is_one_line_in_stage_4(damage, fragment, model_dir, t
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     else:
         edit_json(student / "config.json", hidden_size=48)
-    code, err = run(evaluate.main, ["--model", str(model_dir), "--out", str(tmp_path / "ev"), "--n-prompts", "2",
-                                    "--models", f"s={student}"], capsys)
+    argv = ["--model", str(model_dir), "--out", str(tmp_path / "ev"), "--n-prompts", "2", "--models",
+            f"s={student}"]
+    code, err = run(evaluate.main, argv, capsys)
     one_line_error(code, err, f"could not load model '{student}': {fragment}")
     assert not (tmp_path / "ev" / "eval.json").exists()
 
