@@ -423,7 +423,7 @@ def run(args, out: Path, final_dir: Path, work: Path, device, world: World) -> N
     anchor_plan = anchor_steps(anchors, len(plan), recipe.anchor_per_step, args.seed)
     world.check_even(plan + anchor_plan)
     ema = start_schedule(args, models, s_ids, tokens_file, out, select_again)  # a refresh's inputs, checked
-    saved_along(out, args.student, args.save_at, len(plan), args.overwrite, world.sharded)  # checked now
+    saved_along(out, args.student, args.save_at, len(plan), args.overwrite or args.resume, world.sharded)
     info_at = lambda steps: student_info(args, models, s_ids, tokens_file, steps, world,
                                          round(time.time() - t0, 1))
     keep = keeper(out, args.student, models.tok, bool(args.lora_rank), info_at)  # --save-at's copies

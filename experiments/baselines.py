@@ -345,7 +345,8 @@ def run(args, out: Path, final_dir: Path, work: Path) -> None:
     anchors = truncate_prompts(tok, anchors, args.max_prompt_tokens, "the anchor files")
     harmful = step_prompts(prompts, recipe.prompts_per_step, recipe.epochs, args.seed)[:args.max_steps]
     plan = list(zip(harmful, anchor_steps(anchors, len(harmful), recipe.anchor_per_step, args.seed)))
-    saved_along(out, final_dir.name, args.save_at, len(plan), args.overwrite, False)  # checked before step 1
+    replace_along = args.overwrite or args.resume  # --save-at's folders, checked before step 1
+    saved_along(out, final_dir.name, args.save_at, len(plan), replace_along, False)
     direction = args.direction or out / "direction.safetensors"
     loop = Loop(*make_optimizer(student, recipe, len(plan)), seed_everything(args.seed), World(device), work,
                 every, recipe_record(args, {"direction": direction}), save_at=frozenset(args.save_at))

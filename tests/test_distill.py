@@ -714,3 +714,27 @@ def test_save_at_is_checked_before_step_one(model_dir, tok, tmp_path, capsys):
     with pytest.raises(UserError, match="student-step2 already exists and is not a student"):
         dl.main(args_for(model_dir, out, "--save-at", "2", "--overwrite"))
     assert not (out / "student").exists()
+
+
+def test_a_resumed_run_saves_along_the_way_again(model_dir, tok, tmp_path, capsys, monkeypatch):
+    """Stopped after step 3 (the student of step 2 kept, a checkpoint at 2), resumed: the step-2 folder, this
+    run's own, is accepted and kept as it was (the resumed run starts after it), not refused."""
+    from safetensors.torch import load_file
+    from safesteer.cli import run_cli
+    from safesteer.scale import parallel
+    out = tmp_path / "run"
+    make_run(out, model_dir, tok)
+    real = parallel.Loop.after_step
+
+    def stop_after_3(self, student, log, step, n_steps):
+        real(self, student, log, step, n_steps)
+        if step == 3:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(parallel.Loop, "after_step", stop_after_3)
+    with pytest.raises(SystemExit):
+        run_cli(lambda: dl.main(args_for(model_dir, out, "--save-at", "2")))
+    first = load_file(out / "student-step2" / "model.safetensors")
+    monkeypatch.setattr(parallel.Loop, "after_step", real)
+    dl.main(args_for(model_dir, out, "--save-at", "2", "--resume"))
+    again = load_file(out / "student-step2" / "model.safetensors")
+    assert all(torch.equal(first[k], again[k]) for k in first) and (out / "student").is_dir()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from safesteer.scale.precision import DTYPES, merge_lora
 def saved_along(out: Path, student: str, save_at: list[int], n_steps: int, overwrite: bool,
                 sharded: bool) -> list[Path]:
     """--save-at's folders OUT/STUDENT-stepN, checked before step 1: steps before the last (the student
-    itself is saved then), folders that are not there or are students that --overwrite may replace."""
+    itself is saved then), folders that are not there or are students that `overwrite` may replace (pass
+    --overwrite or --resume: a resumed run saves again those its checkpoint comes before)."""
     if save_at and sharded:
         raise UserError("--save-at works without --shard")
     late = [n for n in save_at if n >= n_steps]
@@ -62,11 +64,11 @@ def prepare_output_dirs(out: Path, student: str, overwrite: bool, resume: bool) 
 
 
 def remove_stale_temporaries(out: Path, name: str) -> None:
-    """OUT/.NAME.tmp-PID-*: a save in progress (models.save_model_dir), or left by a process that stopped
-    mid-save; the second kind is removed."""
-    for tmp in out.glob(f".{name}.tmp-*"):
-        pid = tmp.name[len(f".{name}.tmp-"):].split("-")[0]
-        if pid.isdigit() and not process_alive(int(pid)):
+    """OUT/.NAME.tmp-PID-* (and OUT/.NAME-stepN.tmp-PID-*, --save-at's): a save in progress
+    (models.save_model_dir), or left by a process that stopped mid-save; the second kind is removed."""
+    for tmp in out.glob(f".{name}*.tmp-*"):
+        pid = re.search(r"\.tmp-(\d+)-", tmp.name)
+        if pid and not process_alive(int(pid.group(1))):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
