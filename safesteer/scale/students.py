@@ -5,7 +5,7 @@ stopped save leaves, the recipe its checkpoints keep, and the saving itself (eve
     remove_stale_temporaries  OUT/.STUDENT.tmp-PID-* of a process that has stopped
     recipe_record             what must not change on --resume (each input file by its sha256)
     save_student              a plain transformers directory, the LoRA merged, the training log inside
-    saved_along, save_along   --save-at: a copy of the student as it is mid-run, training untouched
+    saved_along, keeper       --save-at: a copy of the student as it is mid-run, training untouched
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from safesteer.scale.precision import DTYPES, merge_lora
 
 
 def saved_along(out: Path, student: str, save_at: list[int], n_steps: int, overwrite: bool,
-                sharded: bool) -> list[Path]:
+                sharded: bool) -> None:
     """--save-at's folders OUT/STUDENT-stepN, checked before step 1: steps before the last (the student
     itself is saved then), folders that are not there or are students that `overwrite` may replace (pass
     --overwrite or --resume: a resumed run saves again those its checkpoint comes before)."""
@@ -34,12 +34,10 @@ def saved_along(out: Path, student: str, save_at: list[int], n_steps: int, overw
     if late:
         raise UserError(f"--save-at {late[0]} is not before the run's last step ({n_steps}), when the "
                         "student itself is saved")
-    folders = [out / f"{student}-step{n}" for n in sorted(set(save_at))]
-    for folder in folders:
+    for folder in (out / f"{student}-step{n}" for n in sorted(set(save_at))):
         if folder.exists() and not ((folder / "safesteer.json").is_file() and overwrite):
             raise UserError(f"{folder} already exists" + ("" if (folder / "safesteer.json").is_file() else
                             " and is not a student") + "; pass --overwrite to replace a student")
-    return folders
 
 
 def prepare_output_dirs(out: Path, student: str, overwrite: bool, resume: bool) -> tuple[Path, Path]:
@@ -136,14 +134,10 @@ def save_student(student, tok, path: Path, info: dict, lora: bool, dtype: str = 
         shutil.rmtree(staged, ignore_errors=True)
 
 
-def save_along(student, tok, path: Path, info: dict, lora: bool, log: list[dict]) -> None:
-    """The student as it is after len(log) steps, saved whole from a copy (the LoRA merged on the copy), so
-    that the run goes on with its weights, optimiser and random streams untouched."""
-    save_student(copy.deepcopy(student), tok, path, info, lora, log=log)
-
-
 def keeper(out: Path, name: str, tok, lora: bool, info_at):
-    """Loop.keep for --save-at: keep(student, step, log) saves OUT/NAME-stepSTEP with info_at(step)."""
+    """Loop.keep for --save-at: keep(student, step, log) saves OUT/NAME-stepSTEP with info_at(step), whole,
+    from a copy (the LoRA merged on the copy), so that the run goes on with its weights, optimiser and random
+    streams untouched."""
     def keep(student, step: int, log: list[dict]) -> None:
-        save_along(student, tok, out / f"{name}-step{step}", info_at(step), lora, log)
+        save_student(copy.deepcopy(student), tok, out / f"{name}-step{step}", info_at(step), lora, log=log)
     return keep
